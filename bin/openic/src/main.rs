@@ -1,0 +1,2 @@
+//! The openic command.
+fn main() {}

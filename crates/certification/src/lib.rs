@@ -1,0 +1,1 @@
+//! The certified state tree: incremental hashing, witnesses and BLS-signed certificates.

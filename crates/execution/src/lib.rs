@@ -1,0 +1,1 @@
+//! Deterministic execution of blocks: the scheduler, call contexts, cycles, and the management canister.

@@ -1,0 +1,1 @@
+//! Traits and error enums between openic components; no implementations.

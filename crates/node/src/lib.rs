@@ -1,0 +1,1 @@
+//! Wires every component into a running replica; the only crate that names implementations.

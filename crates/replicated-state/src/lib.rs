@@ -1,0 +1,88 @@
+//! The replicated state of a subnet: everything that every replica of the subnet holds identically
+//! after executing the same blocks.
+//!
+//! This crate holds data and the small invariants that belong with it (a [`PageMap`]'s pages are all
+//! [`PAGE_SIZE`] bytes; a canister's memory never exceeds its declared size; the ingress history
+//! records which entries changed since the last certification). It does no I/O and reads no clock:
+//! execution mutates it, the state manager persists it, certification hashes it.
+//!
+//! Cloning is cheap where it matters: memory pages are shared `Arc`s, so a snapshot for queries costs
+//! a map of pointers rather than a copy of every canister's memory.
+
+pub mod canister;
+pub mod ingress_history;
+pub mod page_map;
+
+pub use canister::*;
+pub use ingress_history::IngressHistory;
+pub use page_map::{PAGE_SIZE, Page, PageIndex, PageMap};
+
+use openic_types::{CanisterId, Height, SubnetId, Time};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Subnet-wide metadata that is part of the replicated state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SystemMetadata {
+    /// This subnet's id.
+    pub own_subnet_id: SubnetId,
+    /// The height of the last block executed into this state (0 = genesis).
+    pub height: Height,
+    /// The time of the last block executed into this state.
+    pub time: Time,
+    /// The next canister index to try when allocating a user canister id.
+    pub next_user_canister_index: u64,
+    /// A seed that evolves deterministically with every block; the source of `raw_rand`.
+    pub random_seed: [u8; 32],
+    /// Number of ingress messages inducted so far (for metrics and the subnet metrics path).
+    pub update_transactions_total: u64,
+    /// Cycles consumed by the subnet so far.
+    pub consumed_cycles_total: u128,
+}
+
+/// The replicated state of a subnet.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReplicatedState {
+    /// Subnet-wide metadata.
+    pub metadata: SystemMetadata,
+    /// Every canister on the subnet, by id. Deleted canisters are removed.
+    pub canisters: BTreeMap<CanisterId, CanisterState>,
+    /// Status of recent update calls, kept at least until each call's expiry.
+    pub ingress_history: IngressHistory,
+    /// Requests from canisters to the management canister waiting to be handled, and responses
+    /// from the management canister waiting to be delivered, in order.
+    pub subnet_queue: std::collections::VecDeque<CanisterMessage>,
+    /// Canister ids ever deleted: an id is never reused.
+    pub deleted_canisters: std::collections::BTreeSet<CanisterId>,
+}
+
+impl ReplicatedState {
+    /// The genesis state of a subnet: no canisters, height 0, time 0.
+    pub fn new(own_subnet_id: SubnetId, first_user_canister_index: u64, genesis_seed: [u8; 32]) -> Self {
+        ReplicatedState {
+            metadata: SystemMetadata {
+                own_subnet_id,
+                height: Height(0),
+                time: Time(0),
+                next_user_canister_index: first_user_canister_index,
+                random_seed: genesis_seed,
+                update_transactions_total: 0,
+                consumed_cycles_total: 0,
+            },
+            canisters: BTreeMap::new(),
+            ingress_history: IngressHistory::default(),
+            subnet_queue: Default::default(),
+            deleted_canisters: Default::default(),
+        }
+    }
+
+    /// The canister with this id, if it exists.
+    pub fn canister(&self, id: &CanisterId) -> Option<&CanisterState> {
+        self.canisters.get(id)
+    }
+
+    /// The canister with this id, mutably, if it exists.
+    pub fn canister_mut(&mut self, id: &CanisterId) -> Option<&mut CanisterState> {
+        self.canisters.get_mut(id)
+    }
+}

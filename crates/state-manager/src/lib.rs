@@ -1,0 +1,1 @@
+//! Persistence: the block log, incremental verified checkpoints, and node key storage.
