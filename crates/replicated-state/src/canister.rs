@@ -335,7 +335,12 @@ pub struct SystemState {
 
 impl SystemState {
     /// A new, empty canister with the given controllers and balance.
-    pub fn new(canister_id: CanisterId, controllers: BTreeSet<UserId>, cycles: Cycles, now: Time) -> Self {
+    pub fn new(
+        canister_id: CanisterId,
+        controllers: BTreeSet<UserId>,
+        cycles: Cycles,
+        now: Time,
+    ) -> Self {
         SystemState {
             canister_id,
             controllers,
@@ -449,7 +454,9 @@ impl CanisterState {
 
     /// SHA-256 of the installed module, if any.
     pub fn module_hash(&self) -> Option<[u8; 32]> {
-        self.execution_state.as_ref().map(|e| e.wasm_binary.module_hash)
+        self.execution_state
+            .as_ref()
+            .map(|e| e.wasm_binary.module_hash)
     }
 
     /// Whether `principal` controls this canister.

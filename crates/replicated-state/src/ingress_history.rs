@@ -44,7 +44,10 @@ impl IngressHistory {
                 }
             }
         }
-        self.by_expiry.entry(status.ingress_expiry).or_default().insert(id);
+        self.by_expiry
+            .entry(status.ingress_expiry)
+            .or_default()
+            .insert(id);
         self.statuses.insert(id, status);
         self.changed.insert(id);
     }

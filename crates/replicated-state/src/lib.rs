@@ -20,6 +20,7 @@ pub use page_map::{PAGE_SIZE, Page, PageIndex, PageMap};
 use openic_types::{CanisterId, Height, SubnetId, Time};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Subnet-wide metadata that is part of the replicated state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,8 +46,10 @@ pub struct SystemMetadata {
 pub struct ReplicatedState {
     /// Subnet-wide metadata.
     pub metadata: SystemMetadata,
-    /// Every canister on the subnet, by id. Deleted canisters are removed.
-    pub canisters: BTreeMap<CanisterId, CanisterState>,
+    /// Every canister on the subnet, by id. Deleted canisters are removed. Each canister sits
+    /// behind an `Arc` so a snapshot for queries is a cheap clone; execution mutates through
+    /// [`ReplicatedState::canister_mut`], which copies a canister only while a snapshot shares it.
+    pub canisters: BTreeMap<CanisterId, Arc<CanisterState>>,
     /// Status of recent update calls, kept at least until each call's expiry.
     pub ingress_history: IngressHistory,
     /// Requests from canisters to the management canister waiting to be handled, and responses
@@ -58,7 +61,11 @@ pub struct ReplicatedState {
 
 impl ReplicatedState {
     /// The genesis state of a subnet: no canisters, height 0, time 0.
-    pub fn new(own_subnet_id: SubnetId, first_user_canister_index: u64, genesis_seed: [u8; 32]) -> Self {
+    pub fn new(
+        own_subnet_id: SubnetId,
+        first_user_canister_index: u64,
+        genesis_seed: [u8; 32],
+    ) -> Self {
         ReplicatedState {
             metadata: SystemMetadata {
                 own_subnet_id,
@@ -78,11 +85,22 @@ impl ReplicatedState {
 
     /// The canister with this id, if it exists.
     pub fn canister(&self, id: &CanisterId) -> Option<&CanisterState> {
-        self.canisters.get(id)
+        self.canisters.get(id).map(|c| &**c)
     }
 
     /// The canister with this id, mutably, if it exists.
     pub fn canister_mut(&mut self, id: &CanisterId) -> Option<&mut CanisterState> {
-        self.canisters.get_mut(id)
+        self.canisters.get_mut(id).map(Arc::make_mut)
+    }
+
+    /// Adds (or replaces) a canister.
+    pub fn put_canister(&mut self, canister: CanisterState) {
+        self.canisters
+            .insert(canister.canister_id(), Arc::new(canister));
+    }
+
+    /// A snapshot of every canister, sharing their state with this one (for queries).
+    pub fn canisters_snapshot(&self) -> BTreeMap<CanisterId, Arc<CanisterState>> {
+        self.canisters.clone()
     }
 }

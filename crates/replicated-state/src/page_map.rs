@@ -118,7 +118,9 @@ impl PageMap {
             let end = (start + PAGE_SIZE).min(src.len());
             let chunk = &src[start..end];
             let same = match self.pages.get(&index) {
-                Some(page) => page[..chunk.len()] == *chunk && page[chunk.len()..].iter().all(|b| *b == 0),
+                Some(page) => {
+                    page[..chunk.len()] == *chunk && page[chunk.len()..].iter().all(|b| *b == 0)
+                }
                 None => chunk.iter().all(|b| *b == 0),
             };
             if !same {

@@ -134,8 +134,14 @@ mod tests {
 
     #[test]
     fn canister_id_scheme_matches_the_ic() {
-        assert_eq!(CanisterId::from_u64(0).to_string(), "rwlgt-iiaaa-aaaaa-aaaaa-cai");
-        assert_eq!(CanisterId::from_u64(2).to_string(), "ryjl3-tyaaa-aaaaa-aaaba-cai");
+        assert_eq!(
+            CanisterId::from_u64(0).to_string(),
+            "rwlgt-iiaaa-aaaaa-aaaaa-cai"
+        );
+        assert_eq!(
+            CanisterId::from_u64(2).to_string(),
+            "ryjl3-tyaaa-aaaaa-aaaba-cai"
+        );
         assert_eq!(
             CanisterId::from_u64(FIRST_USER_CANISTER_INDEX).to_string(),
             "bkyz2-fmaaa-aaaaa-qaaaq-cai"

@@ -18,7 +18,9 @@ pub use ids::{CanisterId, NodeId, SubnetId, UserId};
 pub use messages::*;
 
 /// A consensus height: the index of a finalized block. Height 0 is the genesis state, before any block.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Height(pub u64);
 
 impl Height {
@@ -35,7 +37,9 @@ impl fmt::Display for Height {
 }
 
 /// A point in time, in nanoseconds since the Unix epoch (the unit of `ic0.time` and `ingress_expiry`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Time(pub u64);
 
 impl Time {
@@ -59,7 +63,9 @@ impl Time {
 }
 
 /// An amount of cycles. Balances never go negative: arithmetic that could underflow is checked.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Cycles(pub u128);
 
 impl Cycles {
@@ -94,7 +100,9 @@ impl fmt::Display for Cycles {
 }
 
 /// A count of executed wasm instructions (as metered by fuel).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct NumInstructions(pub u64);
 
 /// The 32-byte representation-independent hash of a request's `content` map (see the interface
@@ -303,15 +311,30 @@ mod tests {
 
     #[test]
     fn error_code_first_digit_is_reject_code() {
-        assert_eq!(ErrorCode::CanisterNotFound.reject_code(), RejectCode::DestinationInvalid);
-        assert_eq!(ErrorCode::CanisterCalledTrap.reject_code(), RejectCode::CanisterError);
-        assert_eq!(ErrorCode::CanisterOutOfCycles.reject_code(), RejectCode::SysTransient);
-        assert_eq!(ErrorCode::CanisterRejectedMessage.reject_code(), RejectCode::CanisterReject);
+        assert_eq!(
+            ErrorCode::CanisterNotFound.reject_code(),
+            RejectCode::DestinationInvalid
+        );
+        assert_eq!(
+            ErrorCode::CanisterCalledTrap.reject_code(),
+            RejectCode::CanisterError
+        );
+        assert_eq!(
+            ErrorCode::CanisterOutOfCycles.reject_code(),
+            RejectCode::SysTransient
+        );
+        assert_eq!(
+            ErrorCode::CanisterRejectedMessage.reject_code(),
+            RejectCode::CanisterReject
+        );
     }
 
     #[test]
     fn sys_unknown_is_never_shown_to_users() {
         assert_eq!(RejectCode::SysUnknown.for_user(), RejectCode::SysTransient);
-        assert_eq!(RejectCode::CanisterError.for_user(), RejectCode::CanisterError);
+        assert_eq!(
+            RejectCode::CanisterError.for_user(),
+            RejectCode::CanisterError
+        );
     }
 }
