@@ -1,1 +1,16 @@
-//! Request signatures, delegations, self-authenticating principals, BLS root key and Ed25519 node key; wraps the official ic crates.
+//! Cryptography for openic, as thin wrappers over the official IC crates (the same ones ic-agent
+//! uses to verify us, so both sides agree by construction):
+//! - [`bls`]: the subnet's BLS12-381 threshold key in the IC format (G2 public key in the 133-byte
+//!   DER, G1 signatures, the IC ciphersuite), used to sign certified state.
+//! - [`node_key`]: a node's Ed25519 key, used to sign query responses.
+//! - [`principal`]: self-authenticating principals derived from DER public keys.
+//!
+//! Invariant: key material never appears in logs or `Debug` output.
+
+pub mod bls;
+pub mod node_key;
+pub mod principal;
+
+pub use bls::SubnetSigningKey;
+pub use node_key::NodeKey;
+pub use principal::self_authenticating_principal;
