@@ -1,0 +1,146 @@
+//! The block thread: the single writer of the replicated state.
+//!
+//! For each block, in order: append it to the block log (durable), execute it, certify the new
+//! state, and now and then write a checkpoint. Keeping this on one OS thread makes the order of
+//! effects obvious and keeps wasm execution off the async runtime.
+
+use crate::NodeConfig;
+use crate::metrics::NodeMetrics;
+use openic_certification::CertifiedStateStore;
+use openic_consensus::{BlockMaker, IngressPoolImpl};
+use openic_execution::Scheduler;
+use openic_interfaces::{BlockExecutor, BlockLog, CheckpointStore};
+use openic_replicated_state::ReplicatedState;
+use openic_state_manager::{FileBlockLog, FileCheckpointStore};
+use openic_types::{Height, Time};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+use tracing::{error, info, warn};
+
+/// Everything the block thread owns.
+pub(crate) struct BlockThread {
+    pub config: NodeConfig,
+    pub state: ReplicatedState,
+    pub scheduler: Scheduler,
+    pub block_log: FileBlockLog,
+    pub checkpoints: FileCheckpointStore,
+    pub certified: Arc<CertifiedStateStore>,
+    pub pool: Arc<IngressPoolImpl>,
+    pub clock: Arc<dyn Fn() -> Time + Send + Sync>,
+    pub stop: Arc<AtomicBool>,
+    pub wake: Arc<tokio::sync::Notify>,
+    pub metrics: Arc<NodeMetrics>,
+}
+
+/// Starts the block thread.
+pub(crate) fn spawn(thread: BlockThread) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("openic-blocks".into())
+        .spawn(move || thread.run())
+        .expect("spawning the block thread must succeed at start-up")
+}
+
+impl BlockThread {
+    fn run(mut self) {
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+            Ok(runtime) => runtime,
+            Err(err) => {
+                error!(%err, "cannot start the block thread's timer runtime; no blocks will be made");
+                self.metrics.critical_errors.inc();
+                return;
+            }
+        };
+        let mut maker = BlockMaker::new(
+            self.state.metadata.height,
+            self.state.metadata.time,
+            self.clock.clone(),
+            self.config.max_ingress_messages_per_block,
+            self.config.max_ingress_bytes_per_block,
+        );
+        let mut last_checkpoint_height = self.state.metadata.height;
+        let mut last_checkpoint_at = Instant::now();
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let pending = self.scheduler.has_pending_work(&self.state);
+            runtime.block_on(async {
+                tokio::select! {
+                    _ = maker.wait_for_work(&self.pool, self.config.idle_block_interval, pending) => {}
+                    _ = self.wake.notified() => {}
+                }
+            });
+            if self.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let block = maker.next_block(&self.pool);
+            let started = Instant::now();
+            if let Err(err) = self.block_log.append(&block) {
+                // Without a durable log we cannot promise anything we certify: stop making blocks.
+                error!(%err, height = %block.height, "cannot append to the block log; the node stops making blocks");
+                self.metrics.critical_errors.inc();
+                break;
+            }
+            self.metrics
+                .block_log_append_duration_seconds
+                .observe(started.elapsed().as_secs_f64());
+
+            let started = Instant::now();
+            let summary = self.scheduler.execute_block(&mut self.state, &block);
+            self.metrics
+                .block_execution_duration_seconds
+                .observe(started.elapsed().as_secs_f64());
+            self.metrics.ingress_inducted.inc_by(summary.ingress_inducted);
+            self.metrics.messages_executed.inc_by(summary.messages_executed);
+            self.metrics.instructions_executed.inc_by(summary.instructions_executed);
+
+            let started = Instant::now();
+            self.certified.certify(&mut self.state);
+            self.metrics
+                .certification_duration_seconds
+                .observe(started.elapsed().as_secs_f64());
+            self.pool.remove_executed(block.ingress.iter().map(|m| m.request_id));
+            maker.block_done(&block);
+            self.metrics.height.set(block.height.0 as i64);
+            self.metrics.canisters.set(self.state.canisters.len() as i64);
+
+            let heights_since = block.height.0 - last_checkpoint_height.0;
+            if heights_since >= self.config.checkpoint_interval_heights
+                || (heights_since > 0 && last_checkpoint_at.elapsed() >= self.config.checkpoint_interval)
+            {
+                if self.checkpoint() {
+                    last_checkpoint_height = block.height;
+                }
+                last_checkpoint_at = Instant::now();
+            }
+        }
+        if self.state.metadata.height != last_checkpoint_height {
+            self.checkpoint();
+        }
+        info!(height = %self.state.metadata.height, "block thread stopped");
+    }
+
+    /// Writes a checkpoint and drops the blocks it covers. A failure is logged and survived: the
+    /// block log still holds everything since the previous checkpoint.
+    fn checkpoint(&mut self) -> bool {
+        let started = Instant::now();
+        let height: Height = self.state.metadata.height;
+        match self.checkpoints.write_checkpoint(&self.state) {
+            Ok(()) => {
+                self.metrics
+                    .checkpoint_duration_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                if let Err(err) = self.block_log.truncate_through(height) {
+                    warn!(%err, %height, "checkpoint written but the block log could not be truncated");
+                }
+                true
+            }
+            Err(err) => {
+                error!(%err, %height, "writing a checkpoint failed; will retry at the next interval");
+                self.metrics.critical_errors.inc();
+                false
+            }
+        }
+    }
+}

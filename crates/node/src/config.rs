@@ -1,0 +1,53 @@
+//! Node configuration: every limit of every component, with defaults suited to a developer's
+//! machine.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Configuration of a node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Where keys, the block log and checkpoints live.
+    pub state_dir: PathBuf,
+    /// Address of the HTTP interface (port 0 = any free port).
+    pub listen_addr: SocketAddr,
+    /// A block is made at least this often even without ingress, so certified `/time` stays fresh
+    /// (clients refuse certificates older than 3-5 minutes) and timers and heartbeats run.
+    pub idle_block_interval: Duration,
+    /// A checkpoint is written after this many heights…
+    pub checkpoint_interval_heights: u64,
+    /// …or after this much time with at least one new height, whichever comes first.
+    pub checkpoint_interval: Duration,
+    /// Maximum ingress messages in one block.
+    pub max_ingress_messages_per_block: usize,
+    /// Maximum ingress bytes in one block.
+    pub max_ingress_bytes_per_block: u64,
+    /// The HTTP interface.
+    pub http: openic_http_api::HttpApiConfig,
+    /// Execution limits and fees.
+    pub execution: openic_execution::ExecutionConfig,
+    /// The wasm engine.
+    pub embedder: openic_embedders::EmbedderConfig,
+    /// The ingress pool's limits.
+    pub ingress_pool: openic_consensus::IngressPoolConfig,
+}
+
+impl NodeConfig {
+    /// The default configuration with state in `state_dir`, listening on 127.0.0.1:8000.
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        NodeConfig {
+            state_dir: state_dir.into(),
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            idle_block_interval: Duration::from_millis(1000),
+            checkpoint_interval_heights: 500,
+            checkpoint_interval: Duration::from_secs(30),
+            max_ingress_messages_per_block: 1000,
+            max_ingress_bytes_per_block: 4 * 1024 * 1024,
+            http: Default::default(),
+            execution: Default::default(),
+            embedder: Default::default(),
+            ingress_pool: Default::default(),
+        }
+    }
+}

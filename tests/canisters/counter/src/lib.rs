@@ -1,0 +1,114 @@
+//! `counter`: the workhorse test canister.
+//!
+//! It exercises plain updates and queries, certified data, traps (state must roll back), the upgrade hooks
+//! (the counter is carried across an upgrade in stable memory) and raw 64-bit stable memory.
+//!
+//! Stable memory layout (both regions are written with the raw `stable64_*` API):
+//! - bytes `[0, 8)`: the counter, written by `pre_upgrade` and read back by `post_upgrade`;
+//! - bytes `[STABLE_VALUE_OFFSET, +8)`: the value of `stable_write`, placed across a 4 KiB page boundary on the
+//!   fourth 64 KiB Wasm page so that it also tests multi-page growth and page-boundary reads and writes.
+
+use candid::Principal;
+use std::cell::Cell;
+
+/// Where the counter is saved across upgrades.
+const STABLE_COUNTER_OFFSET: u64 = 0;
+/// Where `stable_write` puts its value: 3 Wasm pages + 4 KiB - 4 bytes, so the 8 bytes straddle a 4 KiB page.
+const STABLE_VALUE_OFFSET: u64 = 3 * 65536 + 4096 - 4;
+/// One Wasm page.
+const WASM_PAGE_BYTES: u64 = 65536;
+
+thread_local! {
+    static COUNTER: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Grows stable memory so that `[offset, offset + 8)` is inside it; traps if the system refuses.
+fn ensure_stable_bytes(offset: u64) {
+    let pages_needed = (offset + 8).div_ceil(WASM_PAGE_BYTES);
+    let pages_now = ic_cdk::api::stable_size();
+    if pages_now < pages_needed && ic_cdk::api::stable_grow(pages_needed - pages_now) == u64::MAX {
+        ic_cdk::trap("stable_grow failed");
+    }
+}
+
+fn stable_write_u64(offset: u64, value: u64) {
+    ensure_stable_bytes(offset);
+    ic_cdk::api::stable_write(offset, &value.to_le_bytes());
+}
+
+fn stable_read_u64(offset: u64) -> u64 {
+    if ic_cdk::api::stable_size() * WASM_PAGE_BYTES < offset + 8 {
+        return 0;
+    }
+    let mut bytes = [0u8; 8];
+    ic_cdk::api::stable_read(offset, &mut bytes);
+    u64::from_le_bytes(bytes)
+}
+
+/// Starts the counter at `start` (default 0).
+#[ic_cdk::init]
+fn init(start: Option<u64>) {
+    COUNTER.with(|counter| counter.set(start.unwrap_or(0)));
+}
+
+#[ic_cdk::pre_upgrade]
+fn pre_upgrade() {
+    stable_write_u64(STABLE_COUNTER_OFFSET, COUNTER.with(Cell::get));
+}
+
+#[ic_cdk::post_upgrade]
+fn post_upgrade() {
+    COUNTER.with(|counter| counter.set(stable_read_u64(STABLE_COUNTER_OFFSET)));
+}
+
+/// Increments the counter and returns the new value.
+#[ic_cdk::update]
+fn inc() -> u64 {
+    COUNTER.with(|counter| {
+        counter.set(counter.get() + 1);
+        counter.get()
+    })
+}
+
+/// The current counter value.
+#[ic_cdk::query]
+fn get() -> u64 {
+    COUNTER.with(Cell::get)
+}
+
+/// Sets the canister's certified data (at most 32 bytes, else the system traps).
+#[ic_cdk::update]
+fn set_certified(data: Vec<u8>) {
+    ic_cdk::api::certified_data_set(data);
+}
+
+/// The data certificate the system hands to queries (None when called as an update).
+#[ic_cdk::query]
+fn get_data_certificate() -> Option<Vec<u8>> {
+    ic_cdk::api::data_certificate()
+}
+
+/// Changes the counter, then traps: the change must be rolled back.
+#[ic_cdk::update]
+fn trap_after_write() {
+    COUNTER.with(|counter| counter.set(counter.get() + 1000));
+    ic_cdk::trap("trap_after_write: deliberate trap after changing state");
+}
+
+/// Writes `value` to stable memory with the raw 64-bit API (growing it as needed).
+#[ic_cdk::update]
+fn stable_write(value: u64) {
+    stable_write_u64(STABLE_VALUE_OFFSET, value);
+}
+
+/// Reads back what `stable_write` wrote (0 if stable memory is too small).
+#[ic_cdk::query]
+fn stable_read() -> u64 {
+    stable_read_u64(STABLE_VALUE_OFFSET)
+}
+
+/// The caller of this query.
+#[ic_cdk::query]
+fn whoami() -> Principal {
+    ic_cdk::api::msg_caller()
+}
