@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use ic_agent::Agent;
 use ic_agent::identity::BasicIdentity;
 use ic_utils::interfaces::ManagementCanister;
-use ic_utils::interfaces::management_canister::builders::InstallMode;
+use ic_utils::interfaces::management_canister::builders::CanisterInstallMode as InstallMode;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -86,8 +86,18 @@ struct Connection {
     identity: Option<PathBuf>,
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // `{:#}` prints the whole chain of causes on one line, without a backtrace.
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

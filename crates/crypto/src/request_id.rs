@@ -287,7 +287,7 @@ mod tests {
 
     #[test]
     fn matches_ic_transport_types_for_calls_with_nonce_and_read_state() {
-        use ic_transport_types::{EnvelopeContent, request_id::to_request_id};
+        use ic_transport_types::{EnvelopeContent, to_request_id};
         let call = EnvelopeContent::Call {
             nonce: Some(vec![1, 2, 3]),
             ingress_expiry: 1_700_000_000_123_456_789,

@@ -280,7 +280,9 @@ pub struct WasmExecutionOutput {
     /// Instructions consumed (also on failure).
     pub instructions_used: u64,
     /// `Ok` with the new state, the response (if any) and the requested changes; `Err` on trap,
-    /// with everything rolled back.
+    /// with everything rolled back. In contexts whose state changes the spec discards
+    /// (non-replicated queries and `canister_inspect_message`) the returned state is the input
+    /// state, unchanged: the heap is not compared back, to keep queries cheap.
     pub result:
         Result<(NewExecutionState, Option<WasmResponse>, SystemStateChanges), ExecutionError>,
     /// Lines printed with `debug_print` and the trap message, in order (for logs; kept on failure).

@@ -7,7 +7,7 @@
 use crate::NodeConfig;
 use crate::metrics::NodeMetrics;
 use openic_certification::CertifiedStateStore;
-use openic_consensus::{BlockMaker, IngressPoolImpl};
+use openic_consensus::{BlockMaker, BlockMakerConfig, IngressPoolImpl};
 use openic_execution::Scheduler;
 use openic_interfaces::{BlockExecutor, BlockLog, CheckpointStore};
 use openic_replicated_state::ReplicatedState;
@@ -31,6 +31,8 @@ pub(crate) struct BlockThread {
     pub stop: Arc<AtomicBool>,
     pub wake: Arc<tokio::sync::Notify>,
     pub metrics: Arc<NodeMetrics>,
+    /// Held for as long as the block thread runs: no other process may use the state directory.
+    pub _state_dir_lock: openic_state_manager::StateDirLock,
 }
 
 /// Starts the block thread.
@@ -51,12 +53,13 @@ impl BlockThread {
                 return;
             }
         };
-        let mut maker = BlockMaker::new(
-            self.state.metadata.height,
-            self.state.metadata.time,
+        let maker = BlockMaker::new(
+            BlockMakerConfig {
+                max_ingress_messages_per_block: self.config.max_ingress_messages_per_block,
+                max_ingress_bytes_per_block: self.config.max_ingress_bytes_per_block,
+                idle_block_interval: self.config.idle_block_interval,
+            },
             self.clock.clone(),
-            self.config.max_ingress_messages_per_block,
-            self.config.max_ingress_bytes_per_block,
         );
         let mut last_checkpoint_height = self.state.metadata.height;
         let mut last_checkpoint_at = Instant::now();
@@ -74,7 +77,7 @@ impl BlockThread {
             if self.stop.load(Ordering::SeqCst) {
                 break;
             }
-            let block = maker.next_block(&self.pool);
+            let block = maker.make_block(self.state.metadata.height, self.state.metadata.time, &self.pool);
             let started = Instant::now();
             if let Err(err) = self.block_log.append(&block) {
                 // Without a durable log we cannot promise anything we certify: stop making blocks.
@@ -100,8 +103,7 @@ impl BlockThread {
             self.metrics
                 .certification_duration_seconds
                 .observe(started.elapsed().as_secs_f64());
-            self.pool.remove_executed(block.ingress.iter().map(|m| m.request_id));
-            maker.block_done(&block);
+            self.pool.release_executed(block.ingress.iter().map(|m| &m.request_id));
             self.metrics.height.set(block.height.0 as i64);
             self.metrics.canisters.set(self.state.canisters.len() as i64);
 
@@ -131,7 +133,16 @@ impl BlockThread {
                 self.metrics
                     .checkpoint_duration_seconds
                     .observe(started.elapsed().as_secs_f64());
-                if let Err(err) = self.block_log.truncate_through(height) {
+                // Keep the blocks after the *oldest* kept checkpoint: if the latest turns out
+                // corrupt on load, the previous one is used and needs them.
+                let oldest = match self.checkpoints.oldest_checkpoint_height() {
+                    Ok(oldest) => oldest.unwrap_or(Height(0)),
+                    Err(err) => {
+                        warn!(%err, "cannot list checkpoints; keeping the whole block log");
+                        Height(0)
+                    }
+                };
+                if let Err(err) = self.block_log.truncate_through(oldest) {
                     warn!(%err, %height, "checkpoint written but the block log could not be truncated");
                 }
                 true

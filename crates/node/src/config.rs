@@ -31,6 +31,10 @@ pub struct NodeConfig {
     pub embedder: openic_embedders::EmbedderConfig,
     /// The ingress pool's limits.
     pub ingress_pool: openic_consensus::IngressPoolConfig,
+    /// The block log's segment and record limits.
+    pub block_log: openic_state_manager::BlockLogConfig,
+    /// Checkpoint retention and page-file chain limits.
+    pub checkpoints: openic_state_manager::CheckpointConfig,
 }
 
 impl NodeConfig {
@@ -48,6 +52,8 @@ impl NodeConfig {
             execution: Default::default(),
             embedder: Default::default(),
             ingress_pool: Default::default(),
+            block_log: Default::default(),
+            checkpoints: Default::default(),
         }
     }
 }

@@ -51,6 +51,9 @@ pub enum NodeError {
     /// Replaying the block log failed.
     #[error("replaying the block log: {0}")]
     Replay(String),
+    /// Another process uses the state directory.
+    #[error("{0}")]
+    Locked(String),
 }
 
 /// The wall clock, in nanoseconds since the epoch. Only the block maker and the HTTP layer read it;
@@ -128,7 +131,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         path: config.state_dir.clone(),
         source,
     })?;
+    let state_dir_lock = openic_state_manager::StateDirLock::acquire(&config.state_dir)
+        .map_err(|e| NodeError::Locked(e.to_string()))?;
     let keys = openic_state_manager::load_or_create_keys(&config.state_dir)?;
+    let genesis_seed = openic_state_manager::load_or_create_genesis_seed(&config.state_dir)?;
     let signing_key = Arc::new(keys.subnet_signing_key);
     let node_key = Arc::new(keys.node_key);
     let root_key_der = signing_key.public_key_der().to_vec();
@@ -143,13 +149,13 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         root_key_der: root_key_der.clone(),
         node_count: 1,
     };
-    let mut scheduler = Scheduler::new(embedder.clone(), config.execution.clone(), subnet_context);
+    let mut scheduler = Scheduler::new(embedder.clone(), config.execution.clone(), subnet_context.clone());
 
-    let mut checkpoints = FileCheckpointStore::open(&config.state_dir)?;
-    let mut block_log = FileBlockLog::open(&config.state_dir)?;
+    let mut checkpoints = FileCheckpointStore::open(&config.state_dir, config.checkpoints.clone())?;
+    let mut block_log = FileBlockLog::open(&config.state_dir, config.block_log.clone())?;
     let mut state = match checkpoints.load_latest()? {
         Some(state) => state,
-        None => ReplicatedState::new(subnet_id, FIRST_USER_CANISTER_INDEX, keys.genesis_seed),
+        None => ReplicatedState::new(subnet_id, FIRST_USER_CANISTER_INDEX, genesis_seed),
     };
     let checkpoint_height = state.metadata.height;
     let blocks = block_log.read_after(checkpoint_height)?;
@@ -203,6 +209,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         stop: stop.clone(),
         wake: wake_block_thread.clone(),
         metrics: node_metrics.clone(),
+        _state_dir_lock: state_dir_lock,
     });
 
     let query_executor = Arc::new(QueryExecution::new(
@@ -210,11 +217,13 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         certified.clone(),
         certified.clone(),
         config.execution.clone(),
+        subnet_context.clone(),
     ));
     let inspector = Arc::new(IngressFilter::new(
         embedder.clone(),
         certified.clone(),
         config.execution.clone(),
+        subnet_context,
     ));
     let http_metrics = Arc::new(openic_http_api::HttpMetrics::register(&mut registry));
     let api = openic_http_api::router(
@@ -255,7 +264,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         }
     });
     let url = format!("http://{local_addr}");
-    info!(%url, %subnet_id.0, "openic node ready");
+    info!(%url, subnet_id = %subnet_id.0, "openic node ready");
     Ok(RunningNode {
         url,
         local_addr,

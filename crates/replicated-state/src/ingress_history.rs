@@ -37,12 +37,11 @@ impl IngressHistory {
 
     /// Inserts or replaces the status of `id`.
     pub fn set(&mut self, id: RequestId, status: IngressStatus) {
-        if let Some(old) = self.statuses.get(&id) {
-            if old.ingress_expiry != status.ingress_expiry {
-                if let Some(set) = self.by_expiry.get_mut(&old.ingress_expiry) {
-                    set.remove(&id);
-                }
-            }
+        if let Some(old) = self.statuses.get(&id)
+            && old.ingress_expiry != status.ingress_expiry
+            && let Some(set) = self.by_expiry.get_mut(&old.ingress_expiry)
+        {
+            set.remove(&id);
         }
         self.by_expiry
             .entry(status.ingress_expiry)

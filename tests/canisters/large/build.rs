@@ -10,5 +10,6 @@ fn main() {
     let out_dir = std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR for build scripts");
     let path = std::path::Path::new(&out_dir).join("large_data.bin");
     let data = pseudo_random::large_data(pseudo_random::LARGE_DATA_BYTES);
-    std::fs::write(&path, data).unwrap_or_else(|error| panic!("cannot write {}: {error}", path.display()));
+    std::fs::write(&path, data)
+        .unwrap_or_else(|error| panic!("cannot write {}: {error}", path.display()));
 }

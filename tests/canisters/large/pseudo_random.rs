@@ -1,5 +1,5 @@
-//! The bulk data of the `large` test canister, shared by its build script and by the Rust tests (which
-//! recompute the expected checksum): deterministic pseudo-random bytes, so the module does not compress away.
+// The bulk data of the `large` test canister, shared by its build script and by the Rust tests (which
+// recompute the expected checksum): deterministic pseudo-random bytes, so the module does not compress away.
 
 /// How many bytes the `large` canister embeds: 2.5 MiB, so its module is above the 2 MiB message limit and
 /// ic-utils must install it in chunks.

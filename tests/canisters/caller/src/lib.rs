@@ -18,9 +18,9 @@ async fn call_inc(counter: Principal) -> u64 {
 #[ic_cdk::update]
 async fn call_inc_bounded(counter: Principal) -> u64 {
     match Call::bounded_wait(counter, "inc").await {
-        Ok(response) => response
-            .candid::<u64>()
-            .unwrap_or_else(|error| ic_cdk::trap(format!("call_inc_bounded: bad reply from inc: {error}"))),
+        Ok(response) => response.candid::<u64>().unwrap_or_else(|error| {
+            ic_cdk::trap(format!("call_inc_bounded: bad reply from inc: {error}"))
+        }),
         Err(error) => ic_cdk::trap(format!("call_inc_bounded: inc failed: {error}")),
     }
 }
@@ -31,9 +31,15 @@ async fn call_missing(target: Principal) -> String {
     match Call::unbounded_wait(target, "no_such_method").await {
         Ok(_) => ic_cdk::trap("call_missing: the call to no_such_method was unexpectedly answered"),
         Err(ic_cdk::call::CallFailed::CallRejected(rejected)) => {
-            format!("{}: {}", rejected.raw_reject_code(), rejected.reject_message())
+            format!(
+                "{}: {}",
+                rejected.raw_reject_code(),
+                rejected.reject_message()
+            )
         }
-        Err(error) => ic_cdk::trap(format!("call_missing: call was not rejected but failed: {error}")),
+        Err(error) => ic_cdk::trap(format!(
+            "call_missing: call was not rejected but failed: {error}"
+        )),
     }
 }
 

@@ -1,0 +1,687 @@
+//! [`WasmtimeEmbedder`]: the [`Embedder`] on wasmtime.
+//!
+//! One engine and two linkers (wasm32, memory64) per process; compiled modules are cached by
+//! module hash. Every execution gets a fresh store and instance (see Note [instance-free state]
+//! in `instrumentation`): the heap image and globals are copied in, the entry point runs under a
+//! fuel limit, and on success the heap is compared back page by page into a copy-on-write
+//! [`PageMap`], so only changed pages are stored anew.
+
+use crate::api::{
+    Embedder, EntryPoint, ExecutionError, InvalidWasm, NewExecutionState, WasmExecutionInput,
+    WasmExecutionOutput,
+};
+use crate::config::{
+    DATA_SEGMENT_INSTRUCTION_LIMIT, EmbedderConfig, EmbedderError, MAX_WASM32_MEMORY_BYTES,
+    WASM_PAGE_BYTES, build_engine,
+};
+use crate::imports::Context;
+use crate::instrumentation::{
+    INIT_DATA_EXPORT, MEMORY_EXPORT, START_EXPORT, TABLE_EXPORT, global_export, instrument,
+};
+use crate::linker::{GrowthLimits, HostError, StoreData, build_linker};
+use crate::system_api::SystemApi;
+use crate::validation::{decode, validate};
+use openic_replicated_state::{
+    ExecutionState, GlobalValue, ModuleInfo, PAGE_SIZE, PageMap, WasmBinary,
+};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use wasmtime::{
+    Engine, Extern, InstancePre, Linker, Module, ModuleExport, Ref, Store, Trap, V128, Val, ValType,
+};
+
+/// A compiled, linked module and the handles of its reserved exports.
+struct CompiledModule {
+    instance_pre: InstancePre<StoreData>,
+    is_wasm64: bool,
+    memory: Option<ModuleExport>,
+    table: Option<ModuleExport>,
+    start: Option<ModuleExport>,
+    init_data: ModuleExport,
+    globals: Vec<(ModuleExport, ValType)>,
+}
+
+/// Compiled modules by module hash, least recently used evicted first.
+struct ModuleCache {
+    entries: BTreeMap<[u8; 32], (Arc<CompiledModule>, u64)>,
+    clock: u64,
+    capacity: usize,
+}
+
+impl ModuleCache {
+    fn get(&mut self, hash: &[u8; 32]) -> Option<Arc<CompiledModule>> {
+        self.clock += 1;
+        let clock = self.clock;
+        self.entries.get_mut(hash).map(|(module, used)| {
+            *used = clock;
+            module.clone()
+        })
+    }
+
+    fn insert(&mut self, hash: [u8; 32], module: Arc<CompiledModule>) {
+        self.clock += 1;
+        while self.entries.len() >= self.capacity {
+            let oldest = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(hash, _)| *hash);
+            match oldest {
+                Some(oldest) => self.entries.remove(&oldest),
+                None => break,
+            };
+        }
+        self.entries.insert(hash, (module, self.clock));
+    }
+}
+
+/// The wasmtime embedder. Cheap to share (`Arc`) between the block and query threads.
+pub struct WasmtimeEmbedder {
+    config: EmbedderConfig,
+    engine: Engine,
+    linker32: Linker<StoreData>,
+    linker64: Linker<StoreData>,
+    cache: Mutex<ModuleCache>,
+}
+
+impl std::fmt::Debug for WasmtimeEmbedder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmtimeEmbedder")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn wasm_error(e: impl std::fmt::Display) -> ExecutionError {
+    ExecutionError::Instantiation(e.to_string())
+}
+
+/// Turns a wasmtime error from running wasm into the execution error it stands for.
+fn classify(error: wasmtime::Error, limit: u64) -> ExecutionError {
+    if let Some(HostError(e)) = error.downcast_ref::<HostError>() {
+        return e.clone();
+    }
+    if let Some(trap) = error.downcast_ref::<Trap>() {
+        return match trap {
+            Trap::OutOfFuel => ExecutionError::InstructionLimitExceeded { limit },
+            other => ExecutionError::Trapped(other.to_string()),
+        };
+    }
+    ExecutionError::Trapped(format!("{error:#}"))
+}
+
+fn read_global(value: Val) -> Result<GlobalValue, ExecutionError> {
+    Ok(match value {
+        Val::I32(v) => GlobalValue::I32(v),
+        Val::I64(v) => GlobalValue::I64(v),
+        Val::F32(bits) => GlobalValue::F32(bits),
+        Val::F64(bits) => GlobalValue::F64(bits),
+        Val::V128(v) => GlobalValue::V128(v.as_u128()),
+        other => {
+            return Err(wasm_error(format!(
+                "global of unsupported type {:?}",
+                other
+            )));
+        }
+    })
+}
+
+fn global_val(value: GlobalValue) -> Val {
+    match value {
+        GlobalValue::I32(v) => Val::I32(v),
+        GlobalValue::I64(v) => Val::I64(v),
+        GlobalValue::F32(bits) => Val::F32(bits),
+        GlobalValue::F64(bits) => Val::F64(bits),
+        GlobalValue::V128(v) => Val::V128(V128::from(v)),
+    }
+}
+
+/// An all-zero page, to compare against with `memcmp`.
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
+/// Makes `map` equal to the heap image `heap`, storing anew only the pages whose contents
+/// changed (unchanged pages keep sharing their `Arc` with the previous state). Same result as
+/// `PageMap::update_from_slice`, with whole-page `memcmp`s instead of byte loops.
+fn update_page_map(map: &mut PageMap, heap: &[u8]) {
+    let mut full_pages = heap.chunks_exact(PAGE_SIZE);
+    for (index, chunk) in full_pages.by_ref().enumerate() {
+        let index = index as u64;
+        let unchanged = match map.page(index) {
+            Some(page) => page[..] == *chunk,
+            None => chunk == &ZERO_PAGE[..],
+        };
+        if !unchanged {
+            let mut page = [0u8; PAGE_SIZE];
+            page.copy_from_slice(chunk);
+            map.set_page(index, &page);
+        }
+    }
+    let rest = full_pages.remainder();
+    let whole = (heap.len() / PAGE_SIZE) as u64;
+    if !rest.is_empty() {
+        let mut page = [0u8; PAGE_SIZE];
+        page[..rest.len()].copy_from_slice(rest);
+        if map
+            .page(whole)
+            .map(|p| p[..] != page[..])
+            .unwrap_or(page != ZERO_PAGE)
+        {
+            map.set_page(whole, &page);
+        }
+    }
+    map.truncate(heap.len().div_ceil(PAGE_SIZE) as u64);
+}
+
+impl WasmtimeEmbedder {
+    /// Builds the engine and the two linkers. Fails only if wasmtime refuses the configuration.
+    pub fn new(config: EmbedderConfig) -> Result<Self, EmbedderError> {
+        let engine = build_engine(&config)?;
+        let linker32 = build_linker::<i32>(&engine, true)
+            .map_err(|e| EmbedderError::Linker(format!("{e:#}")))?;
+        let linker64 = build_linker::<i64>(&engine, false)
+            .map_err(|e| EmbedderError::Linker(format!("{e:#}")))?;
+        let cache = Mutex::new(ModuleCache {
+            entries: BTreeMap::new(),
+            clock: 0,
+            capacity: config.compiled_module_cache_entries,
+        });
+        Ok(WasmtimeEmbedder {
+            config,
+            engine,
+            linker32,
+            linker64,
+            cache,
+        })
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, ModuleCache> {
+        // A panic while holding the lock cannot leave the map inconsistent; keep using it.
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Instruments and compiles a validated plain module.
+    fn compile(&self, plain: &[u8], is_wasm64: bool) -> Result<CompiledModule, InvalidWasm> {
+        let instrumented = instrument(plain)?;
+        let module = Module::from_binary(&self.engine, &instrumented.bytes)
+            .map_err(|e| InvalidWasm::Compilation(format!("{e:#}")))?;
+        let linker = if is_wasm64 {
+            &self.linker64
+        } else {
+            &self.linker32
+        };
+        let instance_pre = linker
+            .instantiate_pre(&module)
+            .map_err(|e| InvalidWasm::Validation(format!("imports do not resolve: {e:#}")))?;
+        let export = |name: &str| module.get_export_index(name);
+        let init_data = export(INIT_DATA_EXPORT).ok_or_else(|| {
+            InvalidWasm::Compilation("the data-initialisation export is missing".to_string())
+        })?;
+        let mut globals = Vec::with_capacity(instrumented.mutable_globals.len());
+        for (index, ty) in &instrumented.mutable_globals {
+            let handle = export(&global_export(*index)).ok_or_else(|| {
+                InvalidWasm::Compilation(format!("the export of global {index} is missing"))
+            })?;
+            let ty = match ty {
+                wasmparser::ValType::I32 => ValType::I32,
+                wasmparser::ValType::I64 => ValType::I64,
+                wasmparser::ValType::F32 => ValType::F32,
+                wasmparser::ValType::F64 => ValType::F64,
+                _ => ValType::V128,
+            };
+            globals.push((handle, ty));
+        }
+        Ok(CompiledModule {
+            is_wasm64,
+            memory: export(MEMORY_EXPORT).filter(|_| instrumented.has_memory),
+            table: export(TABLE_EXPORT).filter(|_| instrumented.has_table),
+            start: export(START_EXPORT).filter(|_| instrumented.has_start),
+            init_data,
+            globals,
+            instance_pre,
+        })
+    }
+
+    /// The compiled module for an installed binary, compiling it on a cache miss (after a
+    /// restart, or after eviction).
+    fn compiled(&self, binary: &WasmBinary) -> Result<Arc<CompiledModule>, InvalidWasm> {
+        if let Some(module) = self.cache().get(&binary.module_hash) {
+            return Ok(module);
+        }
+        let plain = decode(&binary.bytes, self.config.max_module_bytes)?;
+        let info = validate(&plain)?;
+        let compiled = Arc::new(self.compile(&plain, info.is_wasm64)?);
+        self.cache().insert(binary.module_hash, compiled.clone());
+        Ok(compiled)
+    }
+
+    /// A fresh store and instance.
+    fn instantiate(
+        &self,
+        compiled: &CompiledModule,
+        api: Option<SystemApi>,
+        memory_limit_bytes: u64,
+        instruction_limit: u64,
+    ) -> Result<(Store<StoreData>, wasmtime::Instance), ExecutionError> {
+        let mut store = Store::new(
+            &self.engine,
+            StoreData {
+                api,
+                memory: None,
+                limits: GrowthLimits {
+                    memory_bytes: memory_limit_bytes,
+                },
+                instruction_limit,
+            },
+        );
+        store.limiter(|data| &mut data.limits);
+        store.set_fuel(instruction_limit).map_err(wasm_error)?;
+        let instance = compiled
+            .instance_pre
+            .instantiate(&mut store)
+            .map_err(wasm_error)?;
+        let memory = match &compiled.memory {
+            Some(export) => instance
+                .get_module_export(&mut store, export)
+                .and_then(Extern::into_memory),
+            None => None,
+        };
+        store.data_mut().memory = memory;
+        Ok((store, instance))
+    }
+
+    /// Copies the canister's heap image and globals into a fresh instance.
+    fn restore(
+        compiled: &CompiledModule,
+        store: &mut Store<StoreData>,
+        instance: &wasmtime::Instance,
+        state: &ExecutionState,
+    ) -> Result<(), ExecutionError> {
+        if let Some(memory) = store.data().memory {
+            let current = memory.size(&*store);
+            let target = state.wasm_memory_size_pages;
+            if target < current {
+                return Err(wasm_error(format!(
+                    "the saved heap has {target} pages, fewer than the module's minimum of {current}"
+                )));
+            }
+            if target > current {
+                memory
+                    .grow(&mut *store, target - current)
+                    .map_err(|e| wasm_error(format!("could not restore the heap: {e:#}")))?;
+            }
+            let heap = memory.data_mut(&mut *store);
+            for (index, page) in state.wasm_memory.pages() {
+                let slot = usize::try_from(index)
+                    .ok()
+                    .and_then(|index| index.checked_mul(PAGE_SIZE))
+                    .and_then(|start| heap.get_mut(start..start.checked_add(PAGE_SIZE)?));
+                let Some(slot) = slot else {
+                    return Err(wasm_error(format!(
+                        "the saved heap has a page at index {index}, beyond its size of {target} wasm pages"
+                    )));
+                };
+                slot.copy_from_slice(page);
+            }
+        }
+        if compiled.globals.len() != state.globals.len() {
+            return Err(wasm_error(format!(
+                "the saved state has {} globals, the module {}",
+                state.globals.len(),
+                compiled.globals.len()
+            )));
+        }
+        for ((export, _), value) in compiled.globals.iter().zip(&state.globals) {
+            let global = instance
+                .get_module_export(&mut *store, export)
+                .and_then(Extern::into_global)
+                .ok_or_else(|| wasm_error("a global export is missing"))?;
+            global
+                .set(&mut *store, global_val(*value))
+                .map_err(|e| wasm_error(format!("could not restore a global: {e:#}")))?;
+        }
+        Ok(())
+    }
+
+    fn read_globals(
+        compiled: &CompiledModule,
+        store: &mut Store<StoreData>,
+        instance: &wasmtime::Instance,
+    ) -> Result<Vec<GlobalValue>, ExecutionError> {
+        compiled
+            .globals
+            .iter()
+            .map(|(export, _)| {
+                let global = instance
+                    .get_module_export(&mut *store, export)
+                    .and_then(Extern::into_global)
+                    .ok_or_else(|| wasm_error("a global export is missing"))?;
+                read_global(global.get(&mut *store))
+            })
+            .collect()
+    }
+
+    /// Calls the entry point.
+    fn run(
+        compiled: &CompiledModule,
+        store: &mut Store<StoreData>,
+        instance: &wasmtime::Instance,
+        entry_point: &EntryPoint,
+        limit: u64,
+    ) -> Result<(), ExecutionError> {
+        let outcome = match entry_point {
+            EntryPoint::Export(name) => {
+                let func = instance
+                    .get_func(&mut *store, name)
+                    .ok_or_else(|| ExecutionError::MethodNotFound(name.clone()))?;
+                let func = func
+                    .typed::<(), ()>(&*store)
+                    .map_err(|_| ExecutionError::MethodNotFound(name.clone()))?;
+                func.call(&mut *store, ())
+            }
+            EntryPoint::StartOnly => match &compiled.start {
+                None => Ok(()),
+                Some(export) => {
+                    let func = instance
+                        .get_module_export(&mut *store, export)
+                        .and_then(Extern::into_func)
+                        .ok_or_else(|| wasm_error("the start export is missing"))?;
+                    let func = func
+                        .typed::<(), ()>(&*store)
+                        .map_err(|e| ExecutionError::Trapped(format!("start function: {e:#}")))?;
+                    func.call(&mut *store, ())
+                }
+            },
+            EntryPoint::Closure(closure) => {
+                let bad = |why: &str| {
+                    ExecutionError::Trapped(format!(
+                        "callback at table index {} cannot be called: {why}",
+                        closure.func_idx
+                    ))
+                };
+                let table = compiled
+                    .table
+                    .as_ref()
+                    .and_then(|export| instance.get_module_export(&mut *store, export))
+                    .and_then(Extern::into_table)
+                    .ok_or_else(|| bad("the module has no table"))?;
+                let func = match table.get(&mut *store, closure.func_idx) {
+                    Some(Ref::Func(Some(func))) => func,
+                    Some(_) => return Err(bad("the table entry is empty")),
+                    None => return Err(bad("the index is out of the table's bounds")),
+                };
+                if compiled.is_wasm64 {
+                    let func = func
+                        .typed::<i64, ()>(&*store)
+                        .map_err(|_| bad("it does not have type (i64) -> ()"))?;
+                    func.call(&mut *store, closure.env as i64)
+                } else {
+                    let func = func
+                        .typed::<i32, ()>(&*store)
+                        .map_err(|_| bad("it does not have type (i32) -> ()"))?;
+                    func.call(&mut *store, closure.env as u32 as i32)
+                }
+            }
+        };
+        outcome.map_err(|e| classify(e, limit))
+    }
+
+    fn execute_inner(
+        &self,
+        input: WasmExecutionInput<'_>,
+        instructions_used: &mut u64,
+        debug_prints: &mut Vec<String>,
+    ) -> Result<
+        (
+            NewExecutionState,
+            Option<crate::api::WasmResponse>,
+            crate::api::SystemStateChanges,
+        ),
+        ExecutionError,
+    > {
+        let state = input.execution_state;
+        let compiled = self
+            .compiled(&state.wasm_binary)
+            .map_err(|e| wasm_error(e.to_string()))?;
+        let context = Context::of(&input.api_type);
+        // Note: state changes of non-replicated queries and inspect_message are discarded by
+        // definition, so their heap is not compared back (the input state is returned).
+        let keeps_state = !matches!(
+            context,
+            Context::NonReplicatedQuery | Context::InspectMessage
+        );
+        let api = SystemApi::new(
+            input.api_type,
+            input.system_state,
+            state.stable_memory.clone(),
+            state.stable_memory_size_pages,
+            input.stable_memory_limit_bytes,
+            self.config.max_debug_print_bytes_per_execution,
+        );
+        let mut memory_limit = input.wasm_memory_limit_bytes;
+        if !compiled.is_wasm64 {
+            memory_limit = memory_limit.min(MAX_WASM32_MEMORY_BYTES);
+        }
+        let memory_limit =
+            memory_limit.max(state.wasm_memory_size_pages.saturating_mul(WASM_PAGE_BYTES));
+        let limit = input.instruction_limit;
+        let (mut store, instance) = self.instantiate(&compiled, Some(api), memory_limit, limit)?;
+        Self::restore(&compiled, &mut store, &instance, state)?;
+
+        let result = Self::run(&compiled, &mut store, &instance, &input.entry_point, limit);
+        *instructions_used = limit.saturating_sub(store.get_fuel().unwrap_or(0));
+        let api = store.data_mut().api.take();
+        if let Err(error) = result {
+            if let Some(mut api) = api {
+                *debug_prints = api.take_debug_prints();
+            }
+            match &error {
+                ExecutionError::MethodNotFound(_) => {}
+                ExecutionError::CalledTrap(message) => {
+                    debug_prints.push(format!("[TRAP]: {message}"));
+                }
+                other => debug_prints.push(format!("[TRAP]: {other}")),
+            }
+            return Err(error);
+        }
+        let outcome = api
+            .ok_or_else(|| wasm_error("the System API state vanished"))?
+            .finish();
+        *debug_prints = outcome.debug_prints;
+        let new_state = if keeps_state {
+            let (wasm_memory, wasm_memory_size_pages) = match store.data().memory {
+                Some(memory) => {
+                    let mut image = state.wasm_memory.clone();
+                    update_page_map(&mut image, memory.data(&store));
+                    (image, memory.size(&store))
+                }
+                None => (PageMap::new(), 0),
+            };
+            NewExecutionState {
+                wasm_memory,
+                wasm_memory_size_pages,
+                stable_memory: outcome.stable_memory,
+                stable_memory_size_pages: outcome.stable_memory_pages,
+                globals: Self::read_globals(&compiled, &mut store, &instance)?,
+            }
+        } else {
+            NewExecutionState {
+                wasm_memory: state.wasm_memory.clone(),
+                wasm_memory_size_pages: state.wasm_memory_size_pages,
+                stable_memory: state.stable_memory.clone(),
+                stable_memory_size_pages: state.stable_memory_size_pages,
+                globals: state.globals.clone(),
+            }
+        };
+        Ok((new_state, outcome.response, outcome.changes))
+    }
+}
+
+impl Embedder for WasmtimeEmbedder {
+    fn prepare_module(&self, wasm: &[u8]) -> Result<(WasmBinary, ModuleInfo), InvalidWasm> {
+        let module_hash: [u8; 32] = Sha256::digest(wasm).into();
+        let plain = decode(wasm, self.config.max_module_bytes)?;
+        let info = validate(&plain)?;
+        if self.cache().get(&module_hash).is_none() {
+            let compiled = Arc::new(self.compile(&plain, info.is_wasm64)?);
+            self.cache().insert(module_hash, compiled);
+        }
+        Ok((
+            WasmBinary {
+                bytes: wasm.to_vec(),
+                module_hash,
+            },
+            info,
+        ))
+    }
+
+    fn initial_execution_state(
+        &self,
+        binary: Arc<WasmBinary>,
+        info: Arc<ModuleInfo>,
+    ) -> Result<ExecutionState, InvalidWasm> {
+        let compiled = self.compiled(&binary)?;
+        let failed = |e: ExecutionError| {
+            InvalidWasm::Validation(format!("the module cannot be instantiated: {e}"))
+        };
+        let (mut store, instance) = self
+            .instantiate(
+                &compiled,
+                None,
+                MAX_WASM32_MEMORY_BYTES,
+                DATA_SEGMENT_INSTRUCTION_LIMIT,
+            )
+            .map_err(failed)?;
+        let init = instance
+            .get_module_export(&mut store, &compiled.init_data)
+            .and_then(Extern::into_func)
+            .ok_or_else(|| failed(wasm_error("the data-initialisation export is missing")))?
+            .typed::<(), ()>(&store)
+            .map_err(|e| failed(wasm_error(e)))?;
+        init.call(&mut store, ()).map_err(|e| {
+            InvalidWasm::Validation(format!(
+                "applying the module's data segments failed: {}",
+                classify(e, DATA_SEGMENT_INSTRUCTION_LIMIT)
+            ))
+        })?;
+        let (wasm_memory, wasm_memory_size_pages) = match store.data().memory {
+            Some(memory) => (
+                PageMap::from_slice(memory.data(&store)),
+                memory.size(&store),
+            ),
+            None => (PageMap::new(), 0),
+        };
+        let globals = Self::read_globals(&compiled, &mut store, &instance).map_err(failed)?;
+        Ok(ExecutionState {
+            wasm_binary: binary,
+            module_info: info,
+            wasm_memory,
+            wasm_memory_size_pages,
+            stable_memory: PageMap::new(),
+            stable_memory_size_pages: 0,
+            globals,
+        })
+    }
+
+    fn execute(&self, input: WasmExecutionInput<'_>) -> WasmExecutionOutput {
+        let mut instructions_used = 0;
+        let mut debug_prints = Vec::new();
+        let result = self.execute_inner(input, &mut instructions_used, &mut debug_prints);
+        WasmExecutionOutput {
+            instructions_used,
+            result,
+            debug_prints,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn update_page_map_matches_page_map_semantics() {
+        let mut image = vec![0u8; PAGE_SIZE * 4 + 100];
+        image[5] = 1;
+        image[PAGE_SIZE * 4 + 50] = 3;
+        let mut fast = PageMap::new();
+        update_page_map(&mut fast, &image);
+        assert_eq!(fast, PageMap::from_slice(&image));
+        let before = fast.clone();
+        image[PAGE_SIZE * 2] = 9;
+        image[5] = 0;
+        update_page_map(&mut fast, &image);
+        assert_eq!(fast, PageMap::from_slice(&image));
+        assert!(
+            fast.shares_page_with(&before, 4),
+            "unchanged pages keep their Arc"
+        );
+        update_page_map(&mut fast, &image[..PAGE_SIZE]);
+        assert_eq!(fast, PageMap::from_slice(&image[..PAGE_SIZE]));
+    }
+
+    #[test]
+    fn cache_evicts_least_recently_used() {
+        let embedder = WasmtimeEmbedder::new(EmbedderConfig {
+            compiled_module_cache_entries: 2,
+            ..EmbedderConfig::default()
+        })
+        .unwrap();
+        let module = |n: u32| {
+            wat::parse_str(format!("(module (func (export \"canister_update f{n}\")))")).unwrap()
+        };
+        let (a, _) = embedder.prepare_module(&module(1)).unwrap();
+        let (b, _) = embedder.prepare_module(&module(2)).unwrap();
+        assert!(embedder.cache().get(&a.module_hash).is_some());
+        let (c, _) = embedder.prepare_module(&module(3)).unwrap();
+        let mut cache = embedder.cache();
+        assert!(
+            cache.get(&b.module_hash).is_none(),
+            "b was least recently used"
+        );
+        assert!(cache.get(&a.module_hash).is_some());
+        assert!(cache.get(&c.module_hash).is_some());
+    }
+
+    #[test]
+    fn every_import_in_the_table_resolves_with_its_signature() {
+        use crate::imports::{IC0_IMPORTS, Ty};
+        let embedder = WasmtimeEmbedder::new(EmbedderConfig::default()).unwrap();
+        for (linker, wasm64) in [(&embedder.linker32, false), (&embedder.linker64, true)] {
+            let mut store = Store::new(
+                &embedder.engine,
+                StoreData {
+                    api: None,
+                    memory: None,
+                    limits: GrowthLimits { memory_bytes: 0 },
+                    instruction_limit: 0,
+                },
+            );
+            for import in IC0_IMPORTS {
+                let defined = linker.get(&mut store, "ic0", import.name).ok();
+                if import.wasm32_only && wasm64 {
+                    assert!(
+                        defined.is_none(),
+                        "{} must not exist for wasm64",
+                        import.name
+                    );
+                    continue;
+                }
+                let func = defined
+                    .and_then(Extern::into_func)
+                    .unwrap_or_else(|| panic!("{} is not defined", import.name));
+                let ty = func.ty(&store);
+                let map = |t: &Ty| match (t, wasm64) {
+                    (Ty::I32, _) | (Ty::Addr, false) => "i32",
+                    (Ty::I64, _) | (Ty::Addr, true) => "i64",
+                };
+                let params: Vec<String> = ty.params().map(|p| p.to_string()).collect();
+                let results: Vec<String> = ty.results().map(|p| p.to_string()).collect();
+                let expected_params: Vec<&str> = import.params.iter().map(map).collect();
+                let expected_results: Vec<&str> = import.results.iter().map(map).collect();
+                assert_eq!(params, expected_params, "{}", import.name);
+                assert_eq!(results, expected_results, "{}", import.name);
+            }
+        }
+    }
+}

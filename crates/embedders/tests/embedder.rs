@@ -1,0 +1,745 @@
+//! End-to-end tests of the embedder on small WAT canisters, each in a wasm32 and a memory64
+//! variant.
+
+use candid::Principal;
+use openic_embedders::{
+    ApiType, Embedder, EmbedderConfig, EntryPoint, ExecutionError, InvalidWasm, SystemStateView,
+    WasmExecutionInput, WasmExecutionOutput, WasmResponse, WasmtimeEmbedder,
+};
+use openic_replicated_state::{ExecutionState, GlobalValue, WasmClosure};
+use openic_types::{CanisterId, Cycles, SubnetId, Time};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+/// The test canister. `ADDR` is the address type, `MEMORY` the memory declaration.
+const CANISTER: &str = r#"
+(module
+  (import "ic0" "msg_reply_data_append" (func $append (param ADDR ADDR)))
+  (import "ic0" "msg_reply" (func $reply))
+  (import "ic0" "msg_reject" (func $reject (param ADDR ADDR)))
+  (import "ic0" "trap" (func $trap (param ADDR ADDR)))
+  (import "ic0" "debug_print" (func $print (param ADDR ADDR)))
+  (import "ic0" "msg_arg_data_size" (func $arg_size (result ADDR)))
+  (import "ic0" "msg_arg_data_copy" (func $arg_copy (param ADDR ADDR ADDR)))
+  (import "ic0" "stable64_grow" (func $stable_grow (param i64) (result i64)))
+  (import "ic0" "stable64_size" (func $stable_size (result i64)))
+  (import "ic0" "stable64_write" (func $stable_write (param i64 i64 i64)))
+  (import "ic0" "stable64_read" (func $stable_read (param i64 i64 i64)))
+  (import "ic0" "call_new" (func $call_new (param ADDR ADDR ADDR ADDR ADDR ADDR ADDR ADDR)))
+  (import "ic0" "call_data_append" (func $call_append (param ADDR ADDR)))
+  (import "ic0" "call_cycles_add128" (func $call_cycles (param i64 i64)))
+  (import "ic0" "call_on_cleanup" (func $call_cleanup (param ADDR ADDR)))
+  (import "ic0" "call_with_best_effort_response" (func $call_timeout (param i32)))
+  (import "ic0" "call_perform" (func $call_perform (result i32)))
+  (import "ic0" "msg_cycles_available128" (func $available (param ADDR)))
+  (import "ic0" "msg_cycles_accept128" (func $accept (param i64 i64 ADDR)))
+  (import "ic0" "canister_cycle_balance128" (func $balance (param ADDR)))
+  (import "ic0" "performance_counter" (func $counter (param i32) (result i64)))
+  MEMORY
+  (table 2 funcref)
+  (elem (i32.const 0) $callback)
+  (global $counter (mut i32) (i32.const 0))
+  (global $float (mut f64) (f64.const 1.5))
+  ;; 0..4: scratch for the counter; 100: "hello"; 120: callee id; 140: method name; 200: start count.
+  (data (ADDR.const 100) "hello")
+  (data (ADDR.const 120) "\00\00\00\00\00\00\00\05\01\01")
+  (data (ADDR.const 140) "greet")
+
+  (func $callback (param ADDR)
+    (ADDR.store (ADDR.const 64) (local.get 0)))
+
+  (func $start
+    (i32.store (ADDR.const 200) (i32.add (i32.load (ADDR.const 200)) (i32.const 1))))
+  (start $start)
+
+  (func (export "canister_update inc")
+    (global.set $counter (i32.add (global.get $counter) (i32.const 1)))
+    (i32.store (ADDR.const 0) (global.get $counter))
+    (call $append (ADDR.const 0) (ADDR.const 4))
+    (call $reply))
+
+  (func (export "canister_update inc_then_trap")
+    (global.set $counter (i32.add (global.get $counter) (i32.const 100)))
+    (i32.store (ADDR.const 0) (i32.const 999))
+    (call $print (ADDR.const 140) (ADDR.const 5))
+    (call $trap (ADDR.const 100) (ADDR.const 5)))
+
+  (func (export "canister_query read")
+    (call $append (ADDR.const 0) (ADDR.const 4))
+    (call $append (ADDR.const 100) (ADDR.const 5))
+    (call $append (ADDR.const 200) (ADDR.const 4))
+    (call $reply))
+
+  (func (export "canister_update echo")
+    (call $arg_copy (ADDR.const 300) (ADDR.const 0) (call $arg_size))
+    (call $append (ADDR.const 300) (call $arg_size))
+    (call $reply))
+
+  (func (export "canister_update reject")
+    (call $reject (ADDR.const 100) (ADDR.const 5)))
+
+  (func (export "canister_update reply_twice")
+    (call $reply)
+    (call $reply))
+
+  (func (export "canister_update spin")
+    (loop $forever (br $forever)))
+
+  (func (export "canister_heartbeat")
+    (call $reply))
+
+  (func (export "canister_update nan")
+    (f32.store (ADDR.const 8) (f32.div (f32.const 0) (f32.const 0)))
+    (call $append (ADDR.const 8) (ADDR.const 4))
+    (call $reply))
+
+  (func (export "canister_update stable")
+    ;; Grow by one page (previous size to 400), write "hello" at 65530 (crossing a 4 KiB page).
+    (i64.store (ADDR.const 400) (call $stable_grow (i64.const 1)))
+    (call $stable_write (i64.const 65530) (i64.const 100) (i64.const 5))
+    (call $reply))
+
+  (func (export "canister_query stable_read")
+    (call $stable_read (i64.const 408) (i64.const 65530) (i64.const 5))
+    (i64.store (ADDR.const 416) (call $stable_size))
+    (i64.store (ADDR.const 424) (call $stable_grow (i64.const 1000000)))
+    (call $append (ADDR.const 408) (ADDR.const 24))
+    (call $reply))
+
+  (func (export "canister_update stable_out_of_bounds")
+    (call $stable_write (i64.const 65535) (i64.const 100) (i64.const 5)))
+
+  (func (export "canister_update call")
+    (call $call_new (ADDR.const 120) (ADDR.const 10) (ADDR.const 140) (ADDR.const 5)
+                    (ADDR.const 0) (ADDR.const 7) (ADDR.const 1) (ADDR.const 8))
+    (call $call_append (ADDR.const 100) (ADDR.const 5))
+    (call $call_cycles (i64.const 0) (i64.const 50))
+    (call $call_cleanup (ADDR.const 0) (ADDR.const 9))
+    (call $call_timeout (i32.const 1000))
+    (i32.store (ADDR.const 0) (call $call_perform))
+    ;; A second call with cycles that is never performed: discarded, its cycles return.
+    (call $call_new (ADDR.const 120) (ADDR.const 10) (ADDR.const 140) (ADDR.const 5)
+                    (ADDR.const 0) (ADDR.const 0) (ADDR.const 0) (ADDR.const 0))
+    (call $call_cycles (i64.const 0) (i64.const 10))
+    (call $append (ADDR.const 0) (ADDR.const 4))
+    (call $reply))
+
+  (func (export "canister_update cycles")
+    (call $available (ADDR.const 500))
+    (call $accept (i64.const 1) (i64.const 5) (ADDR.const 516))
+    (call $balance (ADDR.const 532))
+    (call $append (ADDR.const 500) (ADDR.const 48))
+    (call $reply))
+
+  (func (export "canister_update grow")
+    (ADDR.store (ADDR.const 700) (memory.grow (ADDR.const 100)))
+    (call $append (ADDR.const 700) (ADDR.const 4))
+    (call $reply))
+
+  (func $recurse (call $recurse))
+  (func (export "canister_update recurse") (call $recurse))
+
+  (func (export "canister_update counter")
+    (i64.store (ADDR.const 600) (call $counter (i32.const 0)))
+    (call $append (ADDR.const 600) (ADDR.const 8))
+    (call $reply))
+)
+"#;
+
+fn canister_wat(wasm64: bool) -> String {
+    let (addr, memory) = if wasm64 {
+        ("i64", "(memory (export \"memory\") i64 1)")
+    } else {
+        ("i32", "(memory (export \"memory\") 1)")
+    };
+    CANISTER.replace("ADDR", addr).replace("MEMORY", memory)
+}
+
+fn embedder() -> WasmtimeEmbedder {
+    WasmtimeEmbedder::new(EmbedderConfig::default()).expect("embedder")
+}
+
+fn install(embedder: &WasmtimeEmbedder, wasm: &[u8]) -> ExecutionState {
+    let (binary, info) = embedder.prepare_module(wasm).expect("valid module");
+    embedder
+        .initial_execution_state(Arc::new(binary), Arc::new(info))
+        .expect("initial state")
+}
+
+fn view() -> SystemStateView {
+    SystemStateView {
+        canister_id: CanisterId::from_u64(1),
+        controllers: BTreeSet::new(),
+        status_code: 1,
+        cycles_balance: Cycles(1_000),
+        freeze_threshold_cycles: Cycles(100),
+        canister_version: 1,
+        time: Time(1_700_000_000_000_000_000),
+        subnet_id: SubnetId(Principal::management_canister()),
+        subnet_node_count: 1,
+        root_key_der: vec![0; 133],
+        global_timer_nanos: 0,
+        environment_variables: BTreeMap::new(),
+        can_make_calls: true,
+        call_base_fee: Cycles(260_000),
+        call_fee_per_byte: Cycles(1_000),
+        create_canister_fee: Cycles(500_000_000_000),
+    }
+}
+
+fn update_with(arg: &[u8], cycles: u128) -> ApiType {
+    ApiType::Update {
+        caller: Principal::anonymous(),
+        arg: arg.to_vec(),
+        cycles_available: Cycles(cycles),
+        deadline: 0,
+    }
+}
+
+fn update() -> ApiType {
+    update_with(&[], 0)
+}
+
+const LIMIT: u64 = 10_000_000;
+
+fn run_with(
+    embedder: &WasmtimeEmbedder,
+    state: &ExecutionState,
+    api_type: ApiType,
+    entry_point: EntryPoint,
+) -> WasmExecutionOutput {
+    embedder.execute(WasmExecutionInput {
+        api_type,
+        entry_point,
+        execution_state: state,
+        system_state: view(),
+        instruction_limit: LIMIT,
+        wasm_memory_limit_bytes: 1 << 30,
+        stable_memory_limit_bytes: 1 << 30,
+    })
+}
+
+fn run(
+    embedder: &WasmtimeEmbedder,
+    state: &ExecutionState,
+    api_type: ApiType,
+    method: &str,
+) -> WasmExecutionOutput {
+    run_with(
+        embedder,
+        state,
+        api_type,
+        EntryPoint::Export(export_name(method)),
+    )
+}
+
+/// The export name of a test method: queries and system hooks as named, the rest are updates.
+fn export_name(method: &str) -> String {
+    match method {
+        "read" | "stable_read" => format!("canister_query {method}"),
+        m if m.starts_with("canister_") => m.to_string(),
+        m => format!("canister_update {m}"),
+    }
+}
+
+/// Runs an update, applies its new state and returns the response.
+fn call(embedder: &WasmtimeEmbedder, state: &mut ExecutionState, method: &str) -> WasmResponse {
+    let output = run(embedder, state, update(), method);
+    let (new, response, _) = output.result.expect("execution succeeds");
+    state.wasm_memory = new.wasm_memory;
+    state.wasm_memory_size_pages = new.wasm_memory_size_pages;
+    state.stable_memory = new.stable_memory;
+    state.stable_memory_size_pages = new.stable_memory_size_pages;
+    state.globals = new.globals;
+    response.expect("a response")
+}
+
+fn both(test: impl Fn(bool)) {
+    test(false);
+    test(true);
+}
+
+#[test]
+fn reply_reject_and_globals_persist() {
+    both(|wasm64| {
+        let e = embedder();
+        let mut state = install(&e, &wat::parse_str(canister_wat(wasm64)).unwrap());
+        assert_eq!(state.module_info.is_wasm64, wasm64);
+        assert_eq!(
+            state.globals,
+            vec![GlobalValue::I32(0), GlobalValue::F64(1.5f64.to_bits())]
+        );
+        assert_eq!(
+            call(&e, &mut state, "inc"),
+            WasmResponse::Reply(vec![1, 0, 0, 0])
+        );
+        assert_eq!(
+            call(&e, &mut state, "inc"),
+            WasmResponse::Reply(vec![2, 0, 0, 0])
+        );
+        assert_eq!(state.globals[0], GlobalValue::I32(2));
+        assert_eq!(
+            call(&e, &mut state, "reject"),
+            WasmResponse::Reject("hello".to_string())
+        );
+        let output = run(&e, &state, update_with(b"abc", 0), "echo");
+        assert_eq!(
+            output.result.unwrap().1,
+            Some(WasmResponse::Reply(b"abc".to_vec()))
+        );
+        assert!(output.instructions_used > 0);
+    });
+}
+
+#[test]
+fn trap_rolls_back_memory_and_globals() {
+    both(|wasm64| {
+        let e = embedder();
+        let mut state = install(&e, &wat::parse_str(canister_wat(wasm64)).unwrap());
+        call(&e, &mut state, "inc");
+        let output = run(&e, &state, update(), "inc_then_trap");
+        assert_eq!(
+            output.result.unwrap_err(),
+            ExecutionError::CalledTrap("hello".to_string())
+        );
+        assert_eq!(output.debug_prints[0], "greet");
+        assert_eq!(output.debug_prints[1], "[TRAP]: hello");
+        // The state was not touched: the next increment sees 1.
+        assert_eq!(
+            call(&e, &mut state, "inc"),
+            WasmResponse::Reply(vec![2, 0, 0, 0])
+        );
+        let output = run(&e, &state, update(), "reply_twice");
+        assert!(
+            matches!(output.result, Err(ExecutionError::ContractViolation(ref m)) if m.contains("already")),
+            "{:?}",
+            output.result
+        );
+        let output = run(&e, &state, update(), "no_such_method");
+        assert_eq!(
+            output.result.unwrap_err(),
+            ExecutionError::MethodNotFound("canister_update no_such_method".to_string())
+        );
+    });
+}
+
+#[test]
+fn start_runs_only_via_start_only() {
+    both(|wasm64| {
+        let e = embedder();
+        let mut state = install(&e, &wat::parse_str(canister_wat(wasm64)).unwrap());
+        // Data segments applied, start not yet run.
+        let read = |state: &ExecutionState| match run(&e, state, update(), "read").result {
+            Ok((_, Some(WasmResponse::Reply(bytes)), _)) => bytes,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(read(&state)[4..], *b"hello\0\0\0\0");
+        let output = run_with(&e, &state, ApiType::Start, EntryPoint::StartOnly);
+        let (new, response, _) = output.result.unwrap();
+        assert!(response.is_none());
+        state.wasm_memory = new.wasm_memory;
+        assert_eq!(read(&state)[9..], [1, 0, 0, 0]);
+        call(&e, &mut state, "inc");
+        call(&e, &mut state, "inc");
+        assert_eq!(read(&state)[9..], [1, 0, 0, 0], "start ran only once");
+    });
+}
+
+#[test]
+fn instruction_limit_is_enforced() {
+    both(|wasm64| {
+        let e = embedder();
+        let state = install(&e, &wat::parse_str(canister_wat(wasm64)).unwrap());
+        let output = run(&e, &state, update(), "spin");
+        assert_eq!(
+            output.result.unwrap_err(),
+            ExecutionError::InstructionLimitExceeded { limit: LIMIT }
+        );
+        assert_eq!(output.instructions_used, LIMIT);
+        let output = run(&e, &state, update(), "counter");
+        let Some(WasmResponse::Reply(bytes)) = output.result.unwrap().1 else {
+            panic!("no reply")
+        };
+        let counted = u64::from_le_bytes(bytes.try_into().unwrap());
+        assert!(counted > 0 && counted < output.instructions_used);
+    });
+}
+
+#[test]
+fn heap_limit_and_stack_overflow_are_deterministic() {
+    both(|wasm64| {
+        let e = embedder();
+        let state = install(&e, &wat::parse_str(canister_wat(wasm64)).unwrap());
+        let grow = |limit: u64| {
+            let output = e.execute(WasmExecutionInput {
+                api_type: update(),
+                entry_point: EntryPoint::Export(export_name("grow")),
+                execution_state: &state,
+                system_state: view(),
+                instruction_limit: LIMIT,
+                wasm_memory_limit_bytes: limit,
+                stable_memory_limit_bytes: 0,
+            });
+            let (new, response, _) = output.result.unwrap();
+            let Some(WasmResponse::Reply(bytes)) = response else {
+                panic!("no reply")
+            };
+            (
+                i32::from_le_bytes(bytes.try_into().unwrap()),
+                new.wasm_memory_size_pages,
+            )
+        };
+        assert_eq!(grow(1 << 20), (-1, 1), "101 pages exceed 1 MiB");
+        assert_eq!(grow(1 << 30), (1, 101));
+        let output = run(&e, &state, update(), "recurse");
+        assert!(
+            matches!(output.result, Err(ExecutionError::Trapped(_))),
+            "{:?}",
+            output.result
+        );
+    });
+}
+
+#[test]
+fn context_rules_are_enforced() {
+    both(|wasm64| {
+        let e = embedder();
+        let state = install(&e, &wat::parse_str(canister_wat(wasm64)).unwrap());
+        let output = run(&e, &state, ApiType::SystemTask, "canister_heartbeat");
+        match output.result {
+            Err(ExecutionError::ContractViolation(message)) => {
+                assert!(message.contains("msg_reply"), "{message}");
+                assert!(message.contains("system task"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Reading the argument is not allowed in a reject callback.
+        let reject = ApiType::RejectCallback {
+            caller: Principal::anonymous(),
+            code: openic_types::RejectCode::CanisterReject,
+            message: "no".to_string(),
+            refunded: Cycles(0),
+            cycles_available: Cycles(0),
+            deadline: 0,
+            in_composite_query: false,
+        };
+        assert!(matches!(
+            run(&e, &state, reject, "echo").result,
+            Err(ExecutionError::ContractViolation(_))
+        ));
+    });
+}
+
+#[test]
+fn stable_memory_grows_persists_and_checks_bounds() {
+    both(|wasm64| {
+        let e = embedder();
+        let mut state = install(&e, &wat::parse_str(canister_wat(wasm64)).unwrap());
+        call(&e, &mut state, "stable");
+        assert_eq!(state.stable_memory_size_pages, 1);
+        let output = run(&e, &state, update(), "stable_read");
+        let Some(WasmResponse::Reply(bytes)) = output.result.unwrap().1 else {
+            panic!("no reply")
+        };
+        assert_eq!(&bytes[..5], b"hello");
+        assert_eq!(u64::from_le_bytes(bytes[8..16].try_into().unwrap()), 1);
+        assert_eq!(i64::from_le_bytes(bytes[16..24].try_into().unwrap()), -1);
+        let output = run(&e, &state, update(), "stable_out_of_bounds");
+        assert!(matches!(
+            output.result,
+            Err(ExecutionError::ContractViolation(ref m)) if m.contains("stable64_write")
+        ));
+    });
+}
+
+#[test]
+fn calls_are_collected_with_closures() {
+    both(|wasm64| {
+        let e = embedder();
+        let mut state = install(&e, &wat::parse_str(canister_wat(wasm64)).unwrap());
+        let output = run(&e, &state, update(), "call");
+        let (new, response, changes) = output.result.unwrap();
+        assert_eq!(response, Some(WasmResponse::Reply(vec![0, 0, 0, 0])));
+        assert_eq!(changes.calls.len(), 1, "the unperformed call is discarded");
+        let outgoing = &changes.calls[0];
+        assert_eq!(outgoing.callee, CanisterId::from_u64(5));
+        assert_eq!(outgoing.method_name, "greet");
+        assert_eq!(outgoing.payload, b"hello");
+        assert_eq!(outgoing.cycles, Cycles(50));
+        assert_eq!(
+            outgoing.on_reply,
+            WasmClosure {
+                func_idx: 0,
+                env: 7
+            }
+        );
+        assert_eq!(
+            outgoing.on_reject,
+            WasmClosure {
+                func_idx: 1,
+                env: 8
+            }
+        );
+        assert_eq!(
+            outgoing.on_cleanup,
+            Some(WasmClosure {
+                func_idx: 0,
+                env: 9
+            })
+        );
+        assert_eq!(outgoing.timeout_seconds, Some(300));
+        state.wasm_memory = new.wasm_memory;
+
+        // Run the reply callback: it stores its env at 64.
+        let reply = ApiType::ReplyCallback {
+            caller: Principal::anonymous(),
+            reply: vec![],
+            refunded: Cycles(0),
+            cycles_available: Cycles(0),
+            deadline: 0,
+            in_composite_query: false,
+        };
+        let output = run_with(
+            &e,
+            &state,
+            reply.clone(),
+            EntryPoint::Closure(outgoing.on_reply),
+        );
+        let (new, _, _) = output.result.unwrap();
+        let mut env = [0u8; 4];
+        new.wasm_memory.read(64, &mut env);
+        assert_eq!(env, [7, 0, 0, 0]);
+        // An empty or out-of-range table entry traps only when called.
+        for func_idx in [1, u32::MAX as u64] {
+            let output = run_with(
+                &e,
+                &state,
+                reply.clone(),
+                EntryPoint::Closure(WasmClosure { func_idx, env: 0 }),
+            );
+            assert!(matches!(output.result, Err(ExecutionError::Trapped(_))));
+        }
+    });
+}
+
+#[test]
+fn cycles_use_128_bit_encoding() {
+    both(|wasm64| {
+        let e = embedder();
+        let state = install(&e, &wat::parse_str(canister_wat(wasm64)).unwrap());
+        let available = (1u128 << 64) + 10;
+        let output = run(&e, &state, update_with(&[], available), "cycles");
+        let (_, response, changes) = output.result.unwrap();
+        let Some(WasmResponse::Reply(bytes)) = response else {
+            panic!("no reply")
+        };
+        let at = |i: usize| u128::from_le_bytes(bytes[i..i + 16].try_into().unwrap());
+        assert_eq!(at(0), available);
+        assert_eq!(at(16), (1u128 << 64) + 5);
+        assert_eq!(at(32), 1_000 + (1u128 << 64) + 5);
+        assert_eq!(changes.cycles_accepted, Cycles((1u128 << 64) + 5));
+    });
+}
+
+#[test]
+fn gzip_modules_are_accepted() {
+    use std::io::Write;
+    let e = embedder();
+    let plain = wat::parse_str(canister_wat(false)).unwrap();
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(&plain).unwrap();
+    let gz = encoder.finish().unwrap();
+    let mut state = install(&e, &gz);
+    assert_eq!(state.wasm_binary.bytes, gz);
+    assert_eq!(
+        call(&e, &mut state, "inc"),
+        WasmResponse::Reply(vec![1, 0, 0, 0])
+    );
+    assert!(state.module_info.methods.contains_key("inc"));
+    assert!(
+        state
+            .module_info
+            .system_methods
+            .contains("canister_heartbeat")
+    );
+}
+
+#[test]
+fn invalid_modules_are_rejected() {
+    let e = embedder();
+    for text in [
+        r#"(module (import "env" "x" (func)))"#,
+        r#"(module (func $f) (export "canister_updatex" (func $f)))"#,
+        r#"(module (memory 1) (memory 1))"#,
+    ] {
+        let err = e
+            .prepare_module(&wat::parse_str(text).unwrap())
+            .unwrap_err();
+        assert!(matches!(err, InvalidWasm::Validation(_)), "{text}: {err}");
+    }
+    assert!(matches!(
+        e.prepare_module(b"\x1f\x8b\x08garbage"),
+        Err(InvalidWasm::Decode(_))
+    ));
+}
+
+#[test]
+fn execution_is_deterministic_and_nans_are_canonical() {
+    both(|wasm64| {
+        let e = embedder();
+        let state = install(&e, &wat::parse_str(canister_wat(wasm64)).unwrap());
+        let first = run(&e, &state, update(), "nan");
+        let second = run(&e, &state, update(), "nan");
+        assert_eq!(first.instructions_used, second.instructions_used);
+        assert_eq!(first.result, second.result);
+        let Some(WasmResponse::Reply(bytes)) = first.result.unwrap().1 else {
+            panic!("no reply")
+        };
+        assert_eq!(u32::from_le_bytes(bytes.try_into().unwrap()), 0x7fc0_0000);
+    });
+}
+
+#[test]
+fn shared_between_threads() {
+    let e = Arc::new(embedder());
+    let wasm = wat::parse_str(canister_wat(false)).unwrap();
+    let state = Arc::new(install(&e, &wasm));
+    let handles: Vec<_> = (0..2)
+        .map(|_| {
+            let (e, state) = (e.clone(), state.clone());
+            std::thread::spawn(move || {
+                let query = ApiType::Query {
+                    caller: Principal::anonymous(),
+                    arg: vec![],
+                    replicated: false,
+                    data_certificate: None,
+                    cycles_available: Cycles(0),
+                };
+                for _ in 0..20 {
+                    assert!(run(&e, &state, query.clone(), "read").result.is_ok());
+                }
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.join().unwrap();
+    }
+}
+
+/// Rough throughput check: `cargo test -p openic-embedders --release -- --ignored throughput
+/// --nocapture`.
+#[test]
+#[ignore]
+fn throughput() {
+    let e = embedder();
+    let mut state = install(&e, &wat::parse_str(canister_wat(false)).unwrap());
+    let start = std::time::Instant::now();
+    for _ in 0..500 {
+        assert!(run(&e, &state, update(), "inc").result.is_ok());
+    }
+    println!(
+        "small heap update: {:?} per execution",
+        start.elapsed() / 500
+    );
+    // A heap of 2 MiB with every page written, like a small Rust canister.
+    state.wasm_memory_size_pages = 32;
+    for page in 0..512u64 {
+        state.wasm_memory.write(page * 4096 + 1000, &[1]);
+    }
+    let query = ApiType::Query {
+        caller: Principal::anonymous(),
+        arg: vec![],
+        replicated: false,
+        data_certificate: None,
+        cycles_available: Cycles(0),
+    };
+    for (name, api_type, method) in [("update", update(), "inc"), ("query", query, "read")] {
+        let start = std::time::Instant::now();
+        let n = 500;
+        for _ in 0..n {
+            assert!(run(&e, &state, api_type.clone(), method).result.is_ok());
+        }
+        let per = start.elapsed() / n;
+        println!("{name}: {per:?} per execution");
+    }
+}
+
+/// Installs real modules and runs `(start)`, `canister_init` and every query with an empty Candid
+/// argument: `OPENIC_EMBEDDER_WASMS=a.wasm:b.wasm cargo test -p openic-embedders -- --ignored
+/// real_modules --nocapture`.
+#[test]
+#[ignore]
+fn real_modules() {
+    let Ok(paths) = std::env::var("OPENIC_EMBEDDER_WASMS") else {
+        return;
+    };
+    let e = embedder();
+    for path in paths.split(':') {
+        let wasm = std::fs::read(path).unwrap();
+        let mut state = install(&e, &wasm);
+        println!(
+            "{path}: wasm64={} methods={:?} system={:?} pages={}",
+            state.module_info.is_wasm64,
+            state.module_info.methods,
+            state.module_info.system_methods,
+            state.wasm_memory_size_pages
+        );
+        let apply = |state: &mut ExecutionState, output: WasmExecutionOutput| {
+            println!(
+                "  {} instructions, prints {:?}",
+                output.instructions_used, output.debug_prints
+            );
+            let (new, response, changes) = output.result.expect("success");
+            println!("  response {response:?} calls {}", changes.calls.len());
+            state.wasm_memory = new.wasm_memory;
+            state.wasm_memory_size_pages = new.wasm_memory_size_pages;
+            state.stable_memory = new.stable_memory;
+            state.stable_memory_size_pages = new.stable_memory_size_pages;
+            state.globals = new.globals;
+        };
+        let output = run_with(&e, &state, ApiType::Start, EntryPoint::StartOnly);
+        apply(&mut state, output);
+        if state.module_info.system_methods.contains("canister_init") {
+            let init = ApiType::Init {
+                caller: Principal::anonymous(),
+                arg: b"DIDL\0\0".to_vec(),
+            };
+            let output = run(&e, &state, init, "canister_init");
+            apply(&mut state, output);
+        }
+        for _ in 0..2 {
+            if state.module_info.methods.contains_key("inc") {
+                let output = run(&e, &state, update_with(b"DIDL\0\0", 0), "inc");
+                apply(&mut state, output);
+            }
+        }
+        if state.module_info.methods.contains_key("inc") {
+            let start = std::time::Instant::now();
+            for _ in 0..200 {
+                let output = run(&e, &state, update_with(b"DIDL\0\0", 0), "inc");
+                assert!(output.result.is_ok());
+            }
+            println!("  inc: {:?} per execution", start.elapsed() / 200);
+        }
+        let methods: Vec<_> = state.module_info.methods.clone().into_iter().collect();
+        for (method, kind) in methods {
+            if kind != openic_replicated_state::MethodKind::Query {
+                continue;
+            }
+            let query = ApiType::Query {
+                caller: Principal::anonymous(),
+                arg: b"DIDL\0\0".to_vec(),
+                replicated: false,
+                data_certificate: None,
+                cycles_available: Cycles(0),
+            };
+            let output = run_with(
+                &e,
+                &state,
+                query,
+                EntryPoint::Export(format!("canister_query {method}")),
+            );
+            println!("  query {method}: {:?}", output.result.map(|r| r.1));
+        }
+    }
+}

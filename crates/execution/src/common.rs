@@ -1,0 +1,275 @@
+//! Helpers shared by block execution, queries and ingress inspection: the System API view of a
+//! canister, cycles arithmetic (fees, freezing threshold) and the mapping of execution failures to
+//! user-visible errors.
+
+use crate::config::{ExecutionConfig, SubnetContext};
+use openic_embedders::{ExecutionError, SystemStateView};
+use openic_replicated_state::{CanisterState, CanisterStatus, WASM_PAGE_SIZE};
+use openic_types::{CanisterId, Cycles, ErrorCode, RejectCode, Time, UserError};
+
+/// Bytes in one GiB (the storage fee's unit).
+const BYTES_PER_GIB: u128 = 1 << 30;
+
+/// The Candid encoding of `()`: the reply of management methods that return nothing.
+pub const EMPTY_CANDID_REPLY: &[u8] = b"DIDL\x00\x00";
+
+/// Memory a canister occupies and pays storage for: heap, stable memory and the module.
+pub fn memory_usage_bytes(canister: &CanisterState) -> u64 {
+    let Some(execution_state) = &canister.execution_state else {
+        return 0;
+    };
+    let pages = execution_state
+        .wasm_memory_size_pages
+        .saturating_add(execution_state.stable_memory_size_pages);
+    pages
+        .saturating_mul(WASM_PAGE_SIZE)
+        .saturating_add(execution_state.wasm_binary.bytes.len() as u64)
+        .saturating_add(execution_state.module_info.custom_sections_size)
+}
+
+/// Storage cost of `bytes` held for `nanos` nanoseconds.
+pub fn storage_cost(config: &ExecutionConfig, bytes: u64, nanos: u64) -> Cycles {
+    let byte_nanos = u128::from(bytes).saturating_mul(u128::from(nanos));
+    let gib_seconds_scaled = byte_nanos / BYTES_PER_GIB;
+    Cycles(
+        gib_seconds_scaled.saturating_mul(config.storage_fee_per_gib_second.get())
+            / u128::from(Time::NANOS_PER_SECOND),
+    )
+}
+
+/// Cycles a canister burns per second while idle (storage).
+pub fn idle_cycles_per_second(config: &ExecutionConfig, canister: &CanisterState) -> Cycles {
+    storage_cost(config, memory_usage_bytes(canister), Time::NANOS_PER_SECOND)
+}
+
+/// Cycles that must stay in the balance for the canister not to be frozen: what it would burn
+/// idle during its freezing threshold.
+pub fn freeze_threshold_cycles(config: &ExecutionConfig, canister: &CanisterState) -> Cycles {
+    let per_second = idle_cycles_per_second(config, canister);
+    Cycles(per_second.get().saturating_mul(u128::from(
+        canister.system_state.settings.freezing_threshold_seconds,
+    )))
+}
+
+/// Fee of executing `instructions` instructions in an update-like execution (base fee included).
+pub fn execution_fee(config: &ExecutionConfig, instructions: u64) -> Cycles {
+    config.update_message_execution_fee.saturating_add(Cycles(
+        u128::from(instructions).saturating_mul(config.cycles_per_instruction.get()),
+    ))
+}
+
+/// Fee of sending an inter-canister call with this method name and payload.
+pub fn call_fee(config: &ExecutionConfig, method_name: &str, payload_len: usize) -> Cycles {
+    let bytes = (method_name.len() as u128).saturating_add(payload_len as u128);
+    config.xnet_call_fee.saturating_add(Cycles(
+        bytes.saturating_mul(config.xnet_byte_transmission_fee.get()),
+    ))
+}
+
+/// Fee of inducting an ingress message of `size_bytes` bytes.
+pub fn ingress_induction_fee(config: &ExecutionConfig, size_bytes: u64) -> Cycles {
+    config.ingress_message_reception_fee.saturating_add(Cycles(
+        u128::from(size_bytes).saturating_mul(config.ingress_byte_reception_fee.get()),
+    ))
+}
+
+/// The rejection for a canister that cannot pay `needed` cycles on top of its freezing threshold.
+pub fn out_of_cycles_error(
+    canister: &CanisterState,
+    needed: Cycles,
+    freeze_threshold: Cycles,
+) -> UserError {
+    let balance = canister.system_state.cycles_balance;
+    let missing = needed
+        .saturating_add(freeze_threshold)
+        .saturating_sub(balance);
+    UserError::new(
+        ErrorCode::CanisterOutOfCycles,
+        format!(
+            "Canister {} is out of cycles: it has {} cycles, needs {} for this message and must keep \
+             {} (its freezing threshold). Top it up with at least {} more cycles \
+             (provisional_top_up_canister or deposit_cycles).",
+            canister.canister_id().get(),
+            balance,
+            needed,
+            freeze_threshold,
+            missing
+        ),
+    )
+}
+
+/// Checks that the canister can pay `needed` cycles without falling below its freezing threshold.
+pub fn check_can_pay(
+    config: &ExecutionConfig,
+    canister: &CanisterState,
+    needed: Cycles,
+) -> Result<(), UserError> {
+    let threshold = freeze_threshold_cycles(config, canister);
+    if canister.system_state.cycles_balance < needed.saturating_add(threshold) {
+        return Err(out_of_cycles_error(canister, needed, threshold));
+    }
+    Ok(())
+}
+
+/// The rejection for calls to a canister that is stopping or stopped, if it is.
+pub fn status_error(canister: &CanisterState) -> Option<UserError> {
+    let id = canister.canister_id().get();
+    match canister.system_state.status {
+        CanisterStatus::Running => None,
+        CanisterStatus::Stopping { .. } => Some(UserError::new(
+            ErrorCode::CanisterStopping,
+            format!(
+                "Canister {id} is stopping and accepts no new calls; start it with start_canister."
+            ),
+        )),
+        CanisterStatus::Stopped => Some(UserError::new(
+            ErrorCode::CanisterStopped,
+            format!("Canister {id} is stopped and accepts no calls; start it with start_canister."),
+        )),
+    }
+}
+
+/// The rejection for calls to a canister without a module.
+pub fn empty_canister_error(canister_id: &CanisterId) -> UserError {
+    UserError::new(
+        ErrorCode::CanisterWasmModuleNotFound,
+        format!(
+            "Canister {} has no wasm module installed; install one with install_code first.",
+            canister_id.get()
+        ),
+    )
+}
+
+/// The rejection for calls to a canister that does not exist.
+pub fn canister_not_found_error(canister_id: &CanisterId) -> UserError {
+    UserError::new(
+        ErrorCode::CanisterNotFound,
+        format!(
+            "Canister {} not found on this subnet; check the canister id.",
+            canister_id.get()
+        ),
+    )
+}
+
+/// The rejection for a method the canister does not export in the needed kind.
+pub fn method_not_found_error(canister_id: &CanisterId, kind: &str, method: &str) -> UserError {
+    UserError::new(
+        ErrorCode::CanisterMethodNotExported,
+        format!(
+            "Canister {} has no {kind} method '{method}'; check the method name and its kind in the canister's Candid interface.",
+            canister_id.get()
+        ),
+    )
+}
+
+/// The rejection sent when a call context finished without a reply.
+pub fn did_not_reply_error(canister_id: &CanisterId) -> UserError {
+    UserError::new(
+        ErrorCode::CanisterDidNotReply,
+        format!(
+            "Canister {} did not produce a response: the method finished without calling msg_reply or msg_reject.",
+            canister_id.get()
+        ),
+    )
+}
+
+/// The user error for a failed execution (`Error from Canister <id>: <what>`).
+pub fn execution_error_to_user(canister_id: &CanisterId, error: &ExecutionError) -> UserError {
+    let code = match error {
+        ExecutionError::CalledTrap(_) => ErrorCode::CanisterCalledTrap,
+        ExecutionError::Trapped(_) => ErrorCode::CanisterTrapped,
+        ExecutionError::ContractViolation(_) => ErrorCode::CanisterContractViolation,
+        ExecutionError::InstructionLimitExceeded { .. } => {
+            ErrorCode::CanisterInstructionLimitExceeded
+        }
+        ExecutionError::OutOfMemory(_) => ErrorCode::CanisterOutOfMemory,
+        ExecutionError::MethodNotFound(_) => ErrorCode::CanisterMethodNotExported,
+        ExecutionError::Instantiation(_) => ErrorCode::CanisterInvalidWasm,
+    };
+    UserError::new(
+        code,
+        format!("Error from Canister {}: {error}", canister_id.get()),
+    )
+}
+
+/// The user error for an explicit `msg_reject`.
+pub fn canister_reject_error(message: String) -> UserError {
+    UserError {
+        code: RejectCode::CanisterReject,
+        message,
+        error_code: Some(ErrorCode::CanisterRejectedMessage),
+    }
+}
+
+/// What the System API may read about `canister`, with `cycles_balance` as the balance to show
+/// (after any prepaid fees).
+pub fn system_state_view(
+    config: &ExecutionConfig,
+    subnet: &SubnetContext,
+    canister: &CanisterState,
+    time: Time,
+    cycles_balance: Cycles,
+    can_make_calls: bool,
+) -> SystemStateView {
+    let system_state = &canister.system_state;
+    SystemStateView {
+        canister_id: canister.canister_id(),
+        controllers: system_state.controllers.clone(),
+        status_code: system_state.status.as_ic0_code(),
+        cycles_balance,
+        freeze_threshold_cycles: freeze_threshold_cycles(config, canister)
+            .saturating_add(system_state.reserved_balance),
+        canister_version: system_state.canister_version,
+        time,
+        subnet_id: subnet.subnet_id,
+        subnet_node_count: subnet.node_count,
+        root_key_der: subnet.root_key_der.clone(),
+        global_timer_nanos: system_state.global_timer_nanos,
+        environment_variables: system_state.settings.environment_variables.clone(),
+        can_make_calls,
+        call_base_fee: config.xnet_call_fee,
+        call_fee_per_byte: config.xnet_byte_transmission_fee,
+        create_canister_fee: config.canister_creation_fee,
+    }
+}
+
+/// The heap limit for `canister`: its `wasm_memory_limit` setting if set, capped by the platform.
+pub fn wasm_memory_limit_bytes(config: &ExecutionConfig, canister: &CanisterState) -> u64 {
+    match canister.system_state.settings.wasm_memory_limit {
+        0 => config.max_wasm_memory_bytes,
+        limit => limit.min(config.max_wasm_memory_bytes),
+    }
+}
+
+/// Whether the low-wasm-memory condition holds for a heap of `heap_pages` pages.
+pub fn low_wasm_memory_condition(canister: &CanisterState, heap_pages: u64) -> bool {
+    let settings = &canister.system_state.settings;
+    if settings.wasm_memory_threshold == 0 || settings.wasm_memory_limit == 0 {
+        return false;
+    }
+    let used = heap_pages.saturating_mul(WASM_PAGE_SIZE);
+    settings.wasm_memory_limit.saturating_sub(used) < settings.wasm_memory_threshold
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_cost_of_one_gib_second_is_the_fee() {
+        let config = ExecutionConfig::default();
+        assert_eq!(
+            storage_cost(&config, 1 << 30, Time::NANOS_PER_SECOND),
+            config.storage_fee_per_gib_second
+        );
+        assert_eq!(storage_cost(&config, 0, u64::MAX), Cycles::ZERO);
+    }
+
+    #[test]
+    fn execution_fee_is_base_plus_instructions() {
+        let config = ExecutionConfig::default();
+        assert_eq!(execution_fee(&config, 1_000), Cycles(5_001_000));
+        assert_eq!(call_fee(&config, "ab", 3), Cycles(260_000 + 5 * 1_000));
+        assert_eq!(ingress_induction_fee(&config, 10), Cycles(1_220_000));
+    }
+}

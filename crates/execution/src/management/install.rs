@@ -1,0 +1,490 @@
+//! Code installation (install, reinstall, upgrade; plain and chunked), the wasm chunk store, and
+//! uninstallation.
+//!
+//! Atomicity: an install runs every hook (`(start)`, `canister_init`, or `canister_pre_upgrade`,
+//! `(start)`, `canister_post_upgrade`) on a working copy of the canister and writes the copy back
+//! only when all of them succeeded. A trap anywhere leaves the canister exactly as it was.
+
+use super::args;
+use super::errors::ManagementError;
+use super::lifecycle::{self, WaitingCanisterCall, record_change};
+use super::{Context, Handled, controlled, existing};
+use crate::common::{
+    EMPTY_CANDID_REPLY, execution_error_to_user, system_state_view, wasm_memory_limit_bytes,
+};
+use ic_management_canister_types as mct;
+use openic_embedders::{ApiType, EntryPoint, ExecutionError, WasmExecutionInput};
+use openic_replicated_state::{
+    CallOrigin, CanisterState, ChangeDetails, ExecutionState, ModuleInfo, ReplicatedState,
+};
+use openic_types::{CanisterId, Cycles, ErrorCode, RejectCode, UserError};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+
+/// Largest module accepted (plain or gzip, as uploaded).
+pub(super) const MAX_WASM_MODULE_BYTES: usize = 100 * 1024 * 1024;
+/// Largest chunk `upload_chunk` accepts.
+pub(super) const MAX_CHUNK_BYTES: usize = 1024 * 1024;
+/// Most chunks one canister's chunk store holds (100 × 1 MiB = the largest module).
+pub(super) const MAX_CHUNKS_PER_STORE: usize = 100;
+/// The metadata section name that marks a Motoko module with enhanced orthogonal persistence.
+const ENHANCED_ORTHOGONAL_PERSISTENCE_SECTION: &str = "enhanced-orthogonal-persistence";
+/// Export names of the install hooks.
+const CANISTER_INIT: &str = "canister_init";
+const CANISTER_PRE_UPGRADE: &str = "canister_pre_upgrade";
+const CANISTER_POST_UPGRADE: &str = "canister_post_upgrade";
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn invalid_wasm(error: impl std::fmt::Display) -> UserError {
+    ManagementError::InvalidWasm(error.to_string()).into()
+}
+
+fn uses_enhanced_orthogonal_persistence(info: &ModuleInfo) -> bool {
+    info.private_metadata
+        .contains_key(ENHANCED_ORTHOGONAL_PERSISTENCE_SECTION)
+        || info
+            .public_metadata
+            .contains_key(ENHANCED_ORTHOGONAL_PERSISTENCE_SECTION)
+}
+
+/// A canister being installed: a working copy plus the instruction budget left.
+struct Installation<'c, 'a> {
+    context: &'c Context<'a>,
+    canister: CanisterState,
+    time: openic_types::Time,
+    instructions_left: u64,
+    cycles_burned: Cycles,
+}
+
+impl Installation<'_, '_> {
+    /// Runs one hook on `execution_state` and applies what it asked for (certified data, timer,
+    /// burned cycles) to the working copy. Returns the state after the hook.
+    fn run(
+        &mut self,
+        execution_state: ExecutionState,
+        api_type: ApiType,
+        entry_point: EntryPoint,
+    ) -> Result<ExecutionState, UserError> {
+        let config = self.context.config;
+        let canister_id = self.canister.canister_id();
+        let view = system_state_view(
+            config,
+            self.context.subnet,
+            &self.canister,
+            self.time,
+            self.canister.system_state.cycles_balance,
+            false,
+        );
+        let output = self.context.embedder.execute(WasmExecutionInput {
+            api_type,
+            entry_point,
+            execution_state: &execution_state,
+            system_state: view,
+            instruction_limit: self.instructions_left,
+            wasm_memory_limit_bytes: wasm_memory_limit_bytes(config, &self.canister),
+            stable_memory_limit_bytes: config.max_stable_memory_bytes,
+        });
+        self.instructions_left = self
+            .instructions_left
+            .saturating_sub(output.instructions_used);
+        match output.result {
+            Ok((new_state, _response, changes)) => {
+                let system_state = &mut self.canister.system_state;
+                if let Some(data) = changes.certified_data {
+                    system_state.certified_data = data;
+                }
+                if let Some(timer) = changes.global_timer_nanos {
+                    system_state.global_timer_nanos = timer;
+                }
+                system_state.cycles_balance = system_state
+                    .cycles_balance
+                    .saturating_sub(changes.cycles_burned);
+                self.cycles_burned = self.cycles_burned.saturating_add(changes.cycles_burned);
+                Ok(ExecutionState {
+                    wasm_binary: execution_state.wasm_binary,
+                    module_info: execution_state.module_info,
+                    wasm_memory: new_state.wasm_memory,
+                    wasm_memory_size_pages: new_state.wasm_memory_size_pages,
+                    stable_memory: new_state.stable_memory,
+                    stable_memory_size_pages: new_state.stable_memory_size_pages,
+                    globals: new_state.globals,
+                })
+            }
+            Err(ExecutionError::InstructionLimitExceeded { .. }) => Err(execution_error_to_user(
+                &canister_id,
+                &ExecutionError::InstructionLimitExceeded {
+                    limit: config.max_instructions_per_install,
+                },
+            )),
+            Err(error) => Err(execution_error_to_user(&canister_id, &error)),
+        }
+    }
+
+    /// Runs `(start)` and then `hook` (if the module exports it) with `ApiType::Init`.
+    fn start_and_init(
+        &mut self,
+        execution_state: ExecutionState,
+        hook: &str,
+        arg: Vec<u8>,
+    ) -> Result<ExecutionState, UserError> {
+        let started = self.run(execution_state, ApiType::Start, EntryPoint::StartOnly)?;
+        if !started.module_info.system_methods.contains(hook) {
+            return Ok(started);
+        }
+        let caller = self.context.caller.principal();
+        self.run(
+            started,
+            ApiType::Init { caller, arg },
+            EntryPoint::Export(hook.to_string()),
+        )
+    }
+}
+
+/// Installs `wasm` into canister `id` in `mode`. The caller has been checked to be a controller.
+fn install(
+    context: &Context<'_>,
+    state: &mut ReplicatedState,
+    id: CanisterId,
+    mode: mct::CanisterInstallMode,
+    wasm: &[u8],
+    arg: Vec<u8>,
+    sender_canister_version: Option<u64>,
+) -> Result<(), UserError> {
+    if wasm.len() > MAX_WASM_MODULE_BYTES {
+        return Err(ManagementError::ModuleTooLarge {
+            size: wasm.len(),
+            max: MAX_WASM_MODULE_BYTES,
+        }
+        .into());
+    }
+    let canister = existing(state, &id)?.clone();
+    match (&mode, &canister.execution_state) {
+        (mct::CanisterInstallMode::Install, Some(_)) => {
+            return Err(ManagementError::AlreadyInstalled { canister: id.get() }.into());
+        }
+        (mct::CanisterInstallMode::Upgrade(_), None) => {
+            return Err(ManagementError::UpgradeOfEmptyCanister { canister: id.get() }.into());
+        }
+        _ => {}
+    }
+    let (binary, info) = context
+        .embedder
+        .prepare_module(wasm)
+        .map_err(invalid_wasm)?;
+    let module_hash = binary.module_hash;
+    let binary = Arc::new(binary);
+    let info = Arc::new(info);
+    let time = state.metadata.time;
+    let mut installation = Installation {
+        context,
+        canister,
+        time,
+        instructions_left: context.config.max_instructions_per_install,
+        cycles_burned: Cycles::ZERO,
+    };
+    {
+        let system_state = &mut installation.canister.system_state;
+        system_state.canister_version = system_state.canister_version.saturating_add(1);
+    }
+    let (new_state, mode_code) = match mode {
+        mct::CanisterInstallMode::Install | mct::CanisterInstallMode::Reinstall => {
+            let system_state = &mut installation.canister.system_state;
+            system_state.certified_data.clear();
+            system_state.global_timer_nanos = 0;
+            let fresh = context
+                .embedder
+                .initial_execution_state(binary, info)
+                .map_err(invalid_wasm)?;
+            let new_state = installation.start_and_init(fresh, CANISTER_INIT, arg)?;
+            let mode_code = if mode == mct::CanisterInstallMode::Install {
+                0
+            } else {
+                1
+            };
+            (new_state, mode_code)
+        }
+        mct::CanisterInstallMode::Upgrade(flags) => {
+            let flags = flags.unwrap_or_default();
+            let Some(old) = installation.canister.execution_state.clone() else {
+                return Err(ManagementError::UpgradeOfEmptyCanister { canister: id.get() }.into());
+            };
+            let keep_heap = flags.wasm_memory_persistence == Some(mct::WasmMemoryPersistence::Keep);
+            if uses_enhanced_orthogonal_persistence(&old.module_info) && !keep_heap {
+                return Err(ManagementError::MissingMemoryPersistenceOption.into());
+            }
+            if keep_heap && !uses_enhanced_orthogonal_persistence(&info) {
+                return Err(ManagementError::KeepWithoutEnhancedPersistence.into());
+            }
+            let skip_pre_upgrade = flags.skip_pre_upgrade.unwrap_or(false);
+            let after_pre_upgrade = if !skip_pre_upgrade
+                && old
+                    .module_info
+                    .system_methods
+                    .contains(CANISTER_PRE_UPGRADE)
+            {
+                let caller = context.caller.principal();
+                installation.run(
+                    old,
+                    ApiType::PreUpgrade { caller },
+                    EntryPoint::Export(CANISTER_PRE_UPGRADE.to_string()),
+                )?
+            } else {
+                old
+            };
+            // The global timer is deactivated by an upgrade; post_upgrade may set it again.
+            installation.canister.system_state.global_timer_nanos = 0;
+            let mut fresh = context
+                .embedder
+                .initial_execution_state(binary, info)
+                .map_err(invalid_wasm)?;
+            fresh.stable_memory = after_pre_upgrade.stable_memory;
+            fresh.stable_memory_size_pages = after_pre_upgrade.stable_memory_size_pages;
+            if keep_heap {
+                fresh.wasm_memory = after_pre_upgrade.wasm_memory;
+                fresh.wasm_memory_size_pages = after_pre_upgrade.wasm_memory_size_pages;
+            }
+            let new_state = installation.start_and_init(fresh, CANISTER_POST_UPGRADE, arg)?;
+            (new_state, 2)
+        }
+    };
+    let Installation {
+        mut canister,
+        cycles_burned,
+        ..
+    } = installation;
+    canister.execution_state = Some(new_state);
+    canister.system_state.low_wasm_memory_hook_pending = false;
+    record_change(
+        &mut canister.system_state,
+        time,
+        context.change_origin(sender_canister_version),
+        ChangeDetails::CodeDeployment {
+            mode: mode_code,
+            module_hash,
+        },
+    );
+    state.metadata.consumed_cycles_total = state
+        .metadata
+        .consumed_cycles_total
+        .saturating_add(cycles_burned.get());
+    state.put_canister(canister);
+    Ok(())
+}
+
+/// `install_code`.
+pub(super) fn install_code(
+    context: &Context<'_>,
+    state: &mut ReplicatedState,
+) -> Result<Handled, UserError> {
+    let args: mct::InstallCodeArgs = args::decode(context.method, context.payload)?;
+    let id = CanisterId::unchecked_from_principal(args.canister_id);
+    controlled(state, &id, &context.caller.principal())?;
+    install(
+        context,
+        state,
+        id,
+        args.mode,
+        &args.wasm_module,
+        args.arg,
+        args.sender_canister_version,
+    )?;
+    Ok(Handled::reply(EMPTY_CANDID_REPLY.to_vec()))
+}
+
+/// `install_chunked_code`: the module is the concatenation of chunks from a chunk store.
+pub(super) fn install_chunked_code(
+    context: &Context<'_>,
+    state: &mut ReplicatedState,
+) -> Result<Handled, UserError> {
+    let args: mct::InstallChunkedCodeArgs = args::decode(context.method, context.payload)?;
+    let caller = context.caller.principal();
+    let target = CanisterId::unchecked_from_principal(args.target_canister);
+    controlled(state, &target, &caller)?;
+    let store_id = args
+        .store_canister
+        .map(CanisterId::unchecked_from_principal)
+        .unwrap_or(target);
+    let store = existing(state, &store_id)?;
+    if caller != store_id.get() && !store.is_controller(&caller) {
+        return Err(ManagementError::ChunkStoreNotAccessible {
+            caller,
+            store: store_id.get(),
+        }
+        .into());
+    }
+    if args.chunk_hashes_list.len() > MAX_CHUNKS_PER_STORE {
+        return Err(ManagementError::TooManyChunks {
+            count: args.chunk_hashes_list.len(),
+            max: MAX_CHUNKS_PER_STORE,
+        }
+        .into());
+    }
+    let mut wasm = Vec::new();
+    for chunk_hash in &args.chunk_hashes_list {
+        let chunk = <[u8; 32]>::try_from(chunk_hash.hash.as_slice())
+            .ok()
+            .and_then(|key| store.system_state.wasm_chunk_store.get(&key))
+            .ok_or_else(|| {
+                UserError::from(ManagementError::ChunkNotFound {
+                    hash: hex(&chunk_hash.hash),
+                    store: store_id.get(),
+                })
+            })?;
+        if wasm.len().saturating_add(chunk.len()) > MAX_WASM_MODULE_BYTES {
+            return Err(ManagementError::ModuleTooLarge {
+                size: wasm.len().saturating_add(chunk.len()),
+                max: MAX_WASM_MODULE_BYTES,
+            }
+            .into());
+        }
+        wasm.extend_from_slice(chunk.as_slice());
+    }
+    let actual: [u8; 32] = Sha256::digest(&wasm).into();
+    if actual.as_slice() != args.wasm_module_hash.as_slice() {
+        return Err(ManagementError::WasmHashMismatch {
+            expected: hex(&args.wasm_module_hash),
+            actual: hex(&actual),
+        }
+        .into());
+    }
+    install(
+        context,
+        state,
+        target,
+        args.mode,
+        &wasm,
+        args.arg,
+        args.sender_canister_version,
+    )?;
+    Ok(Handled::reply(EMPTY_CANDID_REPLY.to_vec()))
+}
+
+/// `upload_chunk`: stores a chunk (at most 1 MiB) by its SHA-256 and replies with the hash.
+pub(super) fn upload_chunk(
+    context: &Context<'_>,
+    state: &mut ReplicatedState,
+) -> Result<Handled, UserError> {
+    let args: mct::UploadChunkArgs = args::decode(context.method, context.payload)?;
+    let id = CanisterId::unchecked_from_principal(args.canister_id);
+    let canister = controlled(state, &id, &context.caller.principal())?;
+    if args.chunk.len() > MAX_CHUNK_BYTES {
+        return Err(ManagementError::ChunkTooLarge {
+            size: args.chunk.len(),
+            max: MAX_CHUNK_BYTES,
+        }
+        .into());
+    }
+    let hash: [u8; 32] = Sha256::digest(&args.chunk).into();
+    let store = &canister.system_state.wasm_chunk_store;
+    if !store.contains_key(&hash) && store.len() >= MAX_CHUNKS_PER_STORE {
+        return Err(ManagementError::ChunkStoreFull {
+            canister: id.get(),
+            max: MAX_CHUNKS_PER_STORE,
+        }
+        .into());
+    }
+    if let Some(canister) = state.canister_mut(&id) {
+        canister
+            .system_state
+            .wasm_chunk_store
+            .entry(hash)
+            .or_insert_with(|| Arc::new(args.chunk.into()));
+    }
+    args::encode(&mct::ChunkHash {
+        hash: hash.to_vec(),
+    })
+    .map(Handled::reply)
+}
+
+/// `stored_chunks`: the hashes in the chunk store, in hash order.
+pub(super) fn stored_chunks(
+    context: &Context<'_>,
+    state: &mut ReplicatedState,
+) -> Result<Handled, UserError> {
+    let args: mct::CanisterIdRecord = args::decode(context.method, context.payload)?;
+    let id = CanisterId::unchecked_from_principal(args.canister_id);
+    let canister = controlled(state, &id, &context.caller.principal())?;
+    let hashes: Vec<mct::ChunkHash> = canister
+        .system_state
+        .wasm_chunk_store
+        .keys()
+        .map(|hash| mct::ChunkHash {
+            hash: hash.to_vec(),
+        })
+        .collect();
+    args::encode(&hashes).map(Handled::reply)
+}
+
+/// `clear_chunk_store`.
+pub(super) fn clear_chunk_store(
+    context: &Context<'_>,
+    state: &mut ReplicatedState,
+) -> Result<Handled, UserError> {
+    let args: mct::CanisterIdRecord = args::decode(context.method, context.payload)?;
+    let id = CanisterId::unchecked_from_principal(args.canister_id);
+    controlled(state, &id, &context.caller.principal())?;
+    if let Some(canister) = state.canister_mut(&id) {
+        canister.system_state.wasm_chunk_store.clear();
+    }
+    Ok(Handled::reply(EMPTY_CANDID_REPLY.to_vec()))
+}
+
+/// `uninstall_code`: removes the module and its memories, and answers every open call with a
+/// reject; callbacks are dropped (responses that arrive for them later are discarded).
+pub(super) fn uninstall_code(
+    context: &Context<'_>,
+    state: &mut ReplicatedState,
+) -> Result<Handled, UserError> {
+    let args: mct::UninstallCodeArgs = args::decode(context.method, context.payload)?;
+    let id = CanisterId::unchecked_from_principal(args.canister_id);
+    controlled(state, &id, &context.caller.principal())?;
+    let time = state.metadata.time;
+    let origin = context.change_origin(args.sender_canister_version);
+    let Some(canister) = state.canister_mut(&id) else {
+        return Err(crate::common::canister_not_found_error(&id));
+    };
+    let system_state = &mut canister.system_state;
+    let call_contexts = std::mem::take(&mut system_state.call_context_manager.call_contexts);
+    system_state.call_context_manager.callbacks.clear();
+    system_state.certified_data.clear();
+    system_state.global_timer_nanos = 0;
+    system_state.low_wasm_memory_hook_pending = false;
+    system_state.canister_version = system_state.canister_version.saturating_add(1);
+    record_change(system_state, time, origin, ChangeDetails::CodeUninstall);
+    canister.execution_state = None;
+
+    let message = "Canister has been uninstalled.";
+    for call_context in call_contexts.into_values() {
+        if call_context.responded {
+            continue;
+        }
+        match call_context.origin {
+            CallOrigin::Ingress { request_id, .. } => lifecycle::reject_ingress(
+                state,
+                &request_id,
+                UserError::new(ErrorCode::CanisterRejectedMessage, message),
+            ),
+            CallOrigin::Canister {
+                caller,
+                callback_id,
+                deadline,
+            } if caller != id => lifecycle::reject_canister_call(
+                state,
+                WaitingCanisterCall {
+                    originator: caller,
+                    respondent: id,
+                    callback: callback_id,
+                    refund: call_context.available_cycles,
+                    deadline,
+                },
+                RejectCode::CanisterReject,
+                message.to_string(),
+            ),
+            CallOrigin::Canister { .. } | CallOrigin::SystemTask => {}
+        }
+    }
+    Ok(Handled::reply(EMPTY_CANDID_REPLY.to_vec()))
+}

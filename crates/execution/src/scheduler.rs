@@ -1,0 +1,1414 @@
+//! Block execution: ingress induction, system tasks, and the round loop that executes canister
+//! messages (calls, responses) with call contexts, callbacks and cycles accounting.
+//!
+//! Note "round order": within a block the scheduler repeatedly (1) drains the management
+//! canister's queue, then (2) takes one message from each canister's input queue in canister-id
+//! order, until every queue is empty or a round limit is hit. Queues are FIFO and canisters are
+//! visited in `BTreeMap` order, so the order of executions depends only on the state and the block.
+
+use crate::common::{
+    EMPTY_CANDID_REPLY, call_fee, canister_not_found_error, canister_reject_error, check_can_pay,
+    did_not_reply_error, empty_canister_error, execution_error_to_user, execution_fee,
+    ingress_induction_fee, low_wasm_memory_condition, method_not_found_error, status_error,
+    storage_cost, system_state_view, wasm_memory_limit_bytes,
+};
+use crate::config::{ExecutionConfig, SubnetContext};
+use crate::management::{
+    ManagementCall, ManagementCaller, ManagementOutcome, execute_management_call,
+};
+use openic_embedders::{
+    ApiType, Embedder, EntryPoint, ExecutionError, SystemStateChanges, WasmExecutionInput,
+    WasmExecutionOutput, WasmResponse,
+};
+use openic_interfaces::{BlockExecutionSummary, BlockExecutor};
+use openic_replicated_state::{
+    CallContext, CallContextId, CallOrigin, Callback, CallbackId, CanisterMessage, CanisterState,
+    CanisterStatus, MethodKind, Payload, ReplicatedState, Request, Response, StopContext,
+    WasmClosure,
+};
+use openic_types::{
+    Block, CanisterId, Cycles, ErrorCode, IngressState, IngressStatus, Principal, RejectCode,
+    RequestId, SignedIngress, Time, UserError, UserId,
+};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+
+/// The export run for the global timer.
+const GLOBAL_TIMER_EXPORT: &str = "canister_global_timer";
+/// The export run every block (or every heartbeat interval).
+const HEARTBEAT_EXPORT: &str = "canister_heartbeat";
+/// The export run when the low-wasm-memory condition becomes true.
+const LOW_WASM_MEMORY_EXPORT: &str = "canister_on_low_wasm_memory";
+
+/// How long a status is kept when its entry was already pruned (a call that ran past its expiry):
+/// long enough for the client, which may poll up to its expiry plus clock skew, to read it.
+const FALLBACK_INGRESS_RETENTION_NANOS: u64 = 6 * 60 * Time::NANOS_PER_SECOND;
+
+/// The outcome of a call, before it is shaped for its origin (ingress status or response).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum CallOutcome {
+    Reply(Vec<u8>),
+    Reject(UserError),
+}
+
+impl CallOutcome {
+    fn into_payload(self) -> Payload {
+        match self {
+            CallOutcome::Reply(data) => Payload::Data(data),
+            CallOutcome::Reject(error) => Payload::Reject {
+                code: error.code,
+                message: error.message,
+            },
+        }
+    }
+}
+
+/// What an execution was, for applying its result.
+enum ExecutionKind {
+    /// A new call (ingress or request) or a system task.
+    Call,
+    /// A reply or reject callback; the cleanup closure runs if it fails.
+    Callback {
+        cleanup: Option<WasmClosure>,
+        cleanup_api: ApiType,
+    },
+}
+
+/// Counters of one block, turned into the [`BlockExecutionSummary`].
+#[derive(Default)]
+struct RoundCounters {
+    messages: u64,
+    instructions: u64,
+}
+
+/// The deterministic block executor. See the crate documentation for its invariants.
+pub struct Scheduler {
+    embedder: Arc<dyn Embedder>,
+    config: ExecutionConfig,
+    subnet: SubnetContext,
+}
+
+impl Scheduler {
+    /// A scheduler executing canisters with `embedder` under `config` on the subnet `subnet`.
+    pub fn new(
+        embedder: Arc<dyn Embedder>,
+        config: ExecutionConfig,
+        subnet: SubnetContext,
+    ) -> Self {
+        Scheduler {
+            embedder,
+            config,
+            subnet,
+        }
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &ExecutionConfig {
+        &self.config
+    }
+
+    fn round_limit_reached(&self, counters: &RoundCounters) -> bool {
+        counters.messages >= self.config.max_messages_per_round
+            || counters.instructions >= self.config.max_instructions_per_round
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Block phases.
+
+    /// Keeps non-terminal statuses past their expiry: the call is still running and its result
+    /// must be recorded; only finished calls are pruned.
+    fn prune_ingress_history(&self, state: &mut ReplicatedState, now: Time) {
+        let still_running: Vec<(RequestId, IngressStatus)> = state
+            .ingress_history
+            .iter()
+            .filter(|(_, status)| status.ingress_expiry < now && !status.state.is_terminal())
+            .map(|(id, status)| (*id, status.clone()))
+            .collect();
+        state.ingress_history.prune_expired(now);
+        for (id, status) in still_running {
+            state.ingress_history.set(id, status);
+        }
+    }
+
+    fn charge_storage(&self, state: &mut ReplicatedState, now: Time) {
+        let ids: Vec<CanisterId> = state.canisters.keys().copied().collect();
+        for id in ids {
+            let Some(canister) = state.canister(&id) else {
+                continue;
+            };
+            let elapsed = now
+                .as_nanos_since_unix_epoch()
+                .saturating_sub(canister.system_state.last_charged_time.0);
+            if elapsed == 0 {
+                continue;
+            }
+            let cost = storage_cost(
+                &self.config,
+                crate::common::memory_usage_bytes(canister),
+                elapsed,
+            );
+            let Some(canister) = state.canister_mut(&id) else {
+                continue;
+            };
+            let charged = cost.min(canister.system_state.cycles_balance);
+            canister.system_state.cycles_balance =
+                canister.system_state.cycles_balance.saturating_sub(charged);
+            canister.system_state.last_charged_time = now;
+            state.metadata.consumed_cycles_total = state
+                .metadata
+                .consumed_cycles_total
+                .saturating_add(charged.get());
+        }
+    }
+
+    fn induct_ingress(&self, state: &mut ReplicatedState, block: &Block) -> u64 {
+        let mut inducted = 0;
+        for ingress in &block.ingress {
+            if state.ingress_history.contains(&ingress.request_id) {
+                // Replay protection: this request id was already inducted.
+                continue;
+            }
+            if ingress.ingress_expiry < block.time {
+                // Expired before it could start: never executed, never recorded.
+                continue;
+            }
+            if state.ingress_history.len() >= self.config.max_ingress_history_len {
+                tracing::warn!(
+                    request_id = %ingress.request_id,
+                    "ingress history full; message not inducted"
+                );
+                continue;
+            }
+            inducted += 1;
+            state.metadata.update_transactions_total += 1;
+            let status = |state: IngressState| IngressStatus {
+                state,
+                sender: ingress.sender,
+                effective_canister_id: ingress.effective_canister_id,
+                ingress_expiry: ingress.ingress_expiry,
+            };
+            match self.admit_ingress(state, ingress) {
+                Ok(()) => state
+                    .ingress_history
+                    .set(ingress.request_id, status(IngressState::Received)),
+                Err(error) => state
+                    .ingress_history
+                    .set(ingress.request_id, status(IngressState::Rejected(error))),
+            }
+        }
+        inducted
+    }
+
+    /// Puts an ingress message into the queue it belongs to, or says why not.
+    fn admit_ingress(
+        &self,
+        state: &mut ReplicatedState,
+        ingress: &SignedIngress,
+    ) -> Result<(), UserError> {
+        if ingress.canister_id.is_management() {
+            if state.subnet_queue.len() >= self.config.max_subnet_queue_len {
+                return Err(queue_full_error(&ingress.canister_id));
+            }
+            state
+                .subnet_queue
+                .push_back(CanisterMessage::Ingress(ingress.clone()));
+            return Ok(());
+        }
+        let Some(canister) = state.canister(&ingress.canister_id) else {
+            return Err(canister_not_found_error(&ingress.canister_id));
+        };
+        if let Some(error) = status_error(canister) {
+            return Err(error);
+        }
+        if canister.system_state.input_queue.len() >= self.config.max_canister_input_queue_len {
+            return Err(queue_full_error(&ingress.canister_id));
+        }
+        let fee = ingress_induction_fee(&self.config, ingress.size_bytes);
+        check_can_pay(&self.config, canister, fee)?;
+        let canister = state
+            .canister_mut(&ingress.canister_id)
+            .expect("checked above");
+        canister.system_state.cycles_balance =
+            canister.system_state.cycles_balance.saturating_sub(fee);
+        canister
+            .system_state
+            .input_queue
+            .push_back(CanisterMessage::Ingress(ingress.clone()));
+        state.metadata.consumed_cycles_total = state
+            .metadata
+            .consumed_cycles_total
+            .saturating_add(fee.get());
+        Ok(())
+    }
+
+    /// Runs due low-memory hooks, global timers and heartbeats. `previous_time` is the time of
+    /// the previous block: a heartbeat is due when a multiple of the heartbeat interval lies in
+    /// `(previous_time, now]` (every block when the interval is 0).
+    fn run_system_tasks(
+        &self,
+        state: &mut ReplicatedState,
+        previous_time: Time,
+        counters: &mut RoundCounters,
+    ) {
+        let now = state.metadata.time;
+        let heartbeat_due = match self.config.heartbeat_interval_nanos {
+            0 => true,
+            interval => previous_time.0 / interval != now.0 / interval,
+        };
+        let ids: Vec<CanisterId> = state.canisters.keys().copied().collect();
+        for id in ids {
+            let Some(canister) = state.canister(&id) else {
+                continue;
+            };
+            if canister.system_state.status != CanisterStatus::Running {
+                continue;
+            }
+            let Some(execution_state) = &canister.execution_state else {
+                continue;
+            };
+            let exports = &execution_state.module_info.system_methods;
+            let has_timer = exports.contains(GLOBAL_TIMER_EXPORT);
+            let has_heartbeat = exports.contains(HEARTBEAT_EXPORT);
+            let has_low_memory = exports.contains(LOW_WASM_MEMORY_EXPORT);
+            let timer = canister.system_state.global_timer_nanos;
+            let timer_due = timer != 0 && now.as_nanos_since_unix_epoch() >= timer;
+            let low_memory_due = canister.system_state.low_wasm_memory_hook_pending;
+
+            if low_memory_due {
+                if let Some(canister) = state.canister_mut(&id) {
+                    canister.system_state.low_wasm_memory_hook_pending = false;
+                }
+                if has_low_memory {
+                    self.run_system_task(state, id, LOW_WASM_MEMORY_EXPORT, counters);
+                }
+            }
+            if timer_due {
+                // Cleared before it runs: the canister sets it again if it wants another tick.
+                if let Some(canister) = state.canister_mut(&id) {
+                    canister.system_state.global_timer_nanos = 0;
+                }
+                if has_timer {
+                    self.run_system_task(state, id, GLOBAL_TIMER_EXPORT, counters);
+                }
+            }
+            if has_heartbeat && heartbeat_due {
+                self.run_system_task(state, id, HEARTBEAT_EXPORT, counters);
+            }
+        }
+    }
+
+    fn run_system_task(
+        &self,
+        state: &mut ReplicatedState,
+        id: CanisterId,
+        export: &str,
+        counters: &mut RoundCounters,
+    ) {
+        let limit = self.config.max_instructions_per_update;
+        let prepay = execution_fee(&self.config, limit);
+        let Some(canister) = state.canister(&id) else {
+            return;
+        };
+        if let Err(error) = check_can_pay(&self.config, canister, prepay) {
+            tracing::debug!(canister = %id.get(), %error, "system task skipped: {export}");
+            return;
+        }
+        let call_context_id = open_call_context(
+            state,
+            id,
+            CallOrigin::SystemTask,
+            Cycles::ZERO,
+            export.to_string(),
+        );
+        self.execute_and_apply(
+            state,
+            id,
+            call_context_id,
+            ApiType::SystemTask,
+            EntryPoint::Export(export.to_string()),
+            limit,
+            ExecutionKind::Call,
+            counters,
+        );
+    }
+
+    fn run_messages(&self, state: &mut ReplicatedState, counters: &mut RoundCounters) {
+        loop {
+            let mut progressed = false;
+            while !self.round_limit_reached(counters) {
+                let Some(message) = state.subnet_queue.pop_front() else {
+                    break;
+                };
+                self.execute_subnet_message(state, message);
+                counters.messages += 1;
+                progressed = true;
+            }
+            self.complete_stops(state);
+            let ids: Vec<CanisterId> = state.canisters.keys().copied().collect();
+            for id in ids {
+                if self.round_limit_reached(counters) {
+                    break;
+                }
+                let has_message = state
+                    .canister(&id)
+                    .is_some_and(|c| !c.system_state.input_queue.is_empty());
+                if !has_message {
+                    continue;
+                }
+                let message = state
+                    .canister_mut(&id)
+                    .and_then(|c| c.system_state.input_queue.pop_front());
+                let Some(message) = message else { continue };
+                self.execute_canister_message(state, id, message, counters);
+                counters.messages += 1;
+                progressed = true;
+            }
+            self.complete_stops(state);
+            if !progressed || self.round_limit_reached(counters) {
+                break;
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // The management canister.
+
+    fn execute_subnet_message(&self, state: &mut ReplicatedState, message: CanisterMessage) {
+        match message {
+            CanisterMessage::Ingress(ingress) => {
+                let call = ManagementCall {
+                    caller: ManagementCaller::User(ingress.sender),
+                    method: &ingress.method_name,
+                    payload: &ingress.arg,
+                    cycles: Cycles::ZERO,
+                    stop_context: StopContext::Ingress {
+                        sender: ingress.sender,
+                        request_id: ingress.request_id,
+                    },
+                };
+                let (outcome, _refund) = execute_management_call(
+                    self.embedder.as_ref(),
+                    &self.config,
+                    &self.subnet,
+                    state,
+                    call,
+                );
+                let new_state = match outcome {
+                    ManagementOutcome::Reply(data) => IngressState::Replied(data),
+                    ManagementOutcome::Reject(error) => IngressState::Rejected(user_facing(error)),
+                    ManagementOutcome::Deferred => IngressState::Processing,
+                };
+                set_ingress_state(
+                    state,
+                    ingress.request_id,
+                    ingress.sender,
+                    CanisterId::management(),
+                    new_state,
+                );
+            }
+            CanisterMessage::Request(request) => {
+                let call = ManagementCall {
+                    caller: ManagementCaller::Canister(request.sender),
+                    method: &request.method_name,
+                    payload: &request.method_payload,
+                    cycles: request.payment,
+                    stop_context: StopContext::Canister(request.clone()),
+                };
+                let (outcome, refund) = execute_management_call(
+                    self.embedder.as_ref(),
+                    &self.config,
+                    &self.subnet,
+                    state,
+                    call,
+                );
+                // Deferred: the stop context holds the request, and the attached cycles are
+                // returned when it is answered (see `answer_stop_context`).
+                let payload = match outcome {
+                    ManagementOutcome::Reply(data) => Payload::Data(data),
+                    ManagementOutcome::Reject(error) => Payload::Reject {
+                        code: error.code,
+                        message: error.message,
+                    },
+                    ManagementOutcome::Deferred => return,
+                };
+                deliver_response(
+                    state,
+                    Response {
+                        originator: request.sender,
+                        respondent: CanisterId::management(),
+                        originator_reply_callback: request.sender_reply_callback,
+                        refund,
+                        payload,
+                        deadline: request.deadline,
+                    },
+                );
+            }
+            CanisterMessage::Response(response) => {
+                // The management canister makes no calls; a response here can only be one the
+                // management canister produced and queued for delivery.
+                deliver_response(state, response);
+            }
+        }
+    }
+
+    /// Turns stopping canisters without open call contexts into stopped ones and answers their
+    /// stop requests.
+    fn complete_stops(&self, state: &mut ReplicatedState) {
+        let ready: Vec<CanisterId> = state
+            .canisters
+            .iter()
+            .filter(|(_, c)| {
+                matches!(c.system_state.status, CanisterStatus::Stopping { .. })
+                    && c.system_state.call_context_manager.call_contexts.is_empty()
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ready {
+            let Some(canister) = state.canister_mut(&id) else {
+                continue;
+            };
+            let previous =
+                std::mem::replace(&mut canister.system_state.status, CanisterStatus::Stopped);
+            let CanisterStatus::Stopping { stop_contexts } = previous else {
+                continue;
+            };
+            for stop_context in stop_contexts {
+                answer_stop_context(state, stop_context);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Canister messages.
+
+    fn execute_canister_message(
+        &self,
+        state: &mut ReplicatedState,
+        id: CanisterId,
+        message: CanisterMessage,
+        counters: &mut RoundCounters,
+    ) {
+        match message {
+            CanisterMessage::Ingress(ingress) => {
+                let origin = CallOrigin::Ingress {
+                    sender: ingress.sender,
+                    request_id: ingress.request_id,
+                };
+                self.execute_call(
+                    state,
+                    id,
+                    origin,
+                    ingress.method_name,
+                    ingress.arg,
+                    Cycles::ZERO,
+                    counters,
+                );
+            }
+            CanisterMessage::Request(request) => {
+                let origin = CallOrigin::Canister {
+                    caller: request.sender,
+                    callback_id: request.sender_reply_callback,
+                    deadline: request.deadline,
+                };
+                self.execute_call(
+                    state,
+                    id,
+                    origin,
+                    request.method_name,
+                    request.method_payload,
+                    request.payment,
+                    counters,
+                );
+            }
+            CanisterMessage::Response(response) => {
+                self.execute_response(state, id, response, counters);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn execute_call(
+        &self,
+        state: &mut ReplicatedState,
+        id: CanisterId,
+        origin: CallOrigin,
+        method: String,
+        arg: Vec<u8>,
+        payment: Cycles,
+        counters: &mut RoundCounters,
+    ) {
+        let limit = self.config.max_instructions_per_update;
+        let prepared = (|| {
+            let canister = state
+                .canister(&id)
+                .ok_or_else(|| canister_not_found_error(&id))?;
+            if let Some(error) = status_error(canister) {
+                return Err(error);
+            }
+            let execution_state = canister
+                .execution_state
+                .as_ref()
+                .ok_or_else(|| empty_canister_error(&id))?;
+            let export_and_kind = match execution_state.module_info.methods.get(&method) {
+                Some(MethodKind::Update) => (format!("canister_update {method}"), false),
+                Some(MethodKind::Query) => (format!("canister_query {method}"), true),
+                Some(MethodKind::CompositeQuery) => {
+                    return Err(UserError::new(
+                        ErrorCode::CanisterMethodNotExported,
+                        format!(
+                            "Canister {} method '{method}' is a composite query and can only be called as a query, not as an update.",
+                            id.get()
+                        ),
+                    ));
+                }
+                None => return Err(method_not_found_error(&id, "update", &method)),
+            };
+            check_can_pay(&self.config, canister, execution_fee(&self.config, limit))?;
+            Ok(export_and_kind)
+        })();
+        let (export, is_query) = match prepared {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                respond_to_origin(state, id, &origin, CallOutcome::Reject(error), payment);
+                return;
+            }
+        };
+        let caller = origin_caller(&origin);
+        let deadline = origin_deadline(&origin);
+        let request_id = match &origin {
+            CallOrigin::Ingress { request_id, sender } => Some((*request_id, *sender)),
+            _ => None,
+        };
+        let api_type = if is_query {
+            ApiType::Query {
+                caller,
+                arg,
+                replicated: true,
+                data_certificate: None,
+                cycles_available: payment,
+            }
+        } else {
+            ApiType::Update {
+                caller,
+                arg,
+                cycles_available: payment,
+                deadline,
+            }
+        };
+        let call_context_id = open_call_context(state, id, origin, payment, method);
+        self.execute_and_apply(
+            state,
+            id,
+            call_context_id,
+            api_type,
+            EntryPoint::Export(export),
+            limit,
+            ExecutionKind::Call,
+            counters,
+        );
+        if let Some((request_id, sender)) = request_id {
+            let still_open = state.canister(&id).is_some_and(|c| {
+                c.system_state
+                    .call_context_manager
+                    .call_contexts
+                    .contains_key(&call_context_id)
+            });
+            let not_started = state
+                .ingress_history
+                .get(&request_id)
+                .is_some_and(|s| s.state == IngressState::Received);
+            if still_open && not_started {
+                set_ingress_state(state, request_id, sender, id, IngressState::Processing);
+            }
+        }
+    }
+
+    fn execute_response(
+        &self,
+        state: &mut ReplicatedState,
+        id: CanisterId,
+        response: Response,
+        counters: &mut RoundCounters,
+    ) {
+        let Some(canister) = state.canister_mut(&id) else {
+            return;
+        };
+        // The refund is the canister's whatever happens to the callback (it may have been
+        // dropped by uninstall_code).
+        canister.system_state.cycles_balance = canister
+            .system_state
+            .cycles_balance
+            .saturating_add(response.refund);
+        let manager = &mut canister.system_state.call_context_manager;
+        let Some(callback) = manager
+            .callbacks
+            .remove(&response.originator_reply_callback)
+        else {
+            tracing::debug!(canister = %id.get(), "response for a dropped callback; refund kept");
+            return;
+        };
+        let call_context_id = callback.call_context_id;
+        let Some(call_context) = manager.call_contexts.get(&call_context_id).cloned() else {
+            return;
+        };
+        if canister.execution_state.is_none() {
+            // Uninstalled while the call was outstanding: nothing can run the callback.
+            close_call_context_if_done(state, id, call_context_id, None);
+            return;
+        }
+        let caller = origin_caller(&call_context.origin);
+        let deadline = origin_deadline(&call_context.origin);
+        let (closure, api_type, cleanup_code) = match response.payload {
+            Payload::Data(data) => (
+                callback.on_reply,
+                ApiType::ReplyCallback {
+                    caller,
+                    reply: data,
+                    refunded: response.refund,
+                    cycles_available: call_context.available_cycles,
+                    deadline,
+                    in_composite_query: false,
+                },
+                0,
+            ),
+            Payload::Reject { code, message } => (
+                callback.on_reject,
+                ApiType::RejectCallback {
+                    caller,
+                    code,
+                    message,
+                    refunded: response.refund,
+                    cycles_available: call_context.available_cycles,
+                    deadline,
+                    in_composite_query: false,
+                },
+                code.as_u64() as u32,
+            ),
+        };
+        self.execute_and_apply(
+            state,
+            id,
+            call_context_id,
+            api_type,
+            EntryPoint::Closure(closure),
+            self.config.max_instructions_per_update,
+            ExecutionKind::Callback {
+                cleanup: callback.on_cleanup,
+                cleanup_api: ApiType::Cleanup {
+                    caller,
+                    code: cleanup_code,
+                },
+            },
+            counters,
+        );
+    }
+
+    /// Runs one entry point of canister `id` for call context `call_context_id`, charges for it,
+    /// applies its effects (or, on failure, runs the cleanup callback and records the error), and
+    /// closes the call context when it is done.
+    #[allow(clippy::too_many_arguments)]
+    fn execute_and_apply(
+        &self,
+        state: &mut ReplicatedState,
+        id: CanisterId,
+        call_context_id: CallContextId,
+        api_type: ApiType,
+        entry_point: EntryPoint,
+        instruction_limit: u64,
+        kind: ExecutionKind,
+        counters: &mut RoundCounters,
+    ) {
+        let time = state.metadata.time;
+        let prepay = execution_fee(&self.config, instruction_limit);
+        let installed = state
+            .canister(&id)
+            .is_some_and(|c| c.execution_state.is_some());
+        if !installed {
+            // Nothing can run; answer the call context rather than leave it open.
+            close_call_context_if_done(state, id, call_context_id, Some(empty_canister_error(&id)));
+            return;
+        }
+        let Some(canister) = state.canister_mut(&id) else {
+            return;
+        };
+        let prepaid = prepay.min(canister.system_state.cycles_balance);
+        canister.system_state.cycles_balance =
+            canister.system_state.cycles_balance.saturating_sub(prepaid);
+        let canister: &CanisterState = canister;
+        let Some(execution_state) = canister.execution_state.as_ref() else {
+            return;
+        };
+        let view = system_state_view(
+            &self.config,
+            &self.subnet,
+            canister,
+            time,
+            canister.system_state.cycles_balance,
+            true,
+        );
+        let output = self.embedder.execute(WasmExecutionInput {
+            api_type,
+            entry_point,
+            execution_state,
+            system_state: view,
+            instruction_limit,
+            wasm_memory_limit_bytes: wasm_memory_limit_bytes(&self.config, canister),
+            stable_memory_limit_bytes: self.config.max_stable_memory_bytes,
+        });
+        for line in &output.debug_prints {
+            tracing::debug!(canister = %id.get(), "{line}");
+        }
+        let used = output.instructions_used.min(instruction_limit);
+        counters.instructions = counters.instructions.saturating_add(used);
+        let fee = execution_fee(&self.config, used).min(prepaid);
+        if let Some(canister) = state.canister_mut(&id) {
+            canister.system_state.cycles_balance = canister
+                .system_state
+                .cycles_balance
+                .saturating_add(prepaid.saturating_sub(fee));
+            if let Some(context) = canister
+                .system_state
+                .call_context_manager
+                .call_contexts
+                .get_mut(&call_context_id)
+            {
+                context.instructions_executed = context.instructions_executed.saturating_add(used);
+            }
+        }
+        state.metadata.consumed_cycles_total = state
+            .metadata
+            .consumed_cycles_total
+            .saturating_add(fee.get());
+
+        let failure = match self.apply_output(state, id, call_context_id, output) {
+            Ok(()) => None,
+            Err(error) => {
+                if let ExecutionKind::Callback {
+                    cleanup: Some(cleanup),
+                    cleanup_api,
+                } = kind
+                {
+                    self.run_cleanup(state, id, cleanup, cleanup_api, counters);
+                }
+                Some(execution_error_to_user(&id, &error))
+            }
+        };
+        close_call_context_if_done(state, id, call_context_id, failure);
+    }
+
+    /// Applies a successful execution's effects. Returns the error (and applies nothing) if the
+    /// execution failed or broke a rule only the scheduler can check.
+    fn apply_output(
+        &self,
+        state: &mut ReplicatedState,
+        id: CanisterId,
+        call_context_id: CallContextId,
+        output: WasmExecutionOutput,
+    ) -> Result<(), ExecutionError> {
+        let (new_state, response, changes) = output.result?;
+        let time = state.metadata.time;
+        let Some(canister) = state.canister(&id) else {
+            return Ok(());
+        };
+        let context = canister
+            .system_state
+            .call_context_manager
+            .call_contexts
+            .get(&call_context_id);
+        let responded = context.is_none_or(|c| c.responded);
+        let available = context.map_or(Cycles::ZERO, |c| c.available_cycles);
+        let is_system_task = context.is_none_or(|c| c.origin == CallOrigin::SystemTask);
+        if response.is_some() && responded {
+            return Err(ExecutionError::ContractViolation(
+                "msg_reply or msg_reject called, but this call was already answered".into(),
+            ));
+        }
+        if response.is_some() && is_system_task {
+            return Err(ExecutionError::ContractViolation(
+                "a system task (heartbeat, timer) cannot reply".into(),
+            ));
+        }
+        let response_len = match &response {
+            Some(WasmResponse::Reply(data)) => data.len() as u64,
+            Some(WasmResponse::Reject(message)) => message.len() as u64,
+            None => 0,
+        };
+        if response_len > self.config.max_response_bytes_replicated {
+            return Err(ExecutionError::ContractViolation(format!(
+                "response of {response_len} bytes exceeds the limit of {} bytes",
+                self.config.max_response_bytes_replicated
+            )));
+        }
+        if changes.cycles_accepted > available {
+            return Err(ExecutionError::ContractViolation(format!(
+                "accepted {} cycles but only {} were available",
+                changes.cycles_accepted, available
+            )));
+        }
+        if let Some(call) = changes
+            .calls
+            .iter()
+            .find(|c| c.payload.len() as u64 > self.config.max_inter_canister_payload_bytes)
+        {
+            return Err(ExecutionError::ContractViolation(format!(
+                "call to {} of {} bytes exceeds the inter-canister payload limit of {} bytes",
+                call.method_name,
+                call.payload.len(),
+                self.config.max_inter_canister_payload_bytes
+            )));
+        }
+        let low_memory_before = canister
+            .execution_state
+            .as_ref()
+            .is_some_and(|e| low_wasm_memory_condition(canister, e.wasm_memory_size_pages));
+        let low_memory_after =
+            low_wasm_memory_condition(canister, new_state.wasm_memory_size_pages);
+
+        let canister = state.canister_mut(&id).expect("checked above");
+        if let Some(execution_state) = canister.execution_state.as_mut() {
+            execution_state.wasm_memory = new_state.wasm_memory;
+            execution_state.wasm_memory_size_pages = new_state.wasm_memory_size_pages;
+            execution_state.stable_memory = new_state.stable_memory;
+            execution_state.stable_memory_size_pages = new_state.stable_memory_size_pages;
+            execution_state.globals = new_state.globals;
+        }
+        if !low_memory_before && low_memory_after {
+            canister.system_state.low_wasm_memory_hook_pending = true;
+        }
+        let system_state = &mut canister.system_state;
+        system_state.canister_version = system_state.canister_version.saturating_add(1);
+        let SystemStateChanges {
+            calls,
+            cycles_accepted,
+            cycles_burned,
+            certified_data,
+            global_timer_nanos,
+            message_accepted: _,
+        } = changes;
+        system_state.cycles_balance = system_state.cycles_balance.saturating_add(cycles_accepted);
+        let burned = cycles_burned.min(system_state.cycles_balance);
+        system_state.cycles_balance = system_state.cycles_balance.saturating_sub(burned);
+        if let Some(data) = certified_data {
+            system_state.certified_data = data;
+        }
+        if let Some(timer) = global_timer_nanos {
+            system_state.global_timer_nanos = timer;
+        }
+        if let Some(context) = system_state
+            .call_context_manager
+            .call_contexts
+            .get_mut(&call_context_id)
+        {
+            context.available_cycles = context.available_cycles.saturating_sub(cycles_accepted);
+        }
+        state.metadata.consumed_cycles_total = state
+            .metadata
+            .consumed_cycles_total
+            .saturating_add(burned.get());
+
+        for call in calls {
+            self.send_call(state, id, call_context_id, call, time);
+        }
+
+        if let Some(response) = response {
+            let outcome = match response {
+                WasmResponse::Reply(data) => CallOutcome::Reply(data),
+                WasmResponse::Reject(message) => {
+                    CallOutcome::Reject(canister_reject_error(message))
+                }
+            };
+            respond_call_context(state, id, call_context_id, outcome);
+        }
+        Ok(())
+    }
+
+    /// Registers a callback for `call`, charges for it and routes the request. A call that cannot
+    /// be sent is answered at once with a reject response to the caller.
+    fn send_call(
+        &self,
+        state: &mut ReplicatedState,
+        id: CanisterId,
+        call_context_id: CallContextId,
+        call: openic_embedders::OutgoingCall,
+        time: Time,
+    ) {
+        let fee = call_fee(&self.config, &call.method_name, call.payload.len());
+        let deadline = call.timeout_seconds.map(|seconds| {
+            let seconds = seconds.min(self.config.max_call_timeout_seconds);
+            time.saturating_add_nanos(u64::from(seconds) * Time::NANOS_PER_SECOND)
+        });
+        let Some(canister) = state.canister_mut(&id) else {
+            return;
+        };
+        let system_state = &mut canister.system_state;
+        let manager = &mut system_state.call_context_manager;
+        let callback_id = CallbackId(manager.next_callback_id);
+        manager.next_callback_id += 1;
+        manager.callbacks.insert(
+            callback_id,
+            Callback {
+                call_context_id,
+                respondent: call.callee,
+                cycles_sent: call.cycles,
+                on_reply: call.on_reply,
+                on_reject: call.on_reject,
+                on_cleanup: call.on_cleanup,
+                deadline,
+            },
+        );
+        let needed = call.cycles.saturating_add(fee);
+        if system_state.cycles_balance < needed {
+            let message = format!(
+                "Canister {} could not pay {needed} cycles (attached cycles plus the call fee) to call {} on {}; top it up with provisional_top_up_canister or deposit_cycles.",
+                id.get(),
+                call.method_name,
+                call.callee.get()
+            );
+            deliver_response(
+                state,
+                Response {
+                    originator: id,
+                    respondent: call.callee,
+                    originator_reply_callback: callback_id,
+                    refund: Cycles::ZERO,
+                    payload: Payload::Reject {
+                        code: RejectCode::SysTransient,
+                        message,
+                    },
+                    deadline,
+                },
+            );
+            return;
+        }
+        system_state.cycles_balance = system_state.cycles_balance.saturating_sub(needed);
+        state.metadata.consumed_cycles_total = state
+            .metadata
+            .consumed_cycles_total
+            .saturating_add(fee.get());
+        let request = Request {
+            sender: id,
+            receiver: call.callee,
+            sender_reply_callback: callback_id,
+            method_name: call.method_name,
+            method_payload: call.payload,
+            payment: call.cycles,
+            deadline,
+        };
+        self.route_request(state, request);
+    }
+
+    /// Delivers a request to its receiver's queue, or answers it with a reject if it cannot be
+    /// delivered (no such canister, queue full).
+    fn route_request(&self, state: &mut ReplicatedState, request: Request) {
+        let reject = |request: &Request, code: RejectCode, message: String| Response {
+            originator: request.sender,
+            respondent: request.receiver,
+            originator_reply_callback: request.sender_reply_callback,
+            refund: request.payment,
+            payload: Payload::Reject { code, message },
+            deadline: request.deadline,
+        };
+        if request.receiver.is_management() {
+            if state.subnet_queue.len() >= self.config.max_subnet_queue_len {
+                let response = reject(
+                    &request,
+                    RejectCode::SysTransient,
+                    "the management canister's queue is full; retry later".into(),
+                );
+                deliver_response(state, response);
+            } else {
+                state
+                    .subnet_queue
+                    .push_back(CanisterMessage::Request(request));
+            }
+            return;
+        }
+        let max_queue = self.config.max_canister_input_queue_len;
+        match state.canister_mut(&request.receiver) {
+            None => {
+                let message = canister_not_found_error(&request.receiver).message;
+                let response = reject(&request, RejectCode::DestinationInvalid, message);
+                deliver_response(state, response);
+            }
+            Some(callee) if callee.system_state.input_queue.len() >= max_queue => {
+                let message = queue_full_error(&request.receiver).message;
+                let response = reject(&request, RejectCode::SysTransient, message);
+                deliver_response(state, response);
+            }
+            Some(callee) => callee
+                .system_state
+                .input_queue
+                .push_back(CanisterMessage::Request(request)),
+        }
+    }
+
+    fn run_cleanup(
+        &self,
+        state: &mut ReplicatedState,
+        id: CanisterId,
+        cleanup: WasmClosure,
+        api_type: ApiType,
+        counters: &mut RoundCounters,
+    ) {
+        let time = state.metadata.time;
+        let Some(canister) = state.canister(&id) else {
+            return;
+        };
+        let Some(execution_state) = canister.execution_state.as_ref() else {
+            return;
+        };
+        let view = system_state_view(
+            &self.config,
+            &self.subnet,
+            canister,
+            time,
+            canister.system_state.cycles_balance,
+            false,
+        );
+        let output = self.embedder.execute(WasmExecutionInput {
+            api_type,
+            entry_point: EntryPoint::Closure(cleanup),
+            execution_state,
+            system_state: view,
+            instruction_limit: self.config.max_instructions_per_update,
+            wasm_memory_limit_bytes: wasm_memory_limit_bytes(&self.config, canister),
+            stable_memory_limit_bytes: self.config.max_stable_memory_bytes,
+        });
+        let used = output.instructions_used;
+        counters.instructions = counters.instructions.saturating_add(used);
+        let fee = execution_fee(&self.config, used);
+        let Some(canister) = state.canister_mut(&id) else {
+            return;
+        };
+        let charged = fee.min(canister.system_state.cycles_balance);
+        canister.system_state.cycles_balance =
+            canister.system_state.cycles_balance.saturating_sub(charged);
+        match output.result {
+            Ok((new_state, _, changes)) => {
+                if let Some(execution_state) = canister.execution_state.as_mut() {
+                    execution_state.wasm_memory = new_state.wasm_memory;
+                    execution_state.wasm_memory_size_pages = new_state.wasm_memory_size_pages;
+                    execution_state.stable_memory = new_state.stable_memory;
+                    execution_state.stable_memory_size_pages = new_state.stable_memory_size_pages;
+                    execution_state.globals = new_state.globals;
+                }
+                let system_state = &mut canister.system_state;
+                system_state.canister_version = system_state.canister_version.saturating_add(1);
+                let burned = changes.cycles_burned.min(system_state.cycles_balance);
+                system_state.cycles_balance = system_state.cycles_balance.saturating_sub(burned);
+                if let Some(timer) = changes.global_timer_nanos {
+                    system_state.global_timer_nanos = timer;
+                }
+                state.metadata.consumed_cycles_total = state
+                    .metadata
+                    .consumed_cycles_total
+                    .saturating_add(burned.get().saturating_add(charged.get()));
+            }
+            Err(error) => {
+                tracing::debug!(canister = %id.get(), %error, "cleanup callback failed");
+                state.metadata.consumed_cycles_total = state
+                    .metadata
+                    .consumed_cycles_total
+                    .saturating_add(charged.get());
+            }
+        }
+    }
+}
+
+impl BlockExecutor for Scheduler {
+    fn execute_block(
+        &mut self,
+        state: &mut ReplicatedState,
+        block: &Block,
+    ) -> BlockExecutionSummary {
+        let _span = tracing::debug_span!("execute_block", height = block.height.0).entered();
+        let previous_time = state.metadata.time;
+        state.metadata.height = block.height;
+        state.metadata.time = block.time;
+        let mut hasher = Sha256::new();
+        hasher.update(state.metadata.random_seed);
+        hasher.update(block.height.0.to_be_bytes());
+        state.metadata.random_seed = hasher.finalize().into();
+
+        self.prune_ingress_history(state, block.time);
+        self.charge_storage(state, block.time);
+        let ingress_inducted = self.induct_ingress(state, block);
+        let mut counters = RoundCounters::default();
+        self.run_system_tasks(state, previous_time, &mut counters);
+        self.run_messages(state, &mut counters);
+
+        BlockExecutionSummary {
+            ingress_inducted,
+            messages_executed: counters.messages,
+            instructions_executed: counters.instructions,
+            work_pending: has_queued_messages(state),
+        }
+    }
+
+    /// Queued messages, due global timers and pending low-memory hooks need a block at once.
+    /// Heartbeats do not: they run in every block, and the node makes an idle block every
+    /// `idle_block_interval` (about the IC's heartbeat rate), so a canister exporting
+    /// `canister_heartbeat` does not make the node produce blocks back to back.
+    fn has_pending_work(&self, state: &ReplicatedState) -> bool {
+        let now = state.metadata.time.as_nanos_since_unix_epoch();
+        has_queued_messages(state)
+            || state.canisters.values().any(|c| {
+                c.system_state.status == CanisterStatus::Running
+                    && c.execution_state.as_ref().is_some_and(|e| {
+                        let exports = &e.module_info.system_methods;
+                        (c.system_state.low_wasm_memory_hook_pending
+                            && exports.contains(LOW_WASM_MEMORY_EXPORT))
+                            || (c.system_state.global_timer_nanos != 0
+                                && c.system_state.global_timer_nanos <= now
+                                && exports.contains(GLOBAL_TIMER_EXPORT))
+                    })
+            })
+    }
+}
+
+// -------------------------------------------------------------------------------------------
+// State helpers (free functions: they need only the state).
+
+fn has_queued_messages(state: &ReplicatedState) -> bool {
+    !state.subnet_queue.is_empty()
+        || state
+            .canisters
+            .values()
+            .any(|c| !c.system_state.input_queue.is_empty())
+}
+
+/// Code 2 (retry later) with the queue-full error code.
+fn queue_full_error(canister_id: &CanisterId) -> UserError {
+    UserError {
+        code: RejectCode::SysTransient,
+        message: format!(
+            "Canister {} has too many messages waiting in its queue; retry shortly.",
+            canister_id.get()
+        ),
+        error_code: Some(ErrorCode::CanisterQueueFull),
+    }
+}
+
+/// Reject code 6 exists only between canisters: users see 2 instead.
+fn user_facing(mut error: UserError) -> UserError {
+    error.code = error.code.for_user();
+    error
+}
+
+fn origin_caller(origin: &CallOrigin) -> UserId {
+    match origin {
+        CallOrigin::Ingress { sender, .. } => *sender,
+        CallOrigin::Canister { caller, .. } => caller.get(),
+        CallOrigin::SystemTask => Principal::management_canister(),
+    }
+}
+
+fn origin_deadline(origin: &CallOrigin) -> u64 {
+    match origin {
+        CallOrigin::Canister {
+            deadline: Some(deadline),
+            ..
+        } => deadline.as_nanos_since_unix_epoch(),
+        _ => 0,
+    }
+}
+
+fn open_call_context(
+    state: &mut ReplicatedState,
+    id: CanisterId,
+    origin: CallOrigin,
+    available_cycles: Cycles,
+    method_name: String,
+) -> CallContextId {
+    let canister = state
+        .canister_mut(&id)
+        .expect("the caller checked that the canister exists");
+    let manager = &mut canister.system_state.call_context_manager;
+    let call_context_id = CallContextId(manager.next_call_context_id);
+    manager.next_call_context_id += 1;
+    manager.call_contexts.insert(
+        call_context_id,
+        CallContext {
+            origin,
+            responded: false,
+            available_cycles,
+            instructions_executed: 0,
+            method_name,
+        },
+    );
+    call_context_id
+}
+
+/// Records the response of a call context (once) and sends it to the origin with the cycles not
+/// accepted.
+fn respond_call_context(
+    state: &mut ReplicatedState,
+    id: CanisterId,
+    call_context_id: CallContextId,
+    outcome: CallOutcome,
+) {
+    let Some(canister) = state.canister_mut(&id) else {
+        return;
+    };
+    let Some(context) = canister
+        .system_state
+        .call_context_manager
+        .call_contexts
+        .get_mut(&call_context_id)
+    else {
+        return;
+    };
+    if context.responded {
+        return;
+    }
+    context.responded = true;
+    let refund = std::mem::take(&mut context.available_cycles);
+    let origin = context.origin.clone();
+    respond_to_origin(state, id, &origin, outcome, refund);
+}
+
+/// Closes the call context if it has no outstanding callbacks; if it was never answered, answers
+/// it with `failure` (the execution's error) or "did not reply".
+fn close_call_context_if_done(
+    state: &mut ReplicatedState,
+    id: CanisterId,
+    call_context_id: CallContextId,
+    failure: Option<UserError>,
+) {
+    let Some(canister) = state.canister(&id) else {
+        return;
+    };
+    let manager = &canister.system_state.call_context_manager;
+    let Some(context) = manager.call_contexts.get(&call_context_id) else {
+        return;
+    };
+    let outstanding = manager
+        .callbacks
+        .values()
+        .any(|c| c.call_context_id == call_context_id);
+    if outstanding {
+        return;
+    }
+    if !context.responded {
+        let error = failure.unwrap_or_else(|| did_not_reply_error(&id));
+        if context.origin == CallOrigin::SystemTask {
+            tracing::debug!(canister = %id.get(), %error, "system task failed");
+        }
+        respond_call_context(state, id, call_context_id, CallOutcome::Reject(error));
+    }
+    if let Some(canister) = state.canister_mut(&id)
+        && let Some(context) = canister
+            .system_state
+            .call_context_manager
+            .call_contexts
+            .remove(&call_context_id)
+    {
+        // Cycles still in the context (none after a response took them as refund) go back.
+        canister.system_state.cycles_balance = canister
+            .system_state
+            .cycles_balance
+            .saturating_add(context.available_cycles);
+    }
+}
+
+/// Sends `outcome` to whoever made the call: the ingress history for users, a response for
+/// canisters, nobody for system tasks.
+fn respond_to_origin(
+    state: &mut ReplicatedState,
+    respondent: CanisterId,
+    origin: &CallOrigin,
+    outcome: CallOutcome,
+    refund: Cycles,
+) {
+    match origin {
+        CallOrigin::Ingress { sender, request_id } => {
+            let new_state = match outcome {
+                CallOutcome::Reply(data) => IngressState::Replied(data),
+                CallOutcome::Reject(error) => IngressState::Rejected(user_facing(error)),
+            };
+            set_ingress_state(state, *request_id, *sender, respondent, new_state);
+        }
+        CallOrigin::Canister {
+            caller,
+            callback_id,
+            deadline,
+        } => deliver_response(
+            state,
+            Response {
+                originator: *caller,
+                respondent,
+                originator_reply_callback: *callback_id,
+                refund,
+                payload: outcome.into_payload(),
+                deadline: *deadline,
+            },
+        ),
+        CallOrigin::SystemTask => {}
+    }
+}
+
+/// Puts a response into its originator's input queue (responses are never refused for space:
+/// each had a request). A response to a canister that no longer exists is dropped.
+fn deliver_response(state: &mut ReplicatedState, response: Response) {
+    match state.canister_mut(&response.originator) {
+        Some(originator) => originator
+            .system_state
+            .input_queue
+            .push_back(CanisterMessage::Response(response)),
+        None => tracing::debug!(
+            originator = %response.originator.get(),
+            "response to a deleted canister dropped"
+        ),
+    }
+}
+
+/// Sets the state of an ingress message, keeping its recorded sender, effective canister id and
+/// expiry (or, if the entry is gone, recording what is known).
+fn set_ingress_state(
+    state: &mut ReplicatedState,
+    request_id: RequestId,
+    sender: UserId,
+    receiver: CanisterId,
+    new_state: IngressState,
+) {
+    let status = match state.ingress_history.get(&request_id) {
+        Some(existing) => IngressStatus {
+            state: new_state,
+            ..existing.clone()
+        },
+        None => IngressStatus {
+            state: new_state,
+            sender,
+            effective_canister_id: receiver,
+            ingress_expiry: state
+                .metadata
+                .time
+                .saturating_add_nanos(FALLBACK_INGRESS_RETENTION_NANOS),
+        },
+    };
+    state.ingress_history.set(request_id, status);
+}
+
+/// Answers a `stop_canister` call once the canister is stopped.
+fn answer_stop_context(state: &mut ReplicatedState, stop_context: StopContext) {
+    match stop_context {
+        StopContext::Ingress { sender, request_id } => set_ingress_state(
+            state,
+            request_id,
+            sender,
+            CanisterId::management(),
+            IngressState::Replied(EMPTY_CANDID_REPLY.to_vec()),
+        ),
+        StopContext::Canister(request) => deliver_response(
+            state,
+            Response {
+                originator: request.sender,
+                respondent: CanisterId::management(),
+                originator_reply_callback: request.sender_reply_callback,
+                refund: request.payment,
+                payload: Payload::Data(EMPTY_CANDID_REPLY.to_vec()),
+                deadline: request.deadline,
+            },
+        ),
+    }
+}

@@ -1,0 +1,1409 @@
+//! Tests of the scheduler, queries and ingress inspection with a scripted fake embedder: each
+//! export or closure runs a Rust function, and a canister's "memory" is its first global (an
+//! `i64` counter the functions may change).
+
+use crate::common::{EMPTY_CANDID_REPLY, call_fee, execution_fee, ingress_induction_fee};
+use crate::{ExecutionConfig, IngressFilter, QueryExecution, Scheduler, SubnetContext};
+use openic_embedders::{
+    ApiType, Embedder, EntryPoint, ExecutionError, InvalidWasm, NewExecutionState, OutgoingCall,
+    SystemStateChanges, WasmExecutionInput, WasmExecutionOutput, WasmResponse,
+};
+use openic_interfaces::{
+    BlockExecutor, CanistersSnapshot, CertificationError, CertifiedStateReader, IngressInspector,
+    LabelPath, MetadataVisibility, QueryExecutor, StateSnapshotSource,
+};
+use openic_replicated_state::{
+    CallOrigin, CanisterState, CanisterStatus, ExecutionState, GlobalValue, MethodKind, ModuleInfo,
+    PageMap, ReplicatedState, StopContext, SystemState, WasmBinary, WasmClosure,
+};
+use openic_types::{
+    Block, CanisterId, Cycles, ErrorCode, Height, IngressState, IngressStatus, Principal,
+    QueryResult, RejectCode, RequestId, SignedIngress, SubnetId, Time, UserQuery,
+};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+/// Instructions every fake execution reports.
+const FAKE_INSTRUCTIONS: u64 = 1_000;
+
+/// What a scripted function returns: the response, the System API changes, and how much to add
+/// to the canister's counter.
+type Behaviour = Arc<
+    dyn Fn(
+            &WasmExecutionInput<'_>,
+        ) -> Result<(Option<WasmResponse>, SystemStateChanges, i64), ExecutionError>
+        + Send
+        + Sync,
+>;
+
+/// An embedder whose functions are Rust closures, keyed by canister and entry point.
+#[derive(Default)]
+struct FakeEmbedder {
+    behaviours: Mutex<BTreeMap<(CanisterId, String), Behaviour>>,
+    executions: Mutex<Vec<(CanisterId, String)>>,
+}
+
+fn entry_key(entry_point: &EntryPoint) -> String {
+    match entry_point {
+        EntryPoint::Export(name) => name.clone(),
+        EntryPoint::Closure(closure) => format!("closure {}", closure.func_idx),
+        EntryPoint::StartOnly => "start".into(),
+    }
+}
+
+impl FakeEmbedder {
+    fn on(
+        &self,
+        canister: CanisterId,
+        entry: &str,
+        behaviour: impl Fn(
+            &WasmExecutionInput<'_>,
+        )
+            -> Result<(Option<WasmResponse>, SystemStateChanges, i64), ExecutionError>
+        + Send
+        + Sync
+        + 'static,
+    ) {
+        self.behaviours
+            .lock()
+            .unwrap()
+            .insert((canister, entry.to_string()), Arc::new(behaviour));
+    }
+
+    fn count(&self, canister: CanisterId, entry: &str) -> usize {
+        self.executions
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(c, e)| *c == canister && e == entry)
+            .count()
+    }
+}
+
+impl Embedder for FakeEmbedder {
+    fn prepare_module(&self, _wasm: &[u8]) -> Result<(WasmBinary, ModuleInfo), InvalidWasm> {
+        Err(InvalidWasm::Decode(
+            "the fake embedder compiles nothing".into(),
+        ))
+    }
+
+    fn initial_execution_state(
+        &self,
+        _binary: Arc<WasmBinary>,
+        _info: Arc<ModuleInfo>,
+    ) -> Result<ExecutionState, InvalidWasm> {
+        Err(InvalidWasm::Decode(
+            "the fake embedder compiles nothing".into(),
+        ))
+    }
+
+    fn execute(&self, input: WasmExecutionInput<'_>) -> WasmExecutionOutput {
+        let canister = input.system_state.canister_id;
+        let key = entry_key(&input.entry_point);
+        self.executions
+            .lock()
+            .unwrap()
+            .push((canister, key.clone()));
+        let behaviour = self
+            .behaviours
+            .lock()
+            .unwrap()
+            .get(&(canister, key.clone()))
+            .cloned();
+        let result = match behaviour {
+            None => Err(ExecutionError::Trapped(format!("no function for {key}"))),
+            Some(behaviour) => behaviour(&input).map(|(response, changes, delta)| {
+                let counter = counter_of(input.execution_state);
+                (
+                    NewExecutionState {
+                        wasm_memory: input.execution_state.wasm_memory.clone(),
+                        wasm_memory_size_pages: input.execution_state.wasm_memory_size_pages,
+                        stable_memory: input.execution_state.stable_memory.clone(),
+                        stable_memory_size_pages: input.execution_state.stable_memory_size_pages,
+                        globals: vec![GlobalValue::I64(counter + delta)],
+                    },
+                    response,
+                    changes,
+                )
+            }),
+        };
+        WasmExecutionOutput {
+            instructions_used: FAKE_INSTRUCTIONS,
+            result,
+            debug_prints: Vec::new(),
+        }
+    }
+}
+
+fn counter_of(execution_state: &ExecutionState) -> i64 {
+    match execution_state.globals.first() {
+        Some(GlobalValue::I64(value)) => *value,
+        _ => 0,
+    }
+}
+
+fn counter(state: &ReplicatedState, id: CanisterId) -> i64 {
+    counter_of(
+        state
+            .canister(&id)
+            .unwrap()
+            .execution_state
+            .as_ref()
+            .unwrap(),
+    )
+}
+
+fn reply(data: &[u8]) -> Result<(Option<WasmResponse>, SystemStateChanges, i64), ExecutionError> {
+    Ok((
+        Some(WasmResponse::Reply(data.to_vec())),
+        SystemStateChanges::default(),
+        0,
+    ))
+}
+
+const INITIAL_CYCLES: Cycles = Cycles(10_000_000_000_000);
+
+fn canister_id(n: u64) -> CanisterId {
+    CanisterId::from_u64(0x8000_0000_0010_0000 + n)
+}
+
+fn user() -> Principal {
+    Principal::from_slice(&[7; 29])
+}
+
+fn subnet() -> SubnetContext {
+    SubnetContext {
+        subnet_id: SubnetId(Principal::from_slice(&[1; 29])),
+        root_key_der: vec![0; 133],
+        node_count: 1,
+    }
+}
+
+fn installed_canister(
+    id: CanisterId,
+    methods: &[(&str, MethodKind)],
+    system: &[&str],
+) -> CanisterState {
+    let bytes = id.get().as_slice().to_vec();
+    let module_info = ModuleInfo {
+        methods: methods
+            .iter()
+            .map(|(name, kind)| (name.to_string(), *kind))
+            .collect(),
+        system_methods: system.iter().map(|s| s.to_string()).collect(),
+        ..ModuleInfo::default()
+    };
+    CanisterState {
+        system_state: SystemState::new(id, BTreeSet::from([user()]), INITIAL_CYCLES, Time(0)),
+        execution_state: Some(ExecutionState {
+            wasm_binary: Arc::new(WasmBinary {
+                bytes,
+                module_hash: [0; 32],
+            }),
+            module_info: Arc::new(module_info),
+            wasm_memory: PageMap::new(),
+            wasm_memory_size_pages: 0,
+            stable_memory: PageMap::new(),
+            stable_memory_size_pages: 0,
+            globals: vec![GlobalValue::I64(0)],
+        }),
+    }
+}
+
+fn new_state(canisters: Vec<CanisterState>) -> ReplicatedState {
+    let mut state = ReplicatedState::new(subnet().subnet_id, 0x8000_0000_0010_0001, [3; 32]);
+    for canister in canisters {
+        state.put_canister(canister);
+    }
+    state
+}
+
+fn ingress(nonce: u8, canister: CanisterId, method: &str) -> SignedIngress {
+    SignedIngress {
+        request_id: RequestId([nonce; 32]),
+        sender: user(),
+        canister_id: canister,
+        effective_canister_id: canister,
+        method_name: method.to_string(),
+        arg: b"DIDL\x00\x00".to_vec(),
+        ingress_expiry: Time(1_000_000_000_000),
+        size_bytes: 100,
+    }
+}
+
+fn block(height: u64, ingress: Vec<SignedIngress>) -> Block {
+    Block {
+        height: Height(height),
+        time: Time(height * 1_000_000_000),
+        ingress,
+    }
+}
+
+fn scheduler(embedder: &Arc<FakeEmbedder>) -> Scheduler {
+    Scheduler::new(embedder.clone(), ExecutionConfig::default(), subnet())
+}
+
+fn status(state: &ReplicatedState, nonce: u8) -> IngressState {
+    state
+        .ingress_history
+        .get(&RequestId([nonce; 32]))
+        .expect("ingress status recorded")
+        .state
+        .clone()
+}
+
+fn rejected(state: &IngressState) -> (RejectCode, Option<ErrorCode>, String) {
+    match state {
+        IngressState::Rejected(error) => (error.code, error.error_code, error.message.clone()),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+fn a_call(callee: CanisterId, method: &str, cycles: Cycles) -> OutgoingCall {
+    OutgoingCall {
+        callee,
+        method_name: method.to_string(),
+        payload: b"DIDL\x00\x00".to_vec(),
+        cycles,
+        on_reply: WasmClosure {
+            func_idx: 1,
+            env: 0,
+        },
+        on_reject: WasmClosure {
+            func_idx: 2,
+            env: 0,
+        },
+        on_cleanup: Some(WasmClosure {
+            func_idx: 3,
+            env: 0,
+        }),
+        timeout_seconds: None,
+    }
+}
+
+fn calls(calls: Vec<OutgoingCall>) -> SystemStateChanges {
+    SystemStateChanges {
+        calls,
+        ..SystemStateChanges::default()
+    }
+}
+
+#[test]
+fn ingress_update_replies_and_charges_fees() {
+    let a = canister_id(1);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_update inc", |_| {
+        Ok((
+            Some(WasmResponse::Reply(b"ok".to_vec())),
+            SystemStateChanges::default(),
+            1,
+        ))
+    });
+    let mut state = new_state(vec![installed_canister(
+        a,
+        &[("inc", MethodKind::Update)],
+        &[],
+    )]);
+    let summary =
+        scheduler(&embedder).execute_block(&mut state, &block(1, vec![ingress(1, a, "inc")]));
+
+    assert_eq!(status(&state, 1), IngressState::Replied(b"ok".to_vec()));
+    assert_eq!(counter(&state, a), 1);
+    assert_eq!(summary.ingress_inducted, 1);
+    assert_eq!(summary.messages_executed, 1);
+    assert!(!summary.work_pending);
+    let config = ExecutionConfig::default();
+    let canister = state.canister(&a).unwrap();
+    let fees = ingress_induction_fee(&config, 100)
+        .saturating_add(execution_fee(&config, FAKE_INSTRUCTIONS));
+    // Storage for the few bytes of the module over one second rounds to zero.
+    assert_eq!(
+        canister.system_state.cycles_balance,
+        INITIAL_CYCLES.saturating_sub(fees)
+    );
+    assert_eq!(canister.system_state.canister_version, 1);
+    assert!(
+        canister
+            .system_state
+            .call_context_manager
+            .call_contexts
+            .is_empty()
+    );
+    assert_eq!(state.metadata.height, Height(1));
+    assert_eq!(state.metadata.update_transactions_total, 1);
+}
+
+#[test]
+fn replicated_query_method_called_as_update_replies() {
+    let a = canister_id(1);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_query get", |input| {
+        assert!(matches!(
+            input.api_type,
+            ApiType::Query {
+                replicated: true,
+                ..
+            }
+        ));
+        reply(b"value")
+    });
+    let mut state = new_state(vec![installed_canister(
+        a,
+        &[("get", MethodKind::Query)],
+        &[],
+    )]);
+    scheduler(&embedder).execute_block(&mut state, &block(1, vec![ingress(1, a, "get")]));
+    assert_eq!(status(&state, 1), IngressState::Replied(b"value".to_vec()));
+}
+
+#[test]
+fn trap_rejects_and_rolls_back() {
+    let a = canister_id(1);
+    let b = canister_id(2);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_update boom", |_| {
+        Err(ExecutionError::CalledTrap("boom".into()))
+    });
+    let mut state = new_state(vec![
+        installed_canister(a, &[("boom", MethodKind::Update)], &[]),
+        installed_canister(b, &[], &[]),
+    ]);
+    scheduler(&embedder).execute_block(&mut state, &block(1, vec![ingress(1, a, "boom")]));
+    let (code, error_code, message) = rejected(&status(&state, 1));
+    assert_eq!(code, RejectCode::CanisterError);
+    assert_eq!(error_code, Some(ErrorCode::CanisterCalledTrap));
+    assert!(message.contains("boom"), "{message}");
+    assert_eq!(counter(&state, a), 0);
+    let canister = state.canister(&a).unwrap();
+    assert_eq!(canister.system_state.canister_version, 0);
+    assert!(
+        canister
+            .system_state
+            .call_context_manager
+            .call_contexts
+            .is_empty()
+    );
+    assert!(
+        state
+            .canister(&b)
+            .unwrap()
+            .system_state
+            .input_queue
+            .is_empty()
+    );
+}
+
+#[test]
+fn missing_method_missing_canister_and_empty_canister_are_rejected() {
+    let a = canister_id(1);
+    let empty = canister_id(2);
+    let embedder = Arc::new(FakeEmbedder::default());
+    let mut empty_canister = installed_canister(empty, &[], &[]);
+    empty_canister.execution_state = None;
+    let mut state = new_state(vec![installed_canister(a, &[], &[]), empty_canister]);
+    scheduler(&embedder).execute_block(
+        &mut state,
+        &block(
+            1,
+            vec![
+                ingress(1, a, "nope"),
+                ingress(2, canister_id(99), "x"),
+                ingress(3, empty, "x"),
+            ],
+        ),
+    );
+    assert_eq!(
+        rejected(&status(&state, 1)).1,
+        Some(ErrorCode::CanisterMethodNotExported)
+    );
+    let (code, error_code, _) = rejected(&status(&state, 2));
+    assert_eq!(
+        (code, error_code),
+        (
+            RejectCode::DestinationInvalid,
+            Some(ErrorCode::CanisterNotFound)
+        )
+    );
+    assert_eq!(
+        rejected(&status(&state, 3)).1,
+        Some(ErrorCode::CanisterWasmModuleNotFound)
+    );
+}
+
+#[test]
+fn did_not_reply_is_rejected() {
+    let a = canister_id(1);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_update silent", |_| {
+        Ok((None, SystemStateChanges::default(), 1))
+    });
+    let mut state = new_state(vec![installed_canister(
+        a,
+        &[("silent", MethodKind::Update)],
+        &[],
+    )]);
+    scheduler(&embedder).execute_block(&mut state, &block(1, vec![ingress(1, a, "silent")]));
+    let (code, error_code, _) = rejected(&status(&state, 1));
+    assert_eq!(code, RejectCode::CanisterError);
+    assert_eq!(error_code, Some(ErrorCode::CanisterDidNotReply));
+    // The execution itself succeeded: its state change stays.
+    assert_eq!(counter(&state, a), 1);
+}
+
+#[test]
+fn inter_canister_call_round_trip_refunds_unaccepted_cycles() {
+    let a = canister_id(1);
+    let b = canister_id(2);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_update relay", move |_| {
+        Ok((None, calls(vec![a_call(b, "take", Cycles(1_000_000))]), 1))
+    });
+    embedder.on(b, "canister_update take", move |input| {
+        let ApiType::Update {
+            caller,
+            cycles_available,
+            ..
+        } = &input.api_type
+        else {
+            panic!("update expected");
+        };
+        assert_eq!(*caller, a.get());
+        assert_eq!(*cycles_available, Cycles(1_000_000));
+        Ok((
+            Some(WasmResponse::Reply(b"from b".to_vec())),
+            SystemStateChanges {
+                cycles_accepted: Cycles(400_000),
+                ..SystemStateChanges::default()
+            },
+            1,
+        ))
+    });
+    embedder.on(a, "closure 1", |input| {
+        let ApiType::ReplyCallback {
+            reply: data,
+            refunded,
+            ..
+        } = &input.api_type
+        else {
+            panic!("reply callback expected");
+        };
+        assert_eq!(*refunded, Cycles(600_000));
+        Ok((
+            Some(WasmResponse::Reply(data.clone())),
+            SystemStateChanges::default(),
+            10,
+        ))
+    });
+    let mut state = new_state(vec![
+        installed_canister(a, &[("relay", MethodKind::Update)], &[]),
+        installed_canister(b, &[("take", MethodKind::Update)], &[]),
+    ]);
+    let summary =
+        scheduler(&embedder).execute_block(&mut state, &block(1, vec![ingress(1, a, "relay")]));
+    assert_eq!(status(&state, 1), IngressState::Replied(b"from b".to_vec()));
+    assert_eq!(summary.messages_executed, 3);
+    assert_eq!(counter(&state, a), 11);
+    assert_eq!(counter(&state, b), 1);
+
+    let config = ExecutionConfig::default();
+    let a_fees = ingress_induction_fee(&config, 100)
+        .saturating_add(execution_fee(&config, FAKE_INSTRUCTIONS))
+        .saturating_add(execution_fee(&config, FAKE_INSTRUCTIONS))
+        .saturating_add(call_fee(&config, "take", 6));
+    assert_eq!(
+        state.canister(&a).unwrap().system_state.cycles_balance,
+        INITIAL_CYCLES
+            .saturating_sub(a_fees)
+            .saturating_sub(Cycles(400_000))
+    );
+    assert_eq!(
+        state.canister(&b).unwrap().system_state.cycles_balance,
+        INITIAL_CYCLES
+            .saturating_sub(execution_fee(&config, FAKE_INSTRUCTIONS))
+            .saturating_add(Cycles(400_000))
+    );
+    for id in [a, b] {
+        let manager = &state
+            .canister(&id)
+            .unwrap()
+            .system_state
+            .call_context_manager;
+        assert!(manager.call_contexts.is_empty() && manager.callbacks.is_empty());
+    }
+}
+
+#[test]
+fn call_to_stopped_or_missing_canister_gets_reject_callback() {
+    let a = canister_id(1);
+    let stopped = canister_id(2);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_update go", move |_| {
+        Ok((
+            None,
+            calls(vec![
+                a_call(stopped, "m", Cycles(5)),
+                a_call(canister_id(77), "m", Cycles::ZERO),
+            ]),
+            0,
+        ))
+    });
+    let codes = Arc::new(Mutex::new(Vec::new()));
+    let seen = codes.clone();
+    embedder.on(a, "closure 2", move |input| {
+        let ApiType::RejectCallback { code, refunded, .. } = &input.api_type else {
+            panic!("reject callback expected");
+        };
+        seen.lock().unwrap().push((*code, *refunded));
+        let done = seen.lock().unwrap().len() == 2;
+        Ok((
+            done.then(|| WasmResponse::Reject("both failed".into())),
+            SystemStateChanges::default(),
+            0,
+        ))
+    });
+    let mut stopped_canister = installed_canister(stopped, &[("m", MethodKind::Update)], &[]);
+    stopped_canister.system_state.status = CanisterStatus::Stopped;
+    let mut state = new_state(vec![
+        installed_canister(a, &[("go", MethodKind::Update)], &[]),
+        stopped_canister,
+    ]);
+    scheduler(&embedder).execute_block(&mut state, &block(1, vec![ingress(1, a, "go")]));
+    let mut codes = codes.lock().unwrap().clone();
+    codes.sort_by_key(|(code, _)| code.as_u64());
+    assert_eq!(
+        codes,
+        vec![
+            (RejectCode::DestinationInvalid, Cycles::ZERO),
+            (RejectCode::CanisterError, Cycles(5)),
+        ]
+    );
+    let (code, error_code, message) = rejected(&status(&state, 1));
+    assert_eq!(
+        (code, error_code),
+        (
+            RejectCode::CanisterReject,
+            Some(ErrorCode::CanisterRejectedMessage)
+        )
+    );
+    assert_eq!(message, "both failed");
+}
+
+#[test]
+fn ingress_to_stopped_canister_is_rejected() {
+    let a = canister_id(1);
+    let embedder = Arc::new(FakeEmbedder::default());
+    let mut canister = installed_canister(a, &[("inc", MethodKind::Update)], &[]);
+    canister.system_state.status = CanisterStatus::Stopped;
+    let mut state = new_state(vec![canister]);
+    scheduler(&embedder).execute_block(&mut state, &block(1, vec![ingress(1, a, "inc")]));
+    let (code, error_code, _) = rejected(&status(&state, 1));
+    assert_eq!(
+        (code, error_code),
+        (RejectCode::CanisterError, Some(ErrorCode::CanisterStopped))
+    );
+    assert_eq!(embedder.count(a, "canister_update inc"), 0);
+}
+
+#[test]
+fn stopping_canister_stops_after_its_last_call_context_and_answers_stop() {
+    let a = canister_id(1);
+    let b = canister_id(2);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_update wait", move |_| {
+        Ok((None, calls(vec![a_call(b, "slow", Cycles::ZERO)]), 0))
+    });
+    embedder.on(b, "canister_update slow", |_| reply(b"done"));
+    embedder.on(a, "closure 1", |_| reply(b"finished"));
+    let mut state = new_state(vec![
+        installed_canister(a, &[("wait", MethodKind::Update)], &[]),
+        installed_canister(b, &[("slow", MethodKind::Update)], &[]),
+    ]);
+    // Execute only A's call: B's request stays queued because the round allows one message.
+    let config = ExecutionConfig {
+        max_messages_per_round: 1,
+        ..ExecutionConfig::default()
+    };
+    let mut scheduler = Scheduler::new(embedder.clone(), config, subnet());
+    let summary = scheduler.execute_block(&mut state, &block(1, vec![ingress(1, a, "wait")]));
+    assert!(summary.work_pending);
+    assert!(scheduler.has_pending_work(&state));
+    assert_eq!(status(&state, 1), IngressState::Processing);
+
+    let stop_request = RequestId([9; 32]);
+    state.canister_mut(&a).unwrap().system_state.status = CanisterStatus::Stopping {
+        stop_contexts: vec![StopContext::Ingress {
+            sender: user(),
+            request_id: stop_request,
+        }],
+    };
+    // New calls are refused while stopping; the response to the open call is still delivered.
+    scheduler.execute_block(&mut state, &block(2, vec![ingress(2, a, "wait")]));
+    let (_, error_code, _) = rejected(&status(&state, 2));
+    assert_eq!(error_code, Some(ErrorCode::CanisterStopping));
+    for height in 3..6 {
+        scheduler.execute_block(&mut state, &block(height, vec![]));
+    }
+    assert_eq!(
+        status(&state, 1),
+        IngressState::Replied(b"finished".to_vec())
+    );
+    assert_eq!(
+        state.canister(&a).unwrap().system_state.status,
+        CanisterStatus::Stopped
+    );
+    assert_eq!(
+        state.ingress_history.get(&stop_request).unwrap().state,
+        IngressState::Replied(EMPTY_CANDID_REPLY.to_vec())
+    );
+}
+
+#[test]
+fn trapping_callback_runs_cleanup_and_rejects_with_the_trap() {
+    let a = canister_id(1);
+    let b = canister_id(2);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_update go", move |_| {
+        Ok((None, calls(vec![a_call(b, "m", Cycles::ZERO)]), 1))
+    });
+    embedder.on(b, "canister_update m", |_| reply(b"x"));
+    embedder.on(a, "closure 1", |_| {
+        Err(ExecutionError::Trapped("unreachable".into()))
+    });
+    embedder.on(a, "closure 3", |input| {
+        assert_eq!(
+            input.api_type,
+            ApiType::Cleanup {
+                caller: user(),
+                code: 0
+            }
+        );
+        Ok((None, SystemStateChanges::default(), 100))
+    });
+    let mut state = new_state(vec![
+        installed_canister(a, &[("go", MethodKind::Update)], &[]),
+        installed_canister(b, &[("m", MethodKind::Update)], &[]),
+    ]);
+    scheduler(&embedder).execute_block(&mut state, &block(1, vec![ingress(1, a, "go")]));
+    let (code, error_code, message) = rejected(&status(&state, 1));
+    assert_eq!(
+        (code, error_code),
+        (RejectCode::CanisterError, Some(ErrorCode::CanisterTrapped))
+    );
+    assert!(message.contains("unreachable"), "{message}");
+    // The first execution's change (1) and the cleanup's (100) stay; the trapped callback's do not.
+    assert_eq!(counter(&state, a), 101);
+    assert_eq!(embedder.count(a, "closure 3"), 1);
+}
+
+#[test]
+fn one_way_call_with_invalid_callbacks_does_not_disturb_the_caller() {
+    let a = canister_id(1);
+    let b = canister_id(2);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_update fire", move |_| {
+        let mut call = a_call(b, "m", Cycles::ZERO);
+        call.on_reply = WasmClosure {
+            func_idx: u64::from(u32::MAX),
+            env: 0,
+        };
+        call.on_reject = call.on_reply;
+        call.on_cleanup = None;
+        Ok((
+            Some(WasmResponse::Reply(b"sent".to_vec())),
+            calls(vec![call]),
+            0,
+        ))
+    });
+    embedder.on(b, "canister_update m", |_| {
+        Ok((
+            Some(WasmResponse::Reply(vec![])),
+            SystemStateChanges::default(),
+            1,
+        ))
+    });
+    let mut state = new_state(vec![
+        installed_canister(a, &[("fire", MethodKind::Update)], &[]),
+        installed_canister(b, &[("m", MethodKind::Update)], &[]),
+    ]);
+    scheduler(&embedder).execute_block(&mut state, &block(1, vec![ingress(1, a, "fire")]));
+    assert_eq!(status(&state, 1), IngressState::Replied(b"sent".to_vec()));
+    assert_eq!(counter(&state, b), 1);
+    let manager = &state
+        .canister(&a)
+        .unwrap()
+        .system_state
+        .call_context_manager;
+    assert!(manager.call_contexts.is_empty() && manager.callbacks.is_empty());
+}
+
+#[test]
+fn timer_fires_once_and_is_cleared() {
+    let a = canister_id(1);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_global_timer", |input| {
+        assert_eq!(input.api_type, ApiType::SystemTask);
+        Ok((None, SystemStateChanges::default(), 1))
+    });
+    let mut canister = installed_canister(a, &[], &["canister_global_timer"]);
+    canister.system_state.global_timer_nanos = 1_500_000_000;
+    let mut state = new_state(vec![canister]);
+    let mut scheduler = scheduler(&embedder);
+    scheduler.execute_block(&mut state, &block(1, vec![]));
+    assert_eq!(counter(&state, a), 0, "not due at 1 s");
+    assert!(!scheduler.has_pending_work(&state));
+    scheduler.execute_block(&mut state, &block(2, vec![]));
+    assert_eq!(counter(&state, a), 1);
+    assert_eq!(
+        state.canister(&a).unwrap().system_state.global_timer_nanos,
+        0
+    );
+    scheduler.execute_block(&mut state, &block(3, vec![]));
+    assert_eq!(counter(&state, a), 1);
+    assert!(
+        state
+            .canister(&a)
+            .unwrap()
+            .system_state
+            .call_context_manager
+            .call_contexts
+            .is_empty()
+    );
+}
+
+#[test]
+fn timer_self_call_to_timer_executor_works() {
+    let a = canister_id(1);
+    let executor = "<ic-cdk internal> timer_executor";
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_global_timer", move |_| {
+        let mut call = a_call(a, executor, Cycles::ZERO);
+        call.timeout_seconds = Some(300);
+        Ok((None, calls(vec![call]), 0))
+    });
+    embedder.on(a, &format!("canister_update {executor}"), |input| {
+        let ApiType::Update {
+            caller, deadline, ..
+        } = &input.api_type
+        else {
+            panic!("update expected");
+        };
+        assert_eq!(*caller, canister_id(1).get());
+        assert_eq!(*deadline, 2_000_000_000 + 300 * 1_000_000_000);
+        Ok((
+            Some(WasmResponse::Reply(vec![])),
+            SystemStateChanges::default(),
+            5,
+        ))
+    });
+    embedder.on(a, "closure 1", |_| {
+        Ok((None, SystemStateChanges::default(), 0))
+    });
+    let mut canister = installed_canister(
+        a,
+        &[(executor, MethodKind::Update)],
+        &["canister_global_timer"],
+    );
+    canister.system_state.global_timer_nanos = 1;
+    let mut state = new_state(vec![canister]);
+    scheduler(&embedder).execute_block(&mut state, &block(2, vec![]));
+    assert_eq!(counter(&state, a), 5);
+    let manager = &state
+        .canister(&a)
+        .unwrap()
+        .system_state
+        .call_context_manager;
+    assert!(manager.call_contexts.is_empty() && manager.callbacks.is_empty());
+}
+
+#[test]
+fn heartbeat_runs_every_block_for_running_canisters() {
+    let a = canister_id(1);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_heartbeat", |_| {
+        Ok((None, SystemStateChanges::default(), 1))
+    });
+    let mut state = new_state(vec![installed_canister(a, &[], &["canister_heartbeat"])]);
+    let mut scheduler = scheduler(&embedder);
+    assert!(
+        !scheduler.has_pending_work(&state),
+        "heartbeats ride on idle blocks"
+    );
+    for height in 1..=3 {
+        scheduler.execute_block(&mut state, &block(height, vec![]));
+    }
+    assert_eq!(counter(&state, a), 3);
+    state.canister_mut(&a).unwrap().system_state.status = CanisterStatus::Stopped;
+    scheduler.execute_block(&mut state, &block(4, vec![]));
+    assert_eq!(counter(&state, a), 3);
+}
+
+#[test]
+fn heartbeat_interval_is_respected() {
+    let a = canister_id(1);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_heartbeat", |_| {
+        Ok((None, SystemStateChanges::default(), 1))
+    });
+    let mut state = new_state(vec![installed_canister(a, &[], &["canister_heartbeat"])]);
+    let config = ExecutionConfig {
+        heartbeat_interval_nanos: 2_000_000_000,
+        ..ExecutionConfig::default()
+    };
+    let mut scheduler = Scheduler::new(embedder.clone(), config, subnet());
+    // Blocks at 1 s .. 6 s: the interval boundaries 2, 4 and 6 s are crossed three times.
+    for height in 1..=6 {
+        scheduler.execute_block(&mut state, &block(height, vec![]));
+    }
+    assert_eq!(counter(&state, a), 3);
+}
+
+#[test]
+fn replayed_and_expired_ingress_is_not_executed() {
+    let a = canister_id(1);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_update inc", |_| {
+        Ok((
+            Some(WasmResponse::Reply(vec![])),
+            SystemStateChanges::default(),
+            1,
+        ))
+    });
+    let mut state = new_state(vec![installed_canister(
+        a,
+        &[("inc", MethodKind::Update)],
+        &[],
+    )]);
+    let mut scheduler = scheduler(&embedder);
+    let message = ingress(1, a, "inc");
+    scheduler.execute_block(
+        &mut state,
+        &block(1, vec![message.clone(), message.clone()]),
+    );
+    scheduler.execute_block(&mut state, &block(2, vec![message]));
+    assert_eq!(counter(&state, a), 1);
+
+    let mut expired = ingress(2, a, "inc");
+    expired.ingress_expiry = Time(1);
+    let summary = scheduler.execute_block(&mut state, &block(3, vec![expired]));
+    assert_eq!(summary.ingress_inducted, 0);
+    assert!(state.ingress_history.get(&RequestId([2; 32])).is_none());
+    assert_eq!(counter(&state, a), 1);
+}
+
+#[test]
+fn ingress_history_is_pruned_after_expiry_but_running_calls_are_kept() {
+    let a = canister_id(1);
+    let embedder = Arc::new(FakeEmbedder::default());
+    let mut state = new_state(vec![installed_canister(a, &[], &[])]);
+    let entry = |state: IngressState| IngressStatus {
+        state,
+        sender: user(),
+        effective_canister_id: a,
+        ingress_expiry: Time(500_000_000),
+    };
+    state
+        .ingress_history
+        .set(RequestId([1; 32]), entry(IngressState::Replied(vec![])));
+    state
+        .ingress_history
+        .set(RequestId([2; 32]), entry(IngressState::Processing));
+    scheduler(&embedder).execute_block(&mut state, &block(1, vec![]));
+    assert!(!state.ingress_history.contains(&RequestId([1; 32])));
+    assert!(state.ingress_history.contains(&RequestId([2; 32])));
+}
+
+#[test]
+fn out_of_cycles_canister_rejects_with_code_2() {
+    let a = canister_id(1);
+    let embedder = Arc::new(FakeEmbedder::default());
+    let mut canister = installed_canister(a, &[("inc", MethodKind::Update)], &[]);
+    canister.system_state.cycles_balance = Cycles(1_000);
+    let mut state = new_state(vec![canister]);
+    scheduler(&embedder).execute_block(&mut state, &block(1, vec![ingress(1, a, "inc")]));
+    let (code, error_code, message) = rejected(&status(&state, 1));
+    assert_eq!(
+        (code, error_code),
+        (
+            RejectCode::SysTransient,
+            Some(ErrorCode::CanisterOutOfCycles)
+        )
+    );
+    assert!(message.contains("provisional_top_up_canister"), "{message}");
+    assert_eq!(
+        state.canister(&a).unwrap().system_state.cycles_balance,
+        Cycles(1_000)
+    );
+}
+
+#[test]
+fn full_input_queue_rejects_ingress() {
+    let a = canister_id(1);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_update inc", |_| reply(b""));
+    let config = ExecutionConfig {
+        max_canister_input_queue_len: 1,
+        ..ExecutionConfig::default()
+    };
+    let mut state = new_state(vec![installed_canister(
+        a,
+        &[("inc", MethodKind::Update)],
+        &[],
+    )]);
+    Scheduler::new(embedder.clone(), config, subnet()).execute_block(
+        &mut state,
+        &block(1, vec![ingress(1, a, "inc"), ingress(2, a, "inc")]),
+    );
+    assert_eq!(status(&state, 1), IngressState::Replied(vec![]));
+    assert_eq!(
+        rejected(&status(&state, 2)).1,
+        Some(ErrorCode::CanisterQueueFull)
+    );
+}
+
+#[test]
+fn management_calls_from_canisters_get_responses() {
+    let a = canister_id(1);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_update rand", |_| {
+        Ok((
+            None,
+            calls(vec![a_call(
+                CanisterId::management(),
+                "raw_rand",
+                Cycles::ZERO,
+            )]),
+            0,
+        ))
+    });
+    embedder.on(a, "closure 1", |input| {
+        let ApiType::ReplyCallback { reply: data, .. } = &input.api_type else {
+            panic!("reply expected");
+        };
+        Ok((
+            Some(WasmResponse::Reply(data.clone())),
+            SystemStateChanges::default(),
+            0,
+        ))
+    });
+    let mut state = new_state(vec![installed_canister(
+        a,
+        &[("rand", MethodKind::Update)],
+        &[],
+    )]);
+    scheduler(&embedder).execute_block(&mut state, &block(1, vec![ingress(1, a, "rand")]));
+    let IngressState::Replied(bytes) = status(&state, 1) else {
+        panic!("expected a reply, got {:?}", status(&state, 1));
+    };
+    let random: Vec<u8> = candid::decode_one(&bytes).unwrap();
+    assert_eq!(random.len(), 32);
+}
+
+/// Runs the same blocks on two fresh states and checks they end equal.
+#[test]
+fn execution_is_deterministic() {
+    let run = || {
+        let a = canister_id(1);
+        let b = canister_id(2);
+        let embedder = Arc::new(FakeEmbedder::default());
+        embedder.on(a, "canister_update relay", move |_| {
+            Ok((None, calls(vec![a_call(b, "take", Cycles(77))]), 1))
+        });
+        embedder.on(b, "canister_update take", |_| reply(b"b"));
+        embedder.on(a, "closure 1", |_| reply(b"a"));
+        embedder.on(b, "canister_heartbeat", |_| {
+            Ok((None, SystemStateChanges::default(), 1))
+        });
+        let mut state = new_state(vec![
+            installed_canister(a, &[("relay", MethodKind::Update)], &[]),
+            installed_canister(b, &[("take", MethodKind::Update)], &["canister_heartbeat"]),
+        ]);
+        let mut scheduler = scheduler(&embedder);
+        for height in 1..=4u8 {
+            let messages = (0..height)
+                .map(|n| ingress(height * 10 + n, a, "relay"))
+                .collect();
+            scheduler.execute_block(&mut state, &block(u64::from(height), messages));
+        }
+        state
+    };
+    let (first, second) = (run(), run());
+    assert_eq!(first.metadata, second.metadata);
+    assert_eq!(first.canisters, second.canisters);
+    assert_eq!(first.ingress_history, second.ingress_history);
+    assert_ne!(first.metadata.random_seed, [3; 32]);
+    assert_eq!(status(&first, 43), IngressState::Replied(b"a".to_vec()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Queries and ingress inspection.
+
+struct FixedSnapshot(CanistersSnapshot);
+
+impl StateSnapshotSource for FixedSnapshot {
+    fn latest_snapshot(&self) -> CanistersSnapshot {
+        self.0.clone()
+    }
+}
+
+struct FakeCertifier;
+
+impl CertifiedStateReader for FakeCertifier {
+    fn certified_height(&self) -> Height {
+        Height(1)
+    }
+    fn subscribe_certified_height(&self) -> tokio::sync::watch::Receiver<Height> {
+        tokio::sync::watch::channel(Height(1)).1
+    }
+    fn ingress_status(&self, _request_id: &RequestId) -> Option<IngressStatus> {
+        None
+    }
+    fn canister_controllers(&self, _canister_id: &CanisterId) -> Option<Vec<Principal>> {
+        None
+    }
+    fn metadata_visibility(&self, _: &CanisterId, _: &str) -> Option<MetadataVisibility> {
+        None
+    }
+    fn certificate_for_paths(&self, _paths: &[LabelPath]) -> Result<Vec<u8>, CertificationError> {
+        Err(CertificationError::NotYetCertified)
+    }
+    fn data_certificate(&self, canister_id: &CanisterId) -> Result<Vec<u8>, CertificationError> {
+        Ok(canister_id.get().as_slice().to_vec())
+    }
+}
+
+fn snapshot_of(canisters: Vec<CanisterState>) -> Arc<FixedSnapshot> {
+    let state = new_state(canisters);
+    Arc::new(FixedSnapshot(CanistersSnapshot {
+        height: Height(1),
+        time: Time(1_000_000_000),
+        canisters: Arc::new(state.canisters_snapshot()),
+    }))
+}
+
+fn user_query(canister: CanisterId, method: &str) -> UserQuery {
+    UserQuery {
+        request_id: RequestId([0; 32]),
+        sender: user(),
+        canister_id: canister,
+        effective_canister_id: canister,
+        method_name: method.to_string(),
+        arg: vec![],
+    }
+}
+
+#[test]
+fn queries_run_with_data_certificate_and_refuse_updates() {
+    let a = canister_id(1);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_query get", move |input| {
+        let ApiType::Query {
+            replicated,
+            data_certificate,
+            ..
+        } = &input.api_type
+        else {
+            panic!("query expected");
+        };
+        assert!(!replicated);
+        assert_eq!(data_certificate.as_deref(), Some(a.get().as_slice()));
+        reply(b"q")
+    });
+    let mut stopped = installed_canister(canister_id(2), &[("get", MethodKind::Query)], &[]);
+    stopped.system_state.status = CanisterStatus::Stopped;
+    let snapshot = snapshot_of(vec![
+        installed_canister(
+            a,
+            &[("get", MethodKind::Query), ("set", MethodKind::Update)],
+            &[],
+        ),
+        stopped,
+    ]);
+    let queries = QueryExecution::new(
+        embedder.clone(),
+        snapshot,
+        Arc::new(FakeCertifier),
+        ExecutionConfig::default(),
+        subnet(),
+    );
+    assert_eq!(
+        queries.query(user_query(a, "get")),
+        QueryResult::Reply(b"q".to_vec())
+    );
+    let error_code = |result: QueryResult| match result {
+        QueryResult::Reject(error) => error.error_code,
+        QueryResult::Reply(_) => panic!("expected a rejection"),
+    };
+    assert_eq!(
+        error_code(queries.query(user_query(a, "set"))),
+        Some(ErrorCode::CanisterMethodNotExported)
+    );
+    assert_eq!(
+        error_code(queries.query(user_query(canister_id(9), "get"))),
+        Some(ErrorCode::CanisterNotFound)
+    );
+    assert_eq!(
+        error_code(queries.query(user_query(canister_id(2), "get"))),
+        Some(ErrorCode::CanisterStopped)
+    );
+    assert_eq!(embedder.count(a, "canister_update set"), 0);
+}
+
+#[test]
+fn composite_query_calls_other_queries() {
+    let a = canister_id(1);
+    let b = canister_id(2);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_composite_query both", move |_| {
+        Ok((None, calls(vec![a_call(b, "get", Cycles::ZERO)]), 1))
+    });
+    embedder.on(b, "canister_query get", move |input| {
+        let ApiType::Query {
+            caller,
+            data_certificate,
+            ..
+        } = &input.api_type
+        else {
+            panic!("query expected");
+        };
+        assert_eq!(*caller, a.get());
+        assert!(data_certificate.is_none());
+        reply(b"from b")
+    });
+    embedder.on(a, "closure 1", |input| {
+        let ApiType::ReplyCallback {
+            reply: data,
+            in_composite_query,
+            ..
+        } = &input.api_type
+        else {
+            panic!("reply callback expected");
+        };
+        assert!(*in_composite_query);
+        // The state built by the first execution is visible to the callback.
+        assert_eq!(counter_of(input.execution_state), 1);
+        let mut answer = b"a+".to_vec();
+        answer.extend_from_slice(data);
+        Ok((
+            Some(WasmResponse::Reply(answer)),
+            SystemStateChanges::default(),
+            0,
+        ))
+    });
+    let snapshot = snapshot_of(vec![
+        installed_canister(a, &[("both", MethodKind::CompositeQuery)], &[]),
+        installed_canister(b, &[("get", MethodKind::Query)], &[]),
+    ]);
+    let queries = QueryExecution::new(
+        embedder,
+        snapshot,
+        Arc::new(FakeCertifier),
+        ExecutionConfig::default(),
+        subnet(),
+    );
+    assert_eq!(
+        queries.query(user_query(a, "both")),
+        QueryResult::Reply(b"a+from b".to_vec())
+    );
+}
+
+#[test]
+fn composite_query_recursion_is_bounded() {
+    let a = canister_id(1);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_composite_query loop", move |_| {
+        Ok((None, calls(vec![a_call(a, "loop", Cycles::ZERO)]), 0))
+    });
+    embedder.on(a, "closure 2", |input| {
+        let ApiType::RejectCallback { message, .. } = &input.api_type else {
+            panic!("reject expected");
+        };
+        Ok((
+            Some(WasmResponse::Reject(message.clone())),
+            SystemStateChanges::default(),
+            0,
+        ))
+    });
+    let snapshot = snapshot_of(vec![installed_canister(
+        a,
+        &[("loop", MethodKind::CompositeQuery)],
+        &[],
+    )]);
+    let config = ExecutionConfig::default();
+    let depth = config.max_composite_query_depth as usize;
+    let queries = QueryExecution::new(
+        embedder.clone(),
+        snapshot,
+        Arc::new(FakeCertifier),
+        config,
+        subnet(),
+    );
+    let QueryResult::Reject(error) = queries.query(user_query(a, "loop")) else {
+        panic!("expected a rejection");
+    };
+    assert!(error.message.contains("deeper"), "{}", error.message);
+    assert_eq!(
+        embedder.count(a, "canister_composite_query loop"),
+        depth + 1
+    );
+}
+
+#[test]
+fn ingress_filter_runs_inspect_message() {
+    let a = canister_id(1);
+    let plain = canister_id(2);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_inspect_message", |input| {
+        let ApiType::InspectMessage { method_name, .. } = &input.api_type else {
+            panic!("inspect expected");
+        };
+        match method_name.as_str() {
+            "allowed" => Ok((
+                None,
+                SystemStateChanges {
+                    message_accepted: true,
+                    ..Default::default()
+                },
+                0,
+            )),
+            "trapping" => Err(ExecutionError::CalledTrap("no".into())),
+            _ => Ok((None, SystemStateChanges::default(), 0)),
+        }
+    });
+    let methods = [
+        ("allowed", MethodKind::Update),
+        ("refused", MethodKind::Update),
+        ("trapping", MethodKind::Update),
+        ("get", MethodKind::Query),
+        ("both", MethodKind::CompositeQuery),
+    ];
+    let snapshot = snapshot_of(vec![
+        installed_canister(a, &methods, &["canister_inspect_message"]),
+        installed_canister(plain, &[("m", MethodKind::Update)], &[]),
+    ]);
+    let filter = IngressFilter::new(embedder, snapshot, ExecutionConfig::default(), subnet());
+    assert_eq!(filter.inspect(&ingress(1, a, "allowed")), Ok(()));
+    for method in ["refused", "trapping"] {
+        let error = filter.inspect(&ingress(1, a, method)).unwrap_err();
+        assert_eq!(error.code, RejectCode::CanisterReject);
+        assert_eq!(error.error_code, Some(ErrorCode::CanisterRejectedMessage));
+    }
+    assert_eq!(
+        filter
+            .inspect(&ingress(1, a, "both"))
+            .unwrap_err()
+            .error_code,
+        Some(ErrorCode::CanisterMethodNotExported)
+    );
+    assert_eq!(
+        filter
+            .inspect(&ingress(1, a, "missing"))
+            .unwrap_err()
+            .error_code,
+        Some(ErrorCode::CanisterMethodNotExported)
+    );
+    assert_eq!(filter.inspect(&ingress(1, plain, "m")), Ok(()));
+    assert_eq!(
+        filter
+            .inspect(&ingress(1, canister_id(50), "m"))
+            .unwrap_err()
+            .error_code,
+        Some(ErrorCode::CanisterNotFound)
+    );
+}
+
+#[test]
+fn system_task_call_context_origin_is_system_task() {
+    let a = canister_id(1);
+    let b = canister_id(2);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_heartbeat", move |_| {
+        Ok((None, calls(vec![a_call(b, "m", Cycles::ZERO)]), 0))
+    });
+    embedder.on(b, "canister_update m", |_| reply(b""));
+    embedder.on(a, "closure 1", |_| {
+        Ok((None, SystemStateChanges::default(), 1))
+    });
+    let config = ExecutionConfig {
+        max_messages_per_round: 1,
+        ..ExecutionConfig::default()
+    };
+    let mut state = new_state(vec![
+        installed_canister(a, &[], &["canister_heartbeat"]),
+        installed_canister(b, &[("m", MethodKind::Update)], &[]),
+    ]);
+    let mut scheduler = Scheduler::new(embedder.clone(), config, subnet());
+    scheduler.execute_block(&mut state, &block(1, vec![]));
+    let contexts = &state
+        .canister(&a)
+        .unwrap()
+        .system_state
+        .call_context_manager
+        .call_contexts;
+    assert_eq!(contexts.len(), 1);
+    assert_eq!(
+        contexts.values().next().unwrap().origin,
+        CallOrigin::SystemTask
+    );
+}
+
+#[test]
+fn low_wasm_memory_hook_runs_once_when_pending() {
+    let a = canister_id(1);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_on_low_wasm_memory", |input| {
+        assert_eq!(input.api_type, ApiType::SystemTask);
+        Ok((None, SystemStateChanges::default(), 1))
+    });
+    let mut canister = installed_canister(a, &[], &["canister_on_low_wasm_memory"]);
+    canister.system_state.low_wasm_memory_hook_pending = true;
+    let mut state = new_state(vec![canister]);
+    let mut scheduler = scheduler(&embedder);
+    assert!(scheduler.has_pending_work(&state));
+    scheduler.execute_block(&mut state, &block(1, vec![]));
+    scheduler.execute_block(&mut state, &block(2, vec![]));
+    assert_eq!(counter(&state, a), 1);
+    assert!(
+        !state
+            .canister(&a)
+            .unwrap()
+            .system_state
+            .low_wasm_memory_hook_pending
+    );
+}
+
+#[test]
+fn canister_stopping_another_canister_gets_the_reply_when_it_stops() {
+    let a = canister_id(1);
+    let b = canister_id(2);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_update stop_b", move |_| {
+        let mut call = a_call(CanisterId::management(), "stop_canister", Cycles::ZERO);
+        call.payload = candid::encode_one(ic_management_canister_types::CanisterIdRecord {
+            canister_id: b.get(),
+        })
+        .unwrap();
+        Ok((None, calls(vec![call]), 0))
+    });
+    embedder.on(a, "closure 1", |input| {
+        let ApiType::ReplyCallback { reply: data, .. } = &input.api_type else {
+            panic!("reply expected");
+        };
+        assert_eq!(data.as_slice(), EMPTY_CANDID_REPLY);
+        reply(b"stopped")
+    });
+    let mut target = installed_canister(b, &[], &[]);
+    target.system_state.controllers.insert(a.get());
+    let mut state = new_state(vec![
+        installed_canister(a, &[("stop_b", MethodKind::Update)], &[]),
+        target,
+    ]);
+    scheduler(&embedder).execute_block(&mut state, &block(1, vec![ingress(1, a, "stop_b")]));
+    assert_eq!(
+        status(&state, 1),
+        IngressState::Replied(b"stopped".to_vec())
+    );
+    assert_eq!(
+        state.canister(&b).unwrap().system_state.status,
+        CanisterStatus::Stopped
+    );
+}

@@ -1,0 +1,437 @@
+//! Block execution with the real wasmtime embedder and the real management canister: canisters
+//! written in WAT are created and installed through ingress to `aaaaa-aa`, then called.
+
+use candid::{Encode, Nat};
+use ic_management_canister_types::{
+    CanisterIdRecord, CanisterInstallMode, InstallCodeArgs, ProvisionalCreateCanisterWithCyclesArgs,
+};
+use openic_embedders::{EmbedderConfig, WasmtimeEmbedder};
+use openic_execution::{ExecutionConfig, IngressFilter, QueryExecution, Scheduler, SubnetContext};
+use openic_interfaces::{
+    BlockExecutor, CanistersSnapshot, CertificationError, CertifiedStateReader, IngressInspector,
+    LabelPath, MetadataVisibility, QueryExecutor, StateSnapshotSource,
+};
+use openic_replicated_state::ReplicatedState;
+use openic_types::{
+    Block, CanisterId, ErrorCode, Height, IngressState, Principal, QueryResult, RejectCode,
+    RequestId, SignedIngress, SubnetId, Time, UserQuery,
+};
+use std::sync::{Arc, Mutex};
+
+/// A counter canister. `inc` adds one and replies with the counter (4 bytes LE); `boom` adds one
+/// and traps; `relay` calls `inc` on the canister whose id is its argument and forwards the reply;
+/// `arm` sets the global timer to now, and the timer adds 100.
+const COUNTER_WAT: &str = r#"
+(module
+  (import "ic0" "msg_reply" (func $msg_reply))
+  (import "ic0" "msg_reply_data_append" (func $append (param i32 i32)))
+  (import "ic0" "msg_arg_data_size" (func $arg_size (result i32)))
+  (import "ic0" "msg_arg_data_copy" (func $arg_copy (param i32 i32 i32)))
+  (import "ic0" "msg_reject" (func $msg_reject (param i32 i32)))
+  (import "ic0" "trap" (func $trap (param i32 i32)))
+  (import "ic0" "call_new" (func $call_new (param i32 i32 i32 i32 i32 i32 i32 i32)))
+  (import "ic0" "call_perform" (func $call_perform (result i32)))
+  (import "ic0" "global_timer_set" (func $timer_set (param i64) (result i64)))
+  (import "ic0" "time" (func $time (result i64)))
+  (memory 1)
+  (table 4 funcref)
+  (elem (i32.const 1) $on_reply $on_reject)
+  (global $counter (mut i32) (i32.const 0))
+  (data (i32.const 100) "boom")
+  (data (i32.const 300) "inc")
+  (func $reply_counter
+    (i32.store (i32.const 0) (global.get $counter))
+    (call $append (i32.const 0) (i32.const 4))
+    (call $msg_reply))
+  (func (export "canister_update inc")
+    (global.set $counter (i32.add (global.get $counter) (i32.const 1)))
+    (call $reply_counter))
+  (func (export "canister_query read")
+    (call $reply_counter))
+  (func (export "canister_update boom")
+    (global.set $counter (i32.add (global.get $counter) (i32.const 1)))
+    (call $trap (i32.const 100) (i32.const 4)))
+  (func (export "canister_update silent"))
+  (func (export "canister_update relay")
+    (call $arg_copy (i32.const 200) (i32.const 0) (call $arg_size))
+    (call $call_new (i32.const 200) (call $arg_size) (i32.const 300) (i32.const 3)
+      (i32.const 1) (i32.const 0) (i32.const 2) (i32.const 0))
+    (drop (call $call_perform)))
+  (func $on_reply (param i32)
+    (call $arg_copy (i32.const 0) (i32.const 0) (call $arg_size))
+    (call $append (i32.const 0) (call $arg_size))
+    (call $msg_reply))
+  (func $on_reject (param i32)
+    (call $msg_reject (i32.const 100) (i32.const 4)))
+  (func (export "canister_update arm")
+    (drop (call $timer_set (call $time)))
+    (call $reply_counter))
+  (func (export "canister_global_timer")
+    (global.set $counter (i32.add (global.get $counter) (i32.const 100))))
+)
+"#;
+
+/// A canister with `canister_inspect_message` (refusing methods with 4-letter names) and a
+/// heartbeat that counts beats (read with the query `beats`).
+const GUARDED_WAT: &str = r#"
+(module
+  (import "ic0" "msg_method_name_size" (func $name_size (result i32)))
+  (import "ic0" "accept_message" (func $accept))
+  (import "ic0" "msg_reply" (func $msg_reply))
+  (import "ic0" "msg_reply_data_append" (func $append (param i32 i32)))
+  (memory 1)
+  (global $beats (mut i32) (i32.const 0))
+  (func (export "canister_inspect_message")
+    (if (i32.ne (call $name_size) (i32.const 4)) (then (call $accept))))
+  (func (export "canister_heartbeat")
+    (global.set $beats (i32.add (global.get $beats) (i32.const 1))))
+  (func (export "canister_update hello") (call $msg_reply))
+  (func (export "canister_update deny") (call $msg_reply))
+  (func (export "canister_query beats")
+    (i32.store (i32.const 0) (global.get $beats))
+    (call $append (i32.const 0) (i32.const 4))
+    (call $msg_reply))
+)
+"#;
+
+struct Harness {
+    scheduler: Scheduler,
+    state: ReplicatedState,
+    height: u64,
+    nonce: u64,
+}
+
+fn user() -> Principal {
+    Principal::from_slice(&[7; 29])
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let embedder = WasmtimeEmbedder::new(EmbedderConfig::default()).expect("engine builds");
+        let subnet = SubnetContext {
+            subnet_id: SubnetId(Principal::from_slice(&[1; 29])),
+            root_key_der: vec![0; 133],
+            node_count: 1,
+        };
+        let state = ReplicatedState::new(
+            subnet.subnet_id,
+            openic_types::ids::FIRST_USER_CANISTER_INDEX,
+            [5; 32],
+        );
+        Harness {
+            scheduler: Scheduler::new(Arc::new(embedder), ExecutionConfig::default(), subnet),
+            state,
+            height: 0,
+            nonce: 0,
+        }
+    }
+
+    fn now(&self) -> Time {
+        Time(1_700_000_000_000_000_000 + self.height * 1_000_000_000)
+    }
+
+    /// Sends one ingress message in its own block and returns its request id.
+    fn submit(&mut self, canister: CanisterId, method: &str, arg: Vec<u8>) -> RequestId {
+        self.nonce += 1;
+        let mut id = [0u8; 32];
+        id[..8].copy_from_slice(&self.nonce.to_be_bytes());
+        let request_id = RequestId(id);
+        let effective_canister_id = canister;
+        let message = SignedIngress {
+            request_id,
+            sender: user(),
+            canister_id: canister,
+            effective_canister_id,
+            method_name: method.to_string(),
+            size_bytes: arg.len() as u64 + 200,
+            arg,
+            ingress_expiry: self.now().saturating_add_nanos(300 * 1_000_000_000),
+        };
+        self.block(vec![message]);
+        request_id
+    }
+
+    fn block(&mut self, ingress: Vec<SignedIngress>) {
+        self.height += 1;
+        let block = Block {
+            height: Height(self.height),
+            time: self.now(),
+            ingress,
+        };
+        self.scheduler.execute_block(&mut self.state, &block);
+    }
+
+    fn status(&self, request_id: RequestId) -> IngressState {
+        self.state
+            .ingress_history
+            .get(&request_id)
+            .expect("status recorded")
+            .state
+            .clone()
+    }
+
+    fn call(&mut self, canister: CanisterId, method: &str, arg: Vec<u8>) -> IngressState {
+        let id = self.submit(canister, method, arg);
+        self.status(id)
+    }
+
+    fn install_counter(&mut self) -> CanisterId {
+        self.install(COUNTER_WAT)
+    }
+
+    fn install(&mut self, wat_source: &str) -> CanisterId {
+        let create = ProvisionalCreateCanisterWithCyclesArgs {
+            amount: Some(Nat::from(10_000_000_000_000u64)),
+            settings: None,
+            specified_id: None,
+            sender_canister_version: None,
+        };
+        let reply = match self.call(
+            CanisterId::management(),
+            "provisional_create_canister_with_cycles",
+            Encode!(&create).unwrap(),
+        ) {
+            IngressState::Replied(reply) => reply,
+            other => panic!("create failed: {other:?}"),
+        };
+        let record = candid::decode_one::<CanisterIdRecord>(&reply).unwrap();
+        let canister_id = CanisterId::unchecked_from_principal(record.canister_id);
+        let install = InstallCodeArgs {
+            mode: CanisterInstallMode::Install,
+            canister_id: record.canister_id,
+            wasm_module: wat::parse_str(wat_source).unwrap(),
+            arg: vec![],
+            sender_canister_version: None,
+        };
+        let state = self.call(
+            CanisterId::management(),
+            "install_code",
+            Encode!(&install).unwrap(),
+        );
+        assert!(
+            matches!(state, IngressState::Replied(_)),
+            "install failed: {state:?}"
+        );
+        canister_id
+    }
+}
+
+fn counter_reply(state: &IngressState) -> u32 {
+    match state {
+        IngressState::Replied(bytes) => u32::from_le_bytes(bytes[..4].try_into().unwrap()),
+        other => panic!("expected a reply, got {other:?}"),
+    }
+}
+
+#[test]
+fn counter_canister_replies_traps_and_rolls_back() {
+    let mut harness = Harness::new();
+    let canister = harness.install_counter();
+    assert_eq!(counter_reply(&harness.call(canister, "inc", vec![])), 1);
+    assert_eq!(counter_reply(&harness.call(canister, "inc", vec![])), 2);
+
+    let IngressState::Rejected(error) = harness.call(canister, "boom", vec![]) else {
+        panic!("boom should be rejected");
+    };
+    assert_eq!(error.code, RejectCode::CanisterError);
+    assert_eq!(error.error_code, Some(ErrorCode::CanisterCalledTrap));
+    assert!(error.message.contains("boom"), "{}", error.message);
+    // The trap's increment was rolled back.
+    assert_eq!(counter_reply(&harness.call(canister, "read", vec![])), 2);
+
+    let IngressState::Rejected(error) = harness.call(canister, "silent", vec![]) else {
+        panic!("silent should be rejected");
+    };
+    assert_eq!(error.error_code, Some(ErrorCode::CanisterDidNotReply));
+}
+
+#[test]
+fn inter_canister_call_between_wat_canisters() {
+    let mut harness = Harness::new();
+    let first = harness.install_counter();
+    let second = harness.install_counter();
+    let reply = harness.call(first, "relay", second.get().as_slice().to_vec());
+    assert_eq!(counter_reply(&reply), 1);
+    assert_eq!(counter_reply(&harness.call(second, "read", vec![])), 1);
+    assert_eq!(counter_reply(&harness.call(first, "read", vec![])), 0);
+
+    // Calling a canister that does not exist reaches the reject callback, which rejects.
+    let missing = CanisterId::from_u64(0x8000_0000_00ff_0000);
+    let IngressState::Rejected(error) =
+        harness.call(first, "relay", missing.get().as_slice().to_vec())
+    else {
+        panic!("relay to a missing canister should be rejected");
+    };
+    assert_eq!(error.code, RejectCode::CanisterReject);
+    assert_eq!(error.message, "boom");
+}
+
+#[test]
+fn global_timer_fires_once() {
+    let mut harness = Harness::new();
+    let canister = harness.install_counter();
+    assert_eq!(counter_reply(&harness.call(canister, "arm", vec![])), 0);
+    harness.block(vec![]);
+    harness.block(vec![]);
+    assert_eq!(counter_reply(&harness.call(canister, "read", vec![])), 100);
+}
+
+#[test]
+fn stop_and_start_through_the_management_canister() {
+    let mut harness = Harness::new();
+    let canister = harness.install_counter();
+    let record = Encode!(&CanisterIdRecord {
+        canister_id: canister.get()
+    })
+    .unwrap();
+    let stop = harness.call(CanisterId::management(), "stop_canister", record.clone());
+    assert_eq!(stop, IngressState::Replied(b"DIDL\x00\x00".to_vec()));
+
+    let IngressState::Rejected(error) = harness.call(canister, "inc", vec![]) else {
+        panic!("a stopped canister must reject calls");
+    };
+    assert_eq!(error.code, RejectCode::CanisterError);
+    assert_eq!(error.error_code, Some(ErrorCode::CanisterStopped));
+
+    let start = harness.call(CanisterId::management(), "start_canister", record);
+    assert!(matches!(start, IngressState::Replied(_)), "{start:?}");
+    assert_eq!(counter_reply(&harness.call(canister, "inc", vec![])), 1);
+}
+
+struct LatestState(Mutex<ReplicatedState>);
+
+impl StateSnapshotSource for LatestState {
+    fn latest_snapshot(&self) -> CanistersSnapshot {
+        let state = self.0.lock().unwrap();
+        CanistersSnapshot {
+            height: state.metadata.height,
+            time: state.metadata.time,
+            canisters: Arc::new(state.canisters_snapshot()),
+        }
+    }
+}
+
+struct NoCertificates;
+
+impl CertifiedStateReader for NoCertificates {
+    fn certified_height(&self) -> Height {
+        Height(0)
+    }
+    fn subscribe_certified_height(&self) -> tokio::sync::watch::Receiver<Height> {
+        tokio::sync::watch::channel(Height(0)).1
+    }
+    fn ingress_status(&self, _: &RequestId) -> Option<openic_types::IngressStatus> {
+        None
+    }
+    fn canister_controllers(&self, _: &CanisterId) -> Option<Vec<Principal>> {
+        None
+    }
+    fn metadata_visibility(&self, _: &CanisterId, _: &str) -> Option<MetadataVisibility> {
+        None
+    }
+    fn certificate_for_paths(&self, _: &[LabelPath]) -> Result<Vec<u8>, CertificationError> {
+        Err(CertificationError::NotYetCertified)
+    }
+    fn data_certificate(&self, _: &CanisterId) -> Result<Vec<u8>, CertificationError> {
+        Err(CertificationError::NotYetCertified)
+    }
+}
+
+#[test]
+fn queries_and_ingress_inspection_on_the_latest_state() {
+    let mut harness = Harness::new();
+    let canister = harness.install_counter();
+    assert_eq!(counter_reply(&harness.call(canister, "inc", vec![])), 1);
+    let embedder = Arc::new(WasmtimeEmbedder::new(EmbedderConfig::default()).unwrap());
+    let snapshots = Arc::new(LatestState(Mutex::new(harness.state.clone())));
+    let subnet = SubnetContext {
+        subnet_id: harness.state.metadata.own_subnet_id,
+        root_key_der: vec![0; 133],
+        node_count: 1,
+    };
+    let queries = QueryExecution::new(
+        embedder.clone(),
+        snapshots.clone(),
+        Arc::new(NoCertificates),
+        ExecutionConfig::default(),
+        subnet.clone(),
+    );
+    let query = |method: &str| UserQuery {
+        request_id: RequestId([0; 32]),
+        sender: user(),
+        canister_id: canister,
+        effective_canister_id: canister,
+        method_name: method.to_string(),
+        arg: vec![],
+    };
+    assert_eq!(
+        queries.query(query("read")),
+        QueryResult::Reply(1u32.to_le_bytes().to_vec())
+    );
+    let QueryResult::Reject(error) = queries.query(query("inc")) else {
+        panic!("an update method must not run as a query");
+    };
+    assert_eq!(error.error_code, Some(ErrorCode::CanisterMethodNotExported));
+
+    let mut status_query = query("canister_status");
+    status_query.canister_id = CanisterId::management();
+    status_query.arg = Encode!(&CanisterIdRecord {
+        canister_id: canister.get()
+    })
+    .unwrap();
+    assert!(
+        matches!(queries.query(status_query), QueryResult::Reply(_)),
+        "canister_status works as a query to aaaaa-aa"
+    );
+
+    let filter = IngressFilter::new(embedder, snapshots, ExecutionConfig::default(), subnet);
+    let message = |method: &str| SignedIngress {
+        request_id: RequestId([1; 32]),
+        sender: user(),
+        canister_id: canister,
+        effective_canister_id: canister,
+        method_name: method.to_string(),
+        arg: vec![],
+        ingress_expiry: Time(u64::MAX),
+        size_bytes: 100,
+    };
+    assert_eq!(filter.inspect(&message("inc")), Ok(()));
+    assert_eq!(
+        filter.inspect(&message("nope")).unwrap_err().error_code,
+        Some(ErrorCode::CanisterMethodNotExported)
+    );
+}
+
+#[test]
+fn heartbeat_and_inspect_message_of_a_wat_canister() {
+    let mut harness = Harness::new();
+    let canister = harness.install(GUARDED_WAT);
+    // Installed in block 2; heartbeats run in every later block.
+    harness.block(vec![]);
+    harness.block(vec![]);
+    let beats = counter_reply(&harness.call(canister, "beats", vec![]));
+    assert_eq!(beats, 3, "blocks 3, 4 and 5 each ran one heartbeat");
+
+    let embedder = Arc::new(WasmtimeEmbedder::new(EmbedderConfig::default()).unwrap());
+    let snapshots = Arc::new(LatestState(Mutex::new(harness.state.clone())));
+    let subnet = SubnetContext {
+        subnet_id: harness.state.metadata.own_subnet_id,
+        root_key_der: vec![0; 133],
+        node_count: 1,
+    };
+    let filter = IngressFilter::new(embedder, snapshots, ExecutionConfig::default(), subnet);
+    let message = |method: &str| SignedIngress {
+        request_id: RequestId([1; 32]),
+        sender: user(),
+        canister_id: canister,
+        effective_canister_id: canister,
+        method_name: method.to_string(),
+        arg: vec![],
+        ingress_expiry: Time(u64::MAX),
+        size_bytes: 100,
+    };
+    assert_eq!(filter.inspect(&message("hello")), Ok(()));
+    let error = filter.inspect(&message("deny")).unwrap_err();
+    assert_eq!(error.code, RejectCode::CanisterReject);
+    assert_eq!(error.error_code, Some(ErrorCode::CanisterRejectedMessage));
+}

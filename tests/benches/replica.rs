@@ -1,0 +1,221 @@
+//! The replica benchmark: a real openic node on loopback, driven by the unmodified ic-agent.
+//!
+//! Run: `cargo bench -p openic-tests --bench replica` (release build). Results go to stdout as a
+//! Markdown table; docs/BENCHMARKS.md records them with the machine they were taken on.
+//!
+//! Measures update-call latency (p50/p99) and throughput with 1 and 64 concurrent clients, query
+//! throughput, install time of the ~400 KB counter canister, time from `start` to the first
+//! successful call, and two floors to read the rest against: a bare BLS sign+verify and a bare HTTP
+//! round trip over the same client stack (hyper via reqwest) to a trivial server.
+
+use candid::{Decode, Encode, Principal};
+use ic_agent::Agent;
+use ic_utils::interfaces::ManagementCanister;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const UPDATE_CALLS_SINGLE: usize = 300;
+const UPDATE_CALLS_CONCURRENT: usize = 3_000;
+const QUERY_CALLS: usize = 20_000;
+const CONCURRENT_CLIENTS: usize = 64;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+async fn agent_for(url: &str) -> Agent {
+    let agent = Agent::builder().with_url(url).build().expect("agent");
+    agent.fetch_root_key().await.expect("fetch root key");
+    agent
+}
+
+async fn inc(agent: &Agent, canister: Principal) {
+    let reply = agent
+        .update(&canister, "inc")
+        .with_arg(Encode!().unwrap())
+        .call_and_wait()
+        .await
+        .expect("inc");
+    Decode!(&reply, u64).expect("inc reply");
+}
+
+async fn get(agent: &Agent, canister: Principal) -> u64 {
+    let reply = agent
+        .query(&canister, "get")
+        .with_arg(Encode!().unwrap())
+        .call()
+        .await
+        .expect("get");
+    Decode!(&reply, u64).expect("get reply")
+}
+
+/// Runs `total` operations spread over `clients` concurrent tasks; returns per-op latencies and wall time.
+async fn run_concurrent<F, Fut>(clients: usize, total: usize, op: F) -> (Vec<Duration>, Duration)
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let op = Arc::new(op);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for client in 0..clients {
+        let op = op.clone();
+        let count = total / clients + usize::from(client < total % clients);
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(count);
+            for _ in 0..count {
+                let t = Instant::now();
+                op().await;
+                latencies.push(t.elapsed());
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::with_capacity(total);
+    for task in tasks {
+        all.extend(task.await.expect("task"));
+    }
+    let wall = started.elapsed();
+    all.sort();
+    (all, wall)
+}
+
+fn bls_floor() -> Duration {
+    let key = openic_crypto::SubnetSigningKey::generate();
+    let rounds = 50;
+    let started = Instant::now();
+    for i in 0..rounds {
+        let message = format!("\x0Dic-state-root{i:032}");
+        let signature = key.sign(message.as_bytes());
+        assert!(openic_crypto::bls::verify(key.public_key_der(), message.as_bytes(), &signature));
+    }
+    started.elapsed() / rounds
+}
+
+async fn http_floor() -> Duration {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = axum::Router::new().route("/", axum::routing::post(|| async { "ok" }));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let client = reqwest::Client::new();
+    let url = format!("http://{addr}/");
+    for _ in 0..50 {
+        client.post(&url).body(vec![0u8; 200]).send().await.expect("warm up");
+    }
+    let rounds = 2_000;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        let response = client.post(&url).body(vec![0u8; 200]).send().await.expect("post");
+        response.bytes().await.expect("body");
+    }
+    started.elapsed() / rounds
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let counter_wasm = openic_tests::test_canister_wasm("counter");
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    // Start to first successful call (status + root key + query on an empty network = status only).
+    let mut config = openic_node::NodeConfig::new(dir.path());
+    config.listen_addr = "127.0.0.1:0".parse().unwrap();
+    let started = Instant::now();
+    let node = openic_node::start(config).await.expect("start node");
+    let url = node.url();
+    let agent = agent_for(&url).await;
+    let start_to_ready = started.elapsed();
+
+    let management = ManagementCanister::create(&agent);
+    let (canister,) = management
+        .create_canister()
+        .as_provisional_create_with_amount(None)
+        .call_and_wait()
+        .await
+        .expect("create");
+    let t = Instant::now();
+    management
+        .install(&canister, &counter_wasm)
+        .await
+        .expect("install");
+    let install_time = t.elapsed();
+
+    // Warm-up.
+    for _ in 0..20 {
+        inc(&agent, canister).await;
+    }
+
+    let agent = Arc::new(agent);
+    let (single, single_wall) = {
+        let agent = agent.clone();
+        run_concurrent(1, UPDATE_CALLS_SINGLE, move || {
+            let agent = agent.clone();
+            async move { inc(&agent, canister).await }
+        })
+        .await
+    };
+    let (many, many_wall) = {
+        let agent = agent.clone();
+        run_concurrent(CONCURRENT_CLIENTS, UPDATE_CALLS_CONCURRENT, move || {
+            let agent = agent.clone();
+            async move { inc(&agent, canister).await }
+        })
+        .await
+    };
+    let (queries, queries_wall) = {
+        let agent = agent.clone();
+        run_concurrent(CONCURRENT_CLIENTS, QUERY_CALLS, move || {
+            let agent = agent.clone();
+            async move {
+                get(&agent, canister).await;
+            }
+        })
+        .await
+    };
+    let final_count = get(&agent, canister).await;
+    assert_eq!(final_count as usize, 20 + UPDATE_CALLS_SINGLE + UPDATE_CALLS_CONCURRENT);
+
+    let bls = bls_floor();
+    let http = http_floor().await;
+    let rss_kb = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|v| v.to_string()))
+        })
+        .unwrap_or_else(|| "?".into());
+
+    println!("| measurement | result |");
+    println!("|---|---|");
+    println!("| start to first successful call | {} |", ms(start_to_ready));
+    println!("| install {} KB counter canister | {} |", counter_wasm.len() / 1024, ms(install_time));
+    println!(
+        "| update, 1 client: p50 / p99 | {} / {} ({:.0} updates/s) |",
+        ms(percentile(&single, 0.5)),
+        ms(percentile(&single, 0.99)),
+        UPDATE_CALLS_SINGLE as f64 / single_wall.as_secs_f64()
+    );
+    println!(
+        "| update, {CONCURRENT_CLIENTS} clients: p50 / p99 | {} / {} ({:.0} updates/s) |",
+        ms(percentile(&many, 0.5)),
+        ms(percentile(&many, 0.99)),
+        UPDATE_CALLS_CONCURRENT as f64 / many_wall.as_secs_f64()
+    );
+    println!(
+        "| query, {CONCURRENT_CLIENTS} clients: p50 / p99 | {} / {} ({:.0} queries/s) |",
+        ms(percentile(&queries, 0.5)),
+        ms(percentile(&queries, 0.99)),
+        QUERY_CALLS as f64 / queries_wall.as_secs_f64()
+    );
+    println!("| floor: BLS sign + verify | {} |", ms(bls));
+    println!("| floor: bare HTTP round trip (reqwest → axum) | {} |", ms(http));
+    println!("| RSS of the benchmark process (node + clients) at the end | {rss_kb} kB |");
+    node.shutdown().await;
+}

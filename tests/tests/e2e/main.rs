@@ -1,0 +1,21 @@
+//! End-to-end tests: real openic nodes driven by the unmodified official clients.
+//!
+//! Every test starts its own node (in-process with `openic_node::start`, or the `openic` binary for the crash
+//! tests) on a free port with a fresh state directory, so tests are independent and may run in parallel.
+//! Clients keep their default verification: ic-agent verifies every certificate (BLS, against the fetched
+//! root key) and every query's node signature; @icp-sdk/core does the same in the JS test.
+//!
+//! Modules:
+//! - `canisters`: create, install, update, query, upgrade, chunked install, lifecycle, traps, certified data,
+//!   inter-canister calls and timers with ic-utils and ic-agent;
+//! - `identities`: anonymous, Ed25519, secp256k1 and P-256 senders, and controller checks;
+//! - `durability`: state survives a clean shutdown, SIGTERM and SIGKILL of the `openic` process;
+//! - `raw_http`: hand-made envelopes over raw HTTP/1.1 (bad signature, expiry, oversized body);
+//! - `js`: @icp-sdk/core (node:test) and a Motoko (wasm64, enhanced orthogonal persistence) canister.
+
+mod canisters;
+mod durability;
+mod identities;
+mod js;
+mod raw_http;
+mod support;
