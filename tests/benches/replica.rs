@@ -92,13 +92,19 @@ fn bls_floor() -> Duration {
     for i in 0..rounds {
         let message = format!("\x0Dic-state-root{i:032}");
         let signature = key.sign(message.as_bytes());
-        assert!(openic_crypto::bls::verify(key.public_key_der(), message.as_bytes(), &signature));
+        assert!(openic_crypto::bls::verify(
+            key.public_key_der(),
+            message.as_bytes(),
+            &signature
+        ));
     }
     started.elapsed() / rounds
 }
 
 async fn http_floor() -> Duration {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let app = axum::Router::new().route("/", axum::routing::post(|| async { "ok" }));
     tokio::spawn(async move {
@@ -107,12 +113,22 @@ async fn http_floor() -> Duration {
     let client = reqwest::Client::new();
     let url = format!("http://{addr}/");
     for _ in 0..50 {
-        client.post(&url).body(vec![0u8; 200]).send().await.expect("warm up");
+        client
+            .post(&url)
+            .body(vec![0u8; 200])
+            .send()
+            .await
+            .expect("warm up");
     }
     let rounds = 2_000;
     let started = Instant::now();
     for _ in 0..rounds {
-        let response = client.post(&url).body(vec![0u8; 200]).send().await.expect("post");
+        let response = client
+            .post(&url)
+            .body(vec![0u8; 200])
+            .send()
+            .await
+            .expect("post");
         response.bytes().await.expect("body");
     }
     started.elapsed() / rounds
@@ -179,7 +195,10 @@ async fn main() {
         .await
     };
     let final_count = get(&agent, canister).await;
-    assert_eq!(final_count as usize, 20 + UPDATE_CALLS_SINGLE + UPDATE_CALLS_CONCURRENT);
+    assert_eq!(
+        final_count as usize,
+        20 + UPDATE_CALLS_SINGLE + UPDATE_CALLS_CONCURRENT
+    );
 
     let bls = bls_floor();
     let http = http_floor().await;
@@ -194,8 +213,15 @@ async fn main() {
 
     println!("| measurement | result |");
     println!("|---|---|");
-    println!("| start to first successful call | {} |", ms(start_to_ready));
-    println!("| install {} KB counter canister | {} |", counter_wasm.len() / 1024, ms(install_time));
+    println!(
+        "| start to first successful call | {} |",
+        ms(start_to_ready)
+    );
+    println!(
+        "| install {} KB counter canister | {} |",
+        counter_wasm.len() / 1024,
+        ms(install_time)
+    );
     println!(
         "| update, 1 client: p50 / p99 | {} / {} ({:.0} updates/s) |",
         ms(percentile(&single, 0.5)),
@@ -215,7 +241,10 @@ async fn main() {
         QUERY_CALLS as f64 / queries_wall.as_secs_f64()
     );
     println!("| floor: BLS sign + verify | {} |", ms(bls));
-    println!("| floor: bare HTTP round trip (reqwest → axum) | {} |", ms(http));
+    println!(
+        "| floor: bare HTTP round trip (reqwest → axum) | {} |",
+        ms(http)
+    );
     println!("| RSS of the benchmark process (node + clients) at the end | {rss_kb} kB |");
     node.shutdown().await;
 }

@@ -45,7 +45,10 @@ pub(crate) fn spawn(thread: BlockThread) -> std::thread::JoinHandle<()> {
 
 impl BlockThread {
     fn run(mut self) {
-        let runtime = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
             Ok(runtime) => runtime,
             Err(err) => {
                 error!(%err, "cannot start the block thread's timer runtime; no blocks will be made");
@@ -77,7 +80,11 @@ impl BlockThread {
             if self.stop.load(Ordering::SeqCst) {
                 break;
             }
-            let block = maker.make_block(self.state.metadata.height, self.state.metadata.time, &self.pool);
+            let block = maker.make_block(
+                self.state.metadata.height,
+                self.state.metadata.time,
+                &self.pool,
+            );
             let started = Instant::now();
             if let Err(err) = self.block_log.append(&block) {
                 // Without a durable log we cannot promise anything we certify: stop making blocks.
@@ -94,22 +101,32 @@ impl BlockThread {
             self.metrics
                 .block_execution_duration_seconds
                 .observe(started.elapsed().as_secs_f64());
-            self.metrics.ingress_inducted.inc_by(summary.ingress_inducted);
-            self.metrics.messages_executed.inc_by(summary.messages_executed);
-            self.metrics.instructions_executed.inc_by(summary.instructions_executed);
+            self.metrics
+                .ingress_inducted
+                .inc_by(summary.ingress_inducted);
+            self.metrics
+                .messages_executed
+                .inc_by(summary.messages_executed);
+            self.metrics
+                .instructions_executed
+                .inc_by(summary.instructions_executed);
 
             let started = Instant::now();
             self.certified.certify(&mut self.state);
             self.metrics
                 .certification_duration_seconds
                 .observe(started.elapsed().as_secs_f64());
-            self.pool.release_executed(block.ingress.iter().map(|m| &m.request_id));
+            self.pool
+                .release_executed(block.ingress.iter().map(|m| &m.request_id));
             self.metrics.height.set(block.height.0 as i64);
-            self.metrics.canisters.set(self.state.canisters.len() as i64);
+            self.metrics
+                .canisters
+                .set(self.state.canisters.len() as i64);
 
             let heights_since = block.height.0 - last_checkpoint_height.0;
             if heights_since >= self.config.checkpoint_interval_heights
-                || (heights_since > 0 && last_checkpoint_at.elapsed() >= self.config.checkpoint_interval)
+                || (heights_since > 0
+                    && last_checkpoint_at.elapsed() >= self.config.checkpoint_interval)
             {
                 if self.checkpoint() {
                     last_checkpoint_height = block.height;

@@ -21,7 +21,9 @@ use openic_consensus::IngressPoolImpl;
 use openic_crypto::self_authenticating_principal;
 use openic_embedders::{Embedder, WasmtimeEmbedder};
 use openic_execution::{IngressFilter, QueryExecution, Scheduler, SubnetContext};
-use openic_interfaces::{BlockExecutor, BlockLog, CertifiedStateReader, CheckpointStore, StorageError};
+use openic_interfaces::{
+    BlockExecutor, BlockLog, CertifiedStateReader, CheckpointStore, StorageError,
+};
 use openic_replicated_state::ReplicatedState;
 use openic_state_manager::{FileBlockLog, FileCheckpointStore};
 use openic_types::ids::{FIRST_USER_CANISTER_INDEX, subnet_canister_ranges};
@@ -41,7 +43,9 @@ pub enum NodeError {
     #[error("wasm engine: {0}")]
     Embedder(String),
     /// The HTTP port could not be bound.
-    #[error("cannot listen on {addr}: {source}. Is another process using the port? Choose another with --port.")]
+    #[error(
+        "cannot listen on {addr}: {source}. Is another process using the port? Choose another with --port."
+    )]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -142,14 +146,19 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let node_id = NodeId(node_key.node_id());
 
     let embedder: Arc<dyn Embedder> = Arc::new(
-        WasmtimeEmbedder::new(config.embedder.clone()).map_err(|e| NodeError::Embedder(e.to_string()))?,
+        WasmtimeEmbedder::new(config.embedder.clone())
+            .map_err(|e| NodeError::Embedder(e.to_string()))?,
     );
     let subnet_context = SubnetContext {
         subnet_id,
         root_key_der: root_key_der.clone(),
         node_count: 1,
     };
-    let mut scheduler = Scheduler::new(embedder.clone(), config.execution.clone(), subnet_context.clone());
+    let mut scheduler = Scheduler::new(
+        embedder.clone(),
+        config.execution.clone(),
+        subnet_context.clone(),
+    );
 
     let mut checkpoints = FileCheckpointStore::open(&config.state_dir, config.checkpoints.clone())?;
     let mut block_log = FileBlockLog::open(&config.state_dir, config.block_log.clone())?;
@@ -192,7 +201,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         let certified = certified.clone();
         Arc::new(move |id: &openic_types::RequestId| certified.ingress_status(id).is_some())
     };
-    let pool = Arc::new(IngressPoolImpl::new(config.ingress_pool.clone(), known_requests));
+    let pool = Arc::new(IngressPoolImpl::new(
+        config.ingress_pool.clone(),
+        known_requests,
+    ));
     let clock: Arc<dyn Fn() -> Time + Send + Sync> = Arc::new(wall_clock);
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -51,8 +51,16 @@ impl NodeMetrics {
             checkpoint_duration_seconds: seconds(),
             critical_errors: Counter::default(),
         };
-        registry.register("height", "Latest executed and certified height", metrics.height.clone());
-        registry.register("canisters", "Number of canisters on the subnet", metrics.canisters.clone());
+        registry.register(
+            "height",
+            "Latest executed and certified height",
+            metrics.height.clone(),
+        );
+        registry.register(
+            "canisters",
+            "Number of canisters on the subnet",
+            metrics.canisters.clone(),
+        );
         registry.register(
             "ingress_inducted",
             "Ingress messages put into blocks",
@@ -99,7 +107,9 @@ impl NodeMetrics {
 
 /// `GET /metrics` in the Prometheus text format.
 pub fn router(registry: Arc<Registry>) -> Router {
-    Router::new().route("/metrics", get(serve_metrics)).with_state(registry)
+    Router::new()
+        .route("/metrics", get(serve_metrics))
+        .with_state(registry)
 }
 
 async fn serve_metrics(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
@@ -107,7 +117,10 @@ async fn serve_metrics(State(registry): State<Arc<Registry>>) -> impl IntoRespon
     match prometheus_client::encoding::text::encode(&mut body, &registry) {
         Ok(()) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             body,
         ),
         Err(error) => (

@@ -397,12 +397,19 @@ async fn inter_canister_calls() {
     assert_eq!(random_b.len(), 32);
     assert_ne!(random_a, random_b, "each raw_rand call returns fresh bytes");
 
-    let (direct,) = ManagementCanister::create(&agent)
+    // Only canisters may call raw_rand (the interface spec): an ingress message is refused up front.
+    let error = ManagementCanister::create(&agent)
         .raw_rand()
         .call_and_wait()
         .await
-        .expect("raw_rand called by a user");
-    assert_eq!(direct.len(), 32);
+        .expect_err("users must not call raw_rand");
+    let reject = reject_of(&error)
+        .unwrap_or_else(|| panic!("raw_rand by a user: expected a reject, got {error:?}"));
+    assert_eq!(
+        reject.reject_code,
+        RejectCode::CanisterReject,
+        "raw_rand by a user: {reject:?}"
+    );
     node.shutdown().await;
 }
 
