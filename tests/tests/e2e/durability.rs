@@ -107,3 +107,58 @@ async fn sigterm_shuts_down_cleanly_and_keeps_state() {
     let exit = process.terminate();
     assert!(exit.success(), "second SIGTERM: {exit}");
 }
+
+/// Concurrent clients while the process is killed.
+const CONCURRENT_CLIENTS: usize = 4;
+/// How long the clients run before SIGKILL.
+const LOAD_BEFORE_KILL: std::time::Duration = std::time::Duration::from_millis(2500);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_concurrent_updates_loses_no_certified_update() {
+    let state_dir = tempfile::tempdir().expect("temporary state directory");
+    let process = OpenicProcess::start(state_dir.path());
+    let agent = connect(process.url(), None).await;
+    let counter = deploy(&agent, "counter", args(())).await;
+
+    // Each client keeps calling `inc` and remembers the highest value it got a certified reply for.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..CONCURRENT_CLIENTS {
+        let agent = agent.clone();
+        let stop = stop.clone();
+        clients.push(tokio::spawn(async move {
+            let mut highest_certified = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                match try_update::<(u64,)>(&agent, counter, "inc", args(())).await {
+                    Ok((value,)) => highest_certified = highest_certified.max(value),
+                    // Calls in flight when the process dies fail; that is expected.
+                    Err(_) => break,
+                }
+            }
+            highest_certified
+        }));
+    }
+    tokio::time::sleep(LOAD_BEFORE_KILL).await;
+    process.kill();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut highest_certified = 0;
+    for client in clients {
+        highest_certified = highest_certified.max(client.await.expect("client task"));
+    }
+    assert!(
+        highest_certified > 0,
+        "no update was answered within {LOAD_BEFORE_KILL:?}"
+    );
+    drop(agent);
+
+    let process = OpenicProcess::start(state_dir.path());
+    let agent = connect(process.url(), None).await;
+    let value = counter_value(&agent, counter).await;
+    assert!(
+        value >= highest_certified,
+        "a certified reply said the counter reached {highest_certified}, but after SIGKILL and restart it is \
+         {value}.\n--- openic output ---\n{}",
+        process.output()
+    );
+    process.kill();
+}
