@@ -1,7 +1,9 @@
 //! The replica benchmark: a real openic node on loopback, driven by the unmodified ic-agent.
 //!
-//! Run: `cargo bench -p openic-tests --bench replica` (release build). Results go to stdout as a
-//! Markdown table; docs/BENCHMARKS.md records them with the machine they were taken on.
+//! Run: `cargo build --release -p openic && cargo bench -p openic-tests --bench replica`. The node
+//! runs as its own `openic start` process (the release binary); this process is the clients.
+//! Results go to stdout as a Markdown table; docs/BENCHMARKS.md records them with the machine they
+//! were taken on.
 //!
 //! Measures update-call latency (p50/p99) and throughput with 1 and 64 concurrent clients, query
 //! throughput, install time of the ~400 KB counter canister, time from `start` to the first
@@ -139,13 +141,16 @@ async fn main() {
     let counter_wasm = openic_tests::test_canister_wasm("counter");
     let dir = tempfile::tempdir().expect("tempdir");
 
-    // Start to first successful call (status + root key + query on an empty network = status only).
-    let mut config = openic_node::NodeConfig::new(dir.path());
-    config.listen_addr = "127.0.0.1:0".parse().unwrap();
+    // From spawning `openic start` to the first successful call (fetch the root key, then a
+    // certified read_state of /time through the status-less path every client takes first).
     let started = Instant::now();
-    let node = openic_node::start(config).await.expect("start node");
-    let url = node.url();
+    let node = openic_tests::OpenicProcess::start(dir.path());
+    let url = node.url().to_string();
     let agent = agent_for(&url).await;
+    agent
+        .read_state_raw(vec![vec!["time".into()]], Principal::management_canister())
+        .await
+        .expect("first certified read_state");
     let start_to_ready = started.elapsed();
 
     let management = ManagementCanister::create(&agent);
@@ -161,6 +166,9 @@ async fn main() {
         .await
         .expect("install");
     let install_time = t.elapsed();
+    // Idle resident memory of the node process, with one canister installed.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle_rss_kb = rss_kb(node.pid());
 
     // Warm-up.
     for _ in 0..20 {
@@ -202,14 +210,7 @@ async fn main() {
 
     let bls = bls_floor();
     let http = http_floor().await;
-    let rss_kb = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(|v| v.to_string()))
-        })
-        .unwrap_or_else(|| "?".into());
+    let loaded_rss_kb = rss_kb(node.pid());
 
     println!("| measurement | result |");
     println!("|---|---|");
@@ -245,6 +246,20 @@ async fn main() {
         "| floor: bare HTTP round trip (reqwest → axum) | {} |",
         ms(http)
     );
-    println!("| RSS of the benchmark process (node + clients) at the end | {rss_kb} kB |");
-    node.shutdown().await;
+    println!("| node RSS idle, one canister installed | {idle_rss_kb} kB |");
+    println!("| node RSS after the load | {loaded_rss_kb} kB |");
+    let status = node.terminate();
+    assert!(status.success(), "openic exited with {status}");
+}
+
+/// Resident set size of a process in kB, from /proc.
+fn rss_kb(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|v| v.to_string()))
+        })
+        .unwrap_or_else(|| "?".into())
 }

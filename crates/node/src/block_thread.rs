@@ -31,6 +31,8 @@ pub(crate) struct BlockThread {
     pub stop: Arc<AtomicBool>,
     pub wake: Arc<tokio::sync::Notify>,
     pub metrics: Arc<NodeMetrics>,
+    /// Set, with the reason, when the thread stops making blocks because of an error.
+    pub halted: Arc<parking_lot::Mutex<Option<String>>>,
     /// Held for as long as the block thread runs: no other process may use the state directory.
     pub _state_dir_lock: openic_state_manager::StateDirLock,
 }
@@ -66,6 +68,7 @@ impl BlockThread {
         );
         let mut last_checkpoint_height = self.state.metadata.height;
         let mut last_checkpoint_at = Instant::now();
+        let mut busy_heights_since_checkpoint = 0u64;
         loop {
             if self.stop.load(Ordering::SeqCst) {
                 break;
@@ -90,6 +93,10 @@ impl BlockThread {
                 // Without a durable log we cannot promise anything we certify: stop making blocks.
                 error!(%err, height = %block.height, "cannot append to the block log; the node stops making blocks");
                 self.metrics.critical_errors.inc();
+                self.halt(format!(
+                    "cannot append block {} to the block log: {err}",
+                    block.height
+                ));
                 break;
             }
             self.metrics
@@ -97,7 +104,26 @@ impl BlockThread {
                 .observe(started.elapsed().as_secs_f64());
 
             let started = Instant::now();
-            let summary = self.scheduler.execute_block(&mut self.state, &block);
+            let executed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.scheduler.execute_block(&mut self.state, &block)
+            }));
+            let summary = match executed {
+                Ok(summary) => summary,
+                Err(panic) => {
+                    // The state may be half-updated: certifying or continuing could spread a wrong
+                    // state. Stop making blocks and say so; the block is durable, so the cause can
+                    // be investigated by replaying it.
+                    let reason = format!(
+                        "executing block {} panicked: {}",
+                        block.height,
+                        panic_message(&panic)
+                    );
+                    error!(%reason, "the node stops making blocks");
+                    self.metrics.critical_errors.inc();
+                    self.halt(reason);
+                    return;
+                }
+            };
             self.metrics
                 .block_execution_duration_seconds
                 .observe(started.elapsed().as_secs_f64());
@@ -110,6 +136,9 @@ impl BlockThread {
             self.metrics
                 .instructions_executed
                 .inc_by(summary.instructions_executed);
+            if summary.messages_executed > 0 || summary.ingress_inducted > 0 {
+                busy_heights_since_checkpoint += 1;
+            }
 
             let started = Instant::now();
             self.certified.certify(&mut self.state);
@@ -123,13 +152,17 @@ impl BlockThread {
                 .canisters
                 .set(self.state.canisters.len() as i64);
 
-            let heights_since = block.height.0 - last_checkpoint_height.0;
-            if heights_since >= self.config.checkpoint_interval_heights
-                || (heights_since > 0
-                    && last_checkpoint_at.elapsed() >= self.config.checkpoint_interval)
+            // Checkpoint after enough busy heights or time; idle blocks (which keep /time fresh)
+            // only force one now and then, to bound the replay on restart.
+            let since = last_checkpoint_at.elapsed();
+            let idle_heights_since = block.height.0 - last_checkpoint_height.0;
+            if busy_heights_since_checkpoint >= self.config.checkpoint_interval_heights
+                || (busy_heights_since_checkpoint > 0 && since >= self.config.checkpoint_interval)
+                || (idle_heights_since > 0 && since >= self.config.idle_checkpoint_interval)
             {
                 if self.checkpoint() {
                     last_checkpoint_height = block.height;
+                    busy_heights_since_checkpoint = 0;
                 }
                 last_checkpoint_at = Instant::now();
             }
@@ -138,6 +171,11 @@ impl BlockThread {
             self.checkpoint();
         }
         info!(height = %self.state.metadata.height, "block thread stopped");
+    }
+
+    /// Records why the node stopped making blocks, for the status endpoint and calls.
+    fn halt(&self, reason: String) {
+        *self.halted.lock() = Some(reason);
     }
 
     /// Writes a checkpoint and drops the blocks it covers. A failure is logged and survived: the
@@ -170,5 +208,16 @@ impl BlockThread {
                 false
             }
         }
+    }
+}
+
+/// The message of a caught panic, if it carried one.
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(text) = panic.downcast_ref::<&str>() {
+        (*text).to_string()
+    } else if let Some(text) = panic.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "(no message)".to_string()
     }
 }

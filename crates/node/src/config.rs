@@ -15,10 +15,12 @@ pub struct NodeConfig {
     /// A block is made at least this often even without ingress, so certified `/time` stays fresh
     /// (clients refuse certificates older than 3-5 minutes) and timers and heartbeats run.
     pub idle_block_interval: Duration,
-    /// A checkpoint is written after this many heights…
+    /// A checkpoint is written after this many busy heights (blocks that executed something)…
     pub checkpoint_interval_heights: u64,
-    /// …or after this much time with at least one new height, whichever comes first.
+    /// …or after this much time with at least one busy height, whichever comes first…
     pub checkpoint_interval: Duration,
+    /// …or, when only idle blocks were made, after this much time (bounds the replay on restart).
+    pub idle_checkpoint_interval: Duration,
     /// Maximum ingress messages in one block.
     pub max_ingress_messages_per_block: usize,
     /// Maximum ingress bytes in one block.
@@ -46,6 +48,7 @@ impl NodeConfig {
             idle_block_interval: Duration::from_millis(1000),
             checkpoint_interval_heights: 500,
             checkpoint_interval: Duration::from_secs(30),
+            idle_checkpoint_interval: Duration::from_secs(600),
             max_ingress_messages_per_block: 1000,
             max_ingress_bytes_per_block: 4 * 1024 * 1024,
             http: Default::default(),

@@ -27,11 +27,14 @@ use openic_interfaces::{
 use openic_replicated_state::ReplicatedState;
 use openic_state_manager::{FileBlockLog, FileCheckpointStore};
 use openic_types::ids::{FIRST_USER_CANISTER_INDEX, subnet_canister_ranges};
-use openic_types::{NodeId, SubnetId, Time};
+use openic_types::{Block, NodeId, SubnetId, Time};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tracing::info;
+
+/// How long `shutdown` waits for open HTTP requests (sync calls wait up to their own timeout).
+const HTTP_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -116,8 +119,18 @@ impl RunningNode {
         if let Some(tx) = self.http_shutdown.take() {
             let _ = tx.send(());
         }
-        if let Some(task) = self.http_task.take() {
-            let _ = task.await;
+        if let Some(mut task) = self.http_task.take() {
+            // Graceful shutdown waits for open requests; a client that never finishes must not
+            // keep the node from stopping.
+            if tokio::time::timeout(HTTP_SHUTDOWN_GRACE, &mut task)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "open HTTP requests did not finish in {HTTP_SHUTDOWN_GRACE:?}; closing them"
+                );
+                task.abort();
+            }
         }
         self.stop.store(true, Ordering::SeqCst);
         self.wake_block_thread.notify_one();
@@ -190,6 +203,15 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         },
         signing_key.clone(),
     ));
+    // Make one fresh block before serving, so the first certificate's /time is now rather than
+    // genesis (0) or the time before the last shutdown; clients refuse stale certificates.
+    let fresh = Block {
+        height: state.metadata.height.increment(),
+        time: wall_clock().max(state.metadata.time.saturating_add_nanos(1)),
+        ingress: Vec::new(),
+    };
+    block_log.append(&fresh)?;
+    scheduler.execute_block(&mut state, &fresh);
     certified.certify(&mut state);
 
     let mut registry = prometheus_client::registry::Registry::with_prefix("openic");
@@ -208,6 +230,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let clock: Arc<dyn Fn() -> Time + Send + Sync> = Arc::new(wall_clock);
 
     let stop = Arc::new(AtomicBool::new(false));
+    let halted = Arc::new(parking_lot::Mutex::new(None::<String>));
     let wake_block_thread = Arc::new(tokio::sync::Notify::new());
     let block_thread = block_thread::spawn(block_thread::BlockThread {
         config: config.clone(),
@@ -222,6 +245,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         wake: wake_block_thread.clone(),
         metrics: node_metrics.clone(),
         _state_dir_lock: state_dir_lock,
+        halted: halted.clone(),
     });
 
     let query_executor = Arc::new(QueryExecution::new(
