@@ -1,7 +1,8 @@
 //! The replica benchmark: a real openic node on loopback, driven by the unmodified ic-agent.
 //!
-//! Run: `cargo build --release -p openic && cargo bench -p openic-tests --bench replica`. The node
-//! runs as its own `openic start` process (the release binary); this process is the clients.
+//! Run: `cargo build --profile bench -p openic && cargo bench -p openic-tests --bench replica`. The
+//! node runs as its own `openic start` process (the optimised binary in target/release); this
+//! process is the clients.
 //! Results go to stdout as a Markdown table; docs/BENCHMARKS.md records them with the machine they
 //! were taken on.
 //!

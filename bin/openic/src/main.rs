@@ -242,8 +242,15 @@ fn encode_args(args: Option<&str>) -> Result<Vec<u8>> {
         .map_err(|e| anyhow!("cannot encode Candid arguments `{text}`: {e}"))
 }
 
+/// Decoding work allowed when printing a reply: a hostile canister's reply must not hang the CLI.
+const REPLY_DECODING_QUOTA: usize = 10_000_000;
+
 fn print_reply(bytes: &[u8]) {
-    match candid::IDLArgs::from_bytes(bytes) {
+    let mut config = candid::de::DecoderConfig::new();
+    config
+        .set_decoding_quota(REPLY_DECODING_QUOTA)
+        .set_skipping_quota(REPLY_DECODING_QUOTA);
+    match candid::IDLArgs::from_bytes_with_config(bytes, &config) {
         Ok(args) => println!("{args}"),
         Err(_) => println!("0x{}", hex::encode(bytes)),
     }

@@ -10,8 +10,8 @@ use ic_certification::hash_tree::Hash;
 use ic_certification::{Certificate, HashTree};
 use openic_crypto::SubnetSigningKey;
 use openic_interfaces::{
-    CanistersSnapshot, CertificationError, CertifiedStateReader, LabelPath, MetadataVisibility,
-    StateSnapshotSource,
+    CanistersSnapshot, CertificationError, CertifiedStateReader, IngressStatusMeta, LabelPath,
+    MetadataVisibility, StateSnapshotSource,
 };
 use openic_replicated_state::{CanisterState, ReplicatedState};
 use openic_types::ids::CanisterIdRange;
@@ -433,6 +433,10 @@ impl CertifiedStateReader for CertifiedStateStore {
             .map_or(Height(0), |published| published.height)
     }
 
+    fn certified_time(&self) -> Time {
+        self.latest().map_or(Time(0), |published| published.time)
+    }
+
     fn subscribe_certified_height(&self) -> tokio::sync::watch::Receiver<Height> {
         self.height_sender.subscribe()
     }
@@ -441,6 +445,12 @@ impl CertifiedStateReader for CertifiedStateStore {
         let published = self.latest()?;
         let entry = published.tree.request_status.get(request_id.as_bytes())?;
         Some((*entry.status).clone())
+    }
+
+    fn ingress_status_meta(&self, request_id: &RequestId) -> Option<IngressStatusMeta> {
+        let published = self.latest()?;
+        let entry = published.tree.request_status.get(request_id.as_bytes())?;
+        Some(IngressStatusMeta::of(&entry.status))
     }
 
     fn canister_controllers(&self, canister_id: &CanisterId) -> Option<Vec<Principal>> {
@@ -474,6 +484,19 @@ impl CertifiedStateReader for CertifiedStateStore {
         let set = path_set(paths)?;
         let published = self.latest().ok_or(CertificationError::NotYetCertified)?;
         Ok(self.certificate(&published, &set))
+    }
+
+    fn certificate_for_paths_at(
+        &self,
+        paths: &[LabelPath],
+        height: Height,
+    ) -> Result<Option<Vec<u8>>, CertificationError> {
+        let set = path_set(paths)?;
+        let published = self.latest().ok_or(CertificationError::NotYetCertified)?;
+        if published.height != height {
+            return Ok(None);
+        }
+        Ok(Some(self.certificate(&published, &set)))
     }
 
     fn data_certificate(&self, canister_id: &CanisterId) -> Result<Vec<u8>, CertificationError> {
@@ -733,6 +756,65 @@ mod tests {
             AgentStatus::Unknown
         );
         assert_eq!(fixture.store.certified_height(), Height(6));
+    }
+
+    #[test]
+    fn time_meta_and_height_pinned_certificates_follow_the_published_height() {
+        let mut fixture = fixture();
+        let id = RequestId([3; 32]);
+        assert_eq!(fixture.store.certified_time(), Time(0));
+        assert_eq!(fixture.store.ingress_status_meta(&id), None);
+        assert_eq!(
+            fixture
+                .store
+                .certificate_for_paths_at(&[vec![b"time".to_vec()]], Height(5)),
+            Err(CertificationError::NotYetCertified)
+        );
+        fixture
+            .state
+            .ingress_history
+            .set(id, status(IngressState::Processing));
+        fixture.store.certify(&mut fixture.state);
+        assert_eq!(fixture.store.certified_time(), fixture.state.metadata.time);
+        let meta = fixture.store.ingress_status_meta(&id).unwrap();
+        assert_eq!(meta.sender, Principal::anonymous());
+        assert_eq!(
+            meta.effective_canister_id,
+            CanisterId::from_u64(FIRST_USER_CANISTER_INDEX)
+        );
+        assert!(!meta.is_terminal);
+        let paths = [vec![b"request_status".to_vec(), id.0.to_vec()]];
+        let at_five = fixture
+            .store
+            .certificate_for_paths_at(&paths, Height(5))
+            .unwrap()
+            .expect("height 5 is the published one");
+        assert_eq!(
+            at_five,
+            fixture.store.certificate_for_paths(&paths).unwrap()
+        );
+
+        fixture
+            .state
+            .ingress_history
+            .set(id, status(IngressState::Replied(vec![7; 1000])));
+        fixture.state.metadata.height = Height(6);
+        fixture.state.metadata.time = Time(fixture.state.metadata.time.0 + 1_000_000_000);
+        fixture.store.certify(&mut fixture.state);
+        assert!(fixture.store.ingress_status_meta(&id).unwrap().is_terminal);
+        assert_eq!(fixture.store.certified_time(), fixture.state.metadata.time);
+        // Asking for the height a caller authorised against, after it moved: no certificate.
+        assert_eq!(
+            fixture.store.certificate_for_paths_at(&paths, Height(5)),
+            Ok(None)
+        );
+        assert!(
+            fixture
+                .store
+                .certificate_for_paths_at(&paths, Height(6))
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[test]

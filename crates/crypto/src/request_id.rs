@@ -12,15 +12,26 @@
 //! (at decode time, see [`decode_cbor_value`]) duplicate keys.
 
 use openic_types::RequestId;
-use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_cbor::Value;
 use sha2::{Digest, Sha256};
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fmt;
 
 /// Deepest nesting of arrays and maps that [`hash_value`] accepts (the IC's own messages nest at
 /// most five levels: envelope, content, `paths`, path, label).
 pub const MAX_HASH_DEPTH: usize = 32;
+
+/// Most elements (array items or map entries) in one CBOR array or map that
+/// [`decode_cbor_value`] accepts. The largest real one is a `read_state` request's `paths` (at
+/// most 1,000) or a delegation's `targets`.
+pub const MAX_CBOR_CONTAINER_ELEMENTS: usize = 10_000;
+
+/// Most values in total (scalars and containers, at every level) in one document that
+/// [`decode_cbor_value`] accepts: each one-byte CBOR item becomes a 32-byte-plus [`Value`], so this
+/// bounds the memory a request body can make the decoder allocate.
+pub const MAX_CBOR_VALUES: usize = 200_000;
 
 /// Why a CBOR value could not be hashed or decoded.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -43,6 +54,16 @@ pub enum HashError {
     /// Nesting deeper than [`MAX_HASH_DEPTH`].
     #[error("values are nested more than {MAX_HASH_DEPTH} levels deep")]
     TooDeep,
+    /// An array or map with more than [`MAX_CBOR_CONTAINER_ELEMENTS`] elements.
+    #[error(
+        "a CBOR array or map has more than {MAX_CBOR_CONTAINER_ELEMENTS} elements; IC requests never need that many"
+    )]
+    TooManyElements,
+    /// More than [`MAX_CBOR_VALUES`] values in one document.
+    #[error(
+        "the CBOR document holds more than {MAX_CBOR_VALUES} values; IC requests never need that many"
+    )]
+    TooManyValues,
     /// The bytes are not CBOR.
     #[error("malformed CBOR: {0}")]
     MalformedCbor(String),
@@ -153,32 +174,82 @@ pub fn request_id(content: &BTreeMap<Value, Value>) -> Result<RequestId, HashErr
 
 /// Decodes CBOR bytes (with or without the self-describe tag 55799) into a [`Value`], refusing
 /// duplicate map keys anywhere (serde_cbor's own `Value` silently keeps the last one, which would
-/// let a signed field and a read field differ).
+/// let a signed field and a read field differ), arrays and maps nested more than
+/// [`MAX_HASH_DEPTH`] levels deep, containers with more than [`MAX_CBOR_CONTAINER_ELEMENTS`]
+/// elements, and documents with more than [`MAX_CBOR_VALUES`] values.
 pub fn decode_cbor_value(bytes: &[u8]) -> Result<Value, HashError> {
-    serde_cbor::from_slice::<StrictValue>(bytes)
-        .map(|strict| strict.0)
-        .map_err(|error| {
-            let text = error.to_string();
-            match text.strip_prefix(DUPLICATE_KEY_MARKER) {
-                Some(key) => HashError::DuplicateKey(key.to_string()),
-                None => HashError::MalformedCbor(text),
-            }
-        })
+    let budget = Cell::new(MAX_CBOR_VALUES);
+    let mut deserializer = serde_cbor::Deserializer::from_slice(bytes);
+    let decoded = StrictSeed {
+        depth: 0,
+        budget: &budget,
+    }
+    .deserialize(&mut deserializer)
+    .and_then(|value| deserializer.end().map(|()| value));
+    decoded.map_err(|error| {
+        let text = error.to_string();
+        if let Some(key) = text.strip_prefix(DUPLICATE_KEY_MARKER) {
+            HashError::DuplicateKey(key.to_string())
+        } else if text.starts_with(TOO_DEEP_MARKER) {
+            HashError::TooDeep
+        } else if text.starts_with(TOO_MANY_ELEMENTS_MARKER) {
+            HashError::TooManyElements
+        } else if text.starts_with(TOO_MANY_VALUES_MARKER) {
+            HashError::TooManyValues
+        } else {
+            HashError::MalformedCbor(text)
+        }
+    })
 }
 
 const DUPLICATE_KEY_MARKER: &str = "duplicate key: ";
+const TOO_DEEP_MARKER: &str = "nesting too deep";
+const TOO_MANY_ELEMENTS_MARKER: &str = "too many elements in one container";
+const TOO_MANY_VALUES_MARKER: &str = "too many values in the document";
 
-struct StrictValue(Value);
+/// Decodes one value at nesting `depth`, charging it to the document's `budget` of values.
+#[derive(Clone, Copy)]
+struct StrictSeed<'a> {
+    depth: usize,
+    budget: &'a Cell<usize>,
+}
 
-impl<'de> Deserialize<'de> for StrictValue {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(StrictVisitor).map(StrictValue)
+impl<'de> DeserializeSeed<'de> for StrictSeed<'_> {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        let Some(left) = self.budget.get().checked_sub(1) else {
+            return Err(de::Error::custom(TOO_MANY_VALUES_MARKER));
+        };
+        self.budget.set(left);
+        deserializer.deserialize_any(StrictVisitor(self))
     }
 }
 
-struct StrictVisitor;
+impl StrictSeed<'_> {
+    /// The seed for the elements of a container opened at this seed's depth.
+    fn nested<E: de::Error>(self) -> Result<Self, E> {
+        if self.depth >= MAX_HASH_DEPTH {
+            return Err(E::custom(TOO_DEEP_MARKER));
+        }
+        Ok(StrictSeed {
+            depth: self.depth + 1,
+            budget: self.budget,
+        })
+    }
+}
 
-impl<'de> Visitor<'de> for StrictVisitor {
+fn count_element<E: de::Error>(count: &mut usize) -> Result<(), E> {
+    *count += 1;
+    if *count > MAX_CBOR_CONTAINER_ELEMENTS {
+        return Err(E::custom(TOO_MANY_ELEMENTS_MARKER));
+    }
+    Ok(())
+}
+
+struct StrictVisitor<'a>(StrictSeed<'a>);
+
+impl<'de> Visitor<'de> for StrictVisitor<'_> {
     type Value = Value;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -224,27 +295,33 @@ impl<'de> Visitor<'de> for StrictVisitor {
         Ok(Value::Null)
     }
     fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
-        StrictValue::deserialize(d).map(|v| v.0)
+        d.deserialize_any(self)
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let seed = self.0.nested()?;
         // Do not trust size hints from untrusted input for preallocation.
         let mut items = Vec::new();
-        while let Some(item) = seq.next_element::<StrictValue>()? {
-            items.push(item.0);
+        let mut count = 0;
+        while let Some(item) = seq.next_element_seed(seed)? {
+            count_element(&mut count)?;
+            items.push(item);
         }
         Ok(Value::Array(items))
     }
     fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Value, A::Error> {
+        let seed = self.0.nested()?;
         let mut map = BTreeMap::new();
-        while let Some((key, value)) = access.next_entry::<StrictValue, StrictValue>()? {
-            if map.contains_key(&key.0) {
-                let shown = match &key.0 {
+        let mut count = 0;
+        while let Some((key, value)) = access.next_entry_seed(seed, seed)? {
+            count_element(&mut count)?;
+            if map.contains_key(&key) {
+                let shown = match &key {
                     Value::Text(text) => text.clone(),
                     other => format!("{other:?}"),
                 };
                 return Err(de::Error::custom(format!("{DUPLICATE_KEY_MARKER}{shown}")));
             }
-            map.insert(key.0, value.0);
+            map.insert(key, value);
         }
         Ok(Value::Map(map))
     }
@@ -371,5 +448,48 @@ mod tests {
             value = Value::Array(vec![value]);
         }
         assert_eq!(hash_value(&value, "paths"), Err(HashError::TooDeep));
+    }
+
+    #[test]
+    fn decoding_refuses_huge_containers_deep_nesting_and_too_many_values() {
+        let array = |n: usize| Value::Array(vec![Value::Integer(0); n]);
+        let encode = |value: &Value| serde_cbor::to_vec(value).unwrap();
+        assert!(decode_cbor_value(&encode(&array(MAX_CBOR_CONTAINER_ELEMENTS))).is_ok());
+        assert_eq!(
+            decode_cbor_value(&encode(&array(MAX_CBOR_CONTAINER_ELEMENTS + 1))),
+            Err(HashError::TooManyElements)
+        );
+        let big_map: BTreeMap<Value, Value> = (0..=MAX_CBOR_CONTAINER_ELEMENTS)
+            .map(|i| (Value::Text(i.to_string()), Value::Integer(0)))
+            .collect();
+        assert_eq!(
+            decode_cbor_value(&encode(&Value::Map(big_map))),
+            Err(HashError::TooManyElements)
+        );
+        // Many containers, each within the limit, together over the document's budget.
+        let many = Value::Array(vec![array(9_999); MAX_CBOR_VALUES / 9_999 + 1]);
+        assert_eq!(
+            decode_cbor_value(&encode(&many)),
+            Err(HashError::TooManyValues)
+        );
+        let nested = |levels: usize| {
+            let mut value = Value::Bytes(vec![]);
+            for _ in 0..levels {
+                value = Value::Array(vec![value]);
+            }
+            value
+        };
+        assert!(decode_cbor_value(&encode(&nested(MAX_HASH_DEPTH))).is_ok());
+        assert_eq!(
+            decode_cbor_value(&encode(&nested(MAX_HASH_DEPTH + 1))),
+            Err(HashError::TooDeep)
+        );
+        // Trailing bytes after the document are malformed, not ignored.
+        let mut trailing = encode(&array(1));
+        trailing.push(0);
+        assert!(matches!(
+            decode_cbor_value(&trailing),
+            Err(HashError::MalformedCbor(_))
+        ));
     }
 }

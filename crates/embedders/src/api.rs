@@ -106,6 +106,9 @@ pub enum ApiType {
         caller: UserId,
         /// The reject code of the response (0 if it was a reply).
         code: u32,
+        /// Whether this is inside a composite query (context `CC`: non-replicated, no
+        /// `cycles_burn128`, `root_key_*` or `global_timer_set`).
+        in_composite_query: bool,
     },
     /// `canister_inspect_message` (context `F`).
     InspectMessage {
@@ -160,6 +163,12 @@ pub struct SystemStateView {
     pub call_fee_per_byte: Cycles,
     /// Cost of creating a canister, for `cost_create_canister`.
     pub create_canister_fee: Cycles,
+    /// Instructions already executed by earlier executions of the current call context (0 when
+    /// there is none); `performance_counter(1)` returns this plus the current execution's count.
+    pub call_context_instructions: u64,
+    /// How many more callbacks the canister may have outstanding (its limit minus those it has);
+    /// `call_perform` returns 2 once this execution's calls reach it.
+    pub remaining_callbacks: u64,
 }
 
 /// An outgoing call made with `call_new` … `call_perform`.
@@ -281,8 +290,9 @@ pub struct WasmExecutionOutput {
     pub instructions_used: u64,
     /// `Ok` with the new state, the response (if any) and the requested changes; `Err` on trap,
     /// with everything rolled back. In contexts whose state changes the spec discards
-    /// (non-replicated queries and `canister_inspect_message`) the returned state is the input
-    /// state, unchanged: the heap is not compared back, to keep queries cheap.
+    /// (queries, replicated or not, and `canister_inspect_message`) the returned state is the
+    /// input state, unchanged: the heap is not compared back, to keep queries cheap. System
+    /// state changes (accepted cycles, the response) are still reported.
     pub result:
         Result<(NewExecutionState, Option<WasmResponse>, SystemStateChanges), ExecutionError>,
     /// Lines printed with `debug_print` and the trap message, in order (for logs; kept on failure).

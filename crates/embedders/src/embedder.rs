@@ -137,6 +137,16 @@ fn global_val(value: GlobalValue) -> Val {
     }
 }
 
+/// Instructions charged per stored 4 KiB heap page before an execution runs, for copying the
+/// page into the fresh instance and comparing it back afterwards (a 4 GiB heap costs about
+/// 268 M instructions, a few percent of an update's budget).
+pub const HEAP_COPY_INSTRUCTIONS_PER_PAGE: u64 = 256;
+
+/// The instructions charged for copying in (and comparing back) `stored_pages` heap pages.
+fn heap_copy_instructions(stored_pages: u64) -> u64 {
+    stored_pages.saturating_mul(HEAP_COPY_INSTRUCTIONS_PER_PAGE)
+}
+
 /// An all-zero page, to compare against with `memcmp`.
 static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
@@ -444,11 +454,13 @@ impl WasmtimeEmbedder {
             .compiled(&state.wasm_binary)
             .map_err(|e| wasm_error(e.to_string()))?;
         let context = Context::of(&input.api_type);
-        // Note: state changes of non-replicated queries and inspect_message are discarded by
-        // definition, so their heap is not compared back (the input state is returned).
+        // Note: state changes of queries (also when run replicated, as an update or by another
+        // canister) and of inspect_message are discarded by definition, so their heap is not
+        // compared back (the input state is returned). Accepted cycles and the response still
+        // come back in the System API outcome.
         let keeps_state = !matches!(
             context,
-            Context::NonReplicatedQuery | Context::InspectMessage
+            Context::ReplicatedQuery | Context::NonReplicatedQuery | Context::InspectMessage
         );
         let api = SystemApi::new(
             input.api_type,
@@ -467,20 +479,30 @@ impl WasmtimeEmbedder {
         let limit = input.instruction_limit;
         let (mut store, instance) = self.instantiate(&compiled, Some(api), memory_limit, limit)?;
         Self::restore(&compiled, &mut store, &instance, state)?;
+        // The heap copy-in (and compare-back) is work proportional to the stored heap: charge it
+        // from the budget before the canister runs, so a huge heap is not free to execute.
+        let heap_cost = heap_copy_instructions(state.wasm_memory.num_stored_pages() as u64);
+        if heap_cost > limit {
+            *instructions_used = limit;
+            return Err(ExecutionError::InstructionLimitExceeded { limit });
+        }
+        store.set_fuel(limit - heap_cost).map_err(wasm_error)?;
 
         let result = Self::run(&compiled, &mut store, &instance, &input.entry_point, limit);
         *instructions_used = limit.saturating_sub(store.get_fuel().unwrap_or(0));
         let api = store.data_mut().api.take();
         if let Err(error) = result {
+            // The trap line goes through the same per-execution byte budget as debug_print.
+            let line = match &error {
+                ExecutionError::MethodNotFound(_) => None,
+                ExecutionError::CalledTrap(message) => Some(format!("[TRAP]: {message}")),
+                other => Some(format!("[TRAP]: {other}")),
+            };
             if let Some(mut api) = api {
-                *debug_prints = api.take_debug_prints();
-            }
-            match &error {
-                ExecutionError::MethodNotFound(_) => {}
-                ExecutionError::CalledTrap(message) => {
-                    debug_prints.push(format!("[TRAP]: {message}"));
+                if let Some(line) = line {
+                    api.record_debug_line(line);
                 }
-                other => debug_prints.push(format!("[TRAP]: {other}")),
+                *debug_prints = api.take_debug_prints();
             }
             return Err(error);
         }

@@ -41,6 +41,8 @@ pub(crate) enum Context {
     CompositeRejectCallback,
     /// `C`: cleanup callback.
     Cleanup,
+    /// `CC`: cleanup callback in a composite query.
+    CompositeCleanup,
     /// `F`: inspect_message.
     InspectMessage,
     /// `T`: heartbeat, global timer, low-memory hook.
@@ -79,7 +81,14 @@ impl Context {
                 in_composite_query: true,
                 ..
             } => Context::CompositeRejectCallback,
-            ApiType::Cleanup { .. } => Context::Cleanup,
+            ApiType::Cleanup {
+                in_composite_query: false,
+                ..
+            } => Context::Cleanup,
+            ApiType::Cleanup {
+                in_composite_query: true,
+                ..
+            } => Context::CompositeCleanup,
             ApiType::InspectMessage { .. } => Context::InspectMessage,
             ApiType::SystemTask => Context::SystemTask,
             ApiType::Start => Context::Start,
@@ -105,6 +114,7 @@ impl Context {
             Context::CompositeReplyCallback => "composite query reply callback",
             Context::CompositeRejectCallback => "composite query reject callback",
             Context::Cleanup => "cleanup",
+            Context::CompositeCleanup => "composite query cleanup",
             Context::InspectMessage => "inspect_message",
             Context::SystemTask => "system task",
             Context::Start => "start",
@@ -119,6 +129,7 @@ impl Context {
                 | Context::CompositeQuery
                 | Context::CompositeReplyCallback
                 | Context::CompositeRejectCallback
+                | Context::CompositeCleanup
                 | Context::InspectMessage
         )
     }
@@ -144,6 +155,7 @@ pub(crate) mod mask {
         | b(CompositeReplyCallback)
         | b(CompositeRejectCallback)
         | b(Cleanup)
+        | b(CompositeCleanup)
         | b(InspectMessage)
         | b(SystemTask);
     /// `* s`.
@@ -167,6 +179,7 @@ pub(crate) mod mask {
         | b(CompositeReplyCallback)
         | b(CompositeRejectCallback)
         | b(Cleanup)
+        | b(CompositeCleanup)
         | b(InspectMessage);
     /// `msg_method_name_*`, `accept_message`.
     pub const INSPECT: u32 = b(InspectMessage);
@@ -175,7 +188,8 @@ pub(crate) mod mask {
         | b(RejectCallback)
         | b(CompositeReplyCallback)
         | b(CompositeRejectCallback)
-        | b(Cleanup);
+        | b(Cleanup)
+        | b(CompositeCleanup);
     /// `msg_reject_msg_*`.
     pub const REJECT_MSG: u32 = b(RejectCallback) | b(CompositeRejectCallback);
     /// `msg_deadline` and `msg_reply*`/`msg_reject`.
@@ -365,6 +379,23 @@ mod tests {
         let before = names.len();
         names.dedup();
         assert_eq!(before, names.len());
+    }
+
+    #[test]
+    fn composite_cleanup_is_non_replicated_without_burn_root_key_or_timer() {
+        let composite_cleanup = Context::of(&ApiType::Cleanup {
+            caller: candid::Principal::anonymous(),
+            code: 0,
+            in_composite_query: true,
+        });
+        assert_eq!(composite_cleanup, Context::CompositeCleanup);
+        assert!(!composite_cleanup.is_replicated());
+        for forbidden in [mask::BURN, mask::ROOT_KEY, mask::TIMER] {
+            assert_eq!(forbidden & composite_cleanup.bit(), 0);
+            assert_ne!(forbidden & Context::Cleanup.bit(), 0);
+        }
+        assert_ne!(mask::ANY & composite_cleanup.bit(), 0);
+        assert_ne!(mask::REJECT_CODE & composite_cleanup.bit(), 0);
     }
 
     #[test]

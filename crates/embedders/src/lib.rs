@@ -28,4 +28,4 @@ mod validation;
 
 pub use api::*;
 pub use config::{EmbedderConfig, EmbedderError};
-pub use embedder::WasmtimeEmbedder;
+pub use embedder::{HEAP_COPY_INSTRUCTIONS_PER_PAGE, WasmtimeEmbedder};

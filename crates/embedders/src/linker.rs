@@ -578,6 +578,8 @@ pub(crate) fn build_linker<A: Address>(
                 "cost_http_request_v2",
                 mask::ANY_AND_START,
                 |api, heap| {
+                    // Checked before the heap is touched: a huge `size` costs nothing to refuse.
+                    api.check_cost_http_request_v2_size(size.to_u64())?;
                     let params = crate::system_api::heap_read(
                         heap,
                         src.to_u64(),

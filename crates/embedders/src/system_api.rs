@@ -33,6 +33,20 @@ pub const SYSTEM_API_CALL_INSTRUCTIONS: u64 = 50;
 pub const MAX_LEGACY_STABLE_PAGES: u64 = 65_536;
 /// Threshold-key names `cost_sign_with_*` and `cost_vetkd_derive_key` know.
 pub const KNOWN_KEY_NAMES: [&str; 3] = ["test_key_1", "dfx_test_key", "key_1"];
+/// Largest Candid parameter blob `cost_http_request_v2` accepts (the record of five `nat64`
+/// fields is under 100 bytes; the cap stops hostile blobs before they are read or decoded).
+pub const MAX_COST_HTTP_REQUEST_V2_PARAMS_BYTES: u64 = 1024;
+/// Candid decoding quota (roughly: values decoded, weighted by cost) for parameters the System
+/// API decodes, so a small blob that declares huge vectors fails fast instead of running for
+/// minutes.
+pub const CANDID_DECODING_QUOTA: usize = 10_000;
+/// Candid skipping quota (values of unknown fields skipped) for the same parameters.
+pub const CANDID_SKIPPING_QUOTA: usize = 1_000;
+/// Longest `ic0.trap` message kept (and read from the heap); longer ones are cut and end with
+/// [`TRAP_MESSAGE_TRUNCATED_MARKER`].
+pub const MAX_TRAP_MESSAGE_BYTES: u64 = 16 * 1024;
+/// Appended to a trap message cut at [`MAX_TRAP_MESSAGE_BYTES`].
+pub const TRAP_MESSAGE_TRUNCATED_MARKER: &str = "... [trap message truncated:";
 /// Cost of one threshold signature or key derivation (the 34-node fiduciary subnet's price).
 pub const THRESHOLD_KEY_OPERATION_CYCLES: u128 = 26_153_846_153;
 
@@ -128,7 +142,8 @@ pub(crate) struct SystemApi {
     reply_buffer: Vec<u8>,
     response: Option<WasmResponse>,
     call: Option<CallUnderConstruction>,
-    /// Cycles attached to performed calls.
+    /// Cycles attached to performed calls plus their call fees (both leave the balance when
+    /// the scheduler sends the calls).
     cycles_in_calls: Cycles,
     changes: SystemStateChanges,
     stable_memory: PageMap,
@@ -700,7 +715,11 @@ impl SystemApi {
     /// `performance_counter`.
     pub(crate) fn performance_counter(&self, counter_type: i32) -> Result<u64, ExecutionError> {
         match counter_type {
-            0 | 1 => Ok(self.instructions_so_far),
+            0 => Ok(self.instructions_so_far),
+            1 => Ok(self
+                .view
+                .call_context_instructions
+                .saturating_add(self.instructions_so_far)),
             other => Err(violation(format!(
                 "ic0.performance_counter: unknown counter type {other} (0 and 1 exist)"
             ))),
@@ -938,14 +957,23 @@ impl SystemApi {
         let Some(call) = self.call.take() else {
             return Ok(2);
         };
+        // The call was taken out of construction above, so its cycles are back in the balance:
+        // the cycles plus the call fee (which the scheduler charges when it sends the call) must
+        // be liquid.
         let liquid_with_call = self.liquid_balance();
+        let fee = Cycles(self.cost_call(call.method_name.len() as u64, call.payload.len() as u64));
+        let max_calls =
+            (MAX_OUTGOING_CALLS_PER_EXECUTION as u64).min(self.view.remaining_callbacks);
         if !self.view.can_make_calls
-            || self.changes.calls.len() >= MAX_OUTGOING_CALLS_PER_EXECUTION
-            || call.cycles > liquid_with_call
+            || self.changes.calls.len() as u64 >= max_calls
+            || call.cycles.saturating_add(fee) > liquid_with_call
         {
             return Ok(2);
         }
-        self.cycles_in_calls = self.cycles_in_calls.saturating_add(call.cycles);
+        self.cycles_in_calls = self
+            .cycles_in_calls
+            .saturating_add(call.cycles)
+            .saturating_add(fee);
         self.changes.calls.push(OutgoingCall {
             callee: call.callee,
             method_name: call.method_name,
@@ -1057,6 +1085,17 @@ impl SystemApi {
             .saturating_mul(n)
     }
 
+    /// Refuses a `cost_http_request_v2` parameter blob longer than
+    /// [`MAX_COST_HTTP_REQUEST_V2_PARAMS_BYTES`], before anything is read.
+    pub(crate) fn check_cost_http_request_v2_size(&self, size: u64) -> Result<(), ExecutionError> {
+        if size > MAX_COST_HTTP_REQUEST_V2_PARAMS_BYTES {
+            return Err(violation(format!(
+                "ic0.cost_http_request_v2: the parameters are {size} bytes, more than the limit of {MAX_COST_HTTP_REQUEST_V2_PARAMS_BYTES}"
+            )));
+        }
+        Ok(())
+    }
+
     /// `cost_http_request_v2` over Candid-encoded parameters.
     pub(crate) fn cost_http_request_v2(&self, params: &[u8]) -> Result<u128, ExecutionError> {
         #[derive(serde::Deserialize, candid::CandidType)]
@@ -1067,7 +1106,12 @@ impl SystemApi {
             transformed_response_bytes: u64,
             transform_instructions: u64,
         }
-        let params: Params = candid::decode_one(params).map_err(|e| {
+        self.check_cost_http_request_v2_size(params.len() as u64)?;
+        let mut config = candid::de::DecoderConfig::new();
+        config
+            .set_decoding_quota(CANDID_DECODING_QUOTA)
+            .set_skipping_quota(CANDID_SKIPPING_QUOTA);
+        let params: Params = candid::utils::decode_one_with_config(params, &config).map_err(|e| {
             violation(format!(
                 "ic0.cost_http_request_v2: the parameters are not a Candid record {{ request_bytes; http_roundtrip_time_ms; raw_response_bytes; transformed_response_bytes; transform_instructions }} of nat64: {e}"
             ))
@@ -1241,10 +1285,24 @@ impl SystemApi {
         self.record_debug_line(line);
     }
 
-    /// `trap`: always returns the error that ends the execution.
+    /// `trap`: always returns the error that ends the execution. At most
+    /// [`MAX_TRAP_MESSAGE_BYTES`] of the message are read (and charged, one instruction per
+    /// byte); a longer message is cut and marked, so a canister cannot make the node copy or log
+    /// megabytes for free.
     pub(crate) fn trap(&mut self, heap: &[u8], src: u64, size: u64) -> ExecutionError {
-        let message = match heap_read(heap, src, size, "trap") {
-            Ok(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+        let kept = size.min(MAX_TRAP_MESSAGE_BYTES);
+        let message = match heap_read(heap, src, kept, "trap") {
+            Ok(bytes) => {
+                self.charge_bytes(bytes.len());
+                let mut message = String::from_utf8_lossy(bytes).into_owned();
+                if size > kept {
+                    message.push_str(&format!(
+                        "{TRAP_MESSAGE_TRUNCATED_MARKER} {} of {size} bytes shown]",
+                        bytes.len()
+                    ));
+                }
+                message
+            }
             Err(_) => String::new(),
         };
         ExecutionError::CalledTrap(message)
@@ -1294,6 +1352,8 @@ mod tests {
             call_base_fee: Cycles(10),
             call_fee_per_byte: Cycles(1),
             create_canister_fee: Cycles(500),
+            call_context_instructions: 0,
+            remaining_callbacks: 1_000,
         }
     }
 
@@ -1343,6 +1403,186 @@ mod tests {
         api.msg_reply().unwrap();
         assert!(api.msg_reply().is_err());
         assert!(api.msg_reject(&[], 0, 0).is_err());
+    }
+
+    /// A Candid record of the five `nat64` parameters plus an unknown field of type `vec null`
+    /// that claims `extra_len` elements (each costs nothing on the wire).
+    fn http_params_with_huge_vec(extra_len: u64) -> Vec<u8> {
+        fn leb(mut value: u64, out: &mut Vec<u8>) {
+            loop {
+                let byte = (value & 0x7f) as u8;
+                value >>= 7;
+                if value == 0 {
+                    out.push(byte);
+                    return;
+                }
+                out.push(byte | 0x80);
+            }
+        }
+        let mut fields: Vec<(u32, bool)> = [
+            "request_bytes",
+            "http_roundtrip_time_ms",
+            "raw_response_bytes",
+            "transformed_response_bytes",
+            "transform_instructions",
+        ]
+        .iter()
+        .map(|name| (candid::idl_hash(name), false))
+        .collect();
+        fields.push((0xFFFF_FFF0, true));
+        fields.sort();
+        let mut bytes = b"DIDL".to_vec();
+        bytes.push(2); // two types
+        bytes.push(0x6c); // type 0: record
+        bytes.push(fields.len() as u8);
+        for (hash, extra) in &fields {
+            leb(u64::from(*hash), &mut bytes);
+            bytes.push(if *extra { 1 } else { 0x78 }); // vec null (type 1) or nat64
+        }
+        bytes.extend_from_slice(&[0x6d, 0x7f]); // type 1: vec null
+        bytes.extend_from_slice(&[1, 0]); // one argument of type 0
+        for (_, extra) in &fields {
+            if *extra {
+                leb(extra_len, &mut bytes);
+            } else {
+                bytes.extend_from_slice(&7u64.to_le_bytes());
+            }
+        }
+        bytes
+    }
+
+    #[test]
+    fn cost_http_request_v2_refuses_hostile_candid_fast() {
+        let api = update(0);
+        let small = http_params_with_huge_vec(3);
+        assert!(api.cost_http_request_v2(&small).is_ok());
+        let hostile = http_params_with_huge_vec(4_000_000_000);
+        assert!(hostile.len() <= 100, "{} bytes", hostile.len());
+        let started = std::time::Instant::now();
+        let error = api.cost_http_request_v2(&hostile).unwrap_err();
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "decoding took {:?}",
+            started.elapsed()
+        );
+        assert!(
+            error.to_string().contains("cost_http_request_v2"),
+            "{error}"
+        );
+        let too_long = vec![0u8; MAX_COST_HTTP_REQUEST_V2_PARAMS_BYTES as usize + 1];
+        let error = api.cost_http_request_v2(&too_long).unwrap_err();
+        assert!(error.to_string().contains("limit of 1024"), "{error}");
+        assert!(
+            api.check_cost_http_request_v2_size(u64::MAX).is_err(),
+            "a huge size is refused before the heap is read"
+        );
+    }
+
+    #[test]
+    fn trap_message_is_capped_and_charged() {
+        let mut api = update(0);
+        let heap = vec![b'x'; 100_000];
+        api.extra_instructions = 0;
+        let ExecutionError::CalledTrap(message) = api.trap(&heap, 0, 100_000) else {
+            panic!("trap returns CalledTrap");
+        };
+        assert!(message.starts_with(&"x".repeat(MAX_TRAP_MESSAGE_BYTES as usize)));
+        assert!(message.contains(TRAP_MESSAGE_TRUNCATED_MARKER), "{message}");
+        assert!(message.contains("16384 of 100000 bytes shown"), "{message}");
+        assert!(message.len() < MAX_TRAP_MESSAGE_BYTES as usize + 100);
+        assert_eq!(api.extra_instructions, MAX_TRAP_MESSAGE_BYTES);
+        let ExecutionError::CalledTrap(short) = api.trap(b"boom", 0, 4) else {
+            panic!("trap returns CalledTrap");
+        };
+        assert_eq!(short, "boom");
+        // A range reaching past the heap is cut at the cap first, then checked.
+        let ExecutionError::CalledTrap(empty) = api.trap(b"boom", 2, u64::MAX) else {
+            panic!("trap returns CalledTrap");
+        };
+        assert_eq!(empty, "");
+    }
+
+    /// A heap with callee `CanisterId::from_u64(5)` at 0 (10 bytes) and method "greet" at 10.
+    fn call_heap() -> Vec<u8> {
+        let mut heap = CanisterId::from_u64(5).get().as_slice().to_vec();
+        heap.extend_from_slice(b"greet");
+        heap
+    }
+
+    fn new_call(api: &mut SystemApi, heap: &[u8]) {
+        let closure = WasmClosure {
+            func_idx: 0,
+            env: 0,
+        };
+        api.call_new(heap, 0, 10, 10, 5, closure, closure).unwrap();
+    }
+
+    #[test]
+    fn call_perform_needs_the_call_fee_to_be_liquid() {
+        // Balance 1000, freezing threshold 100: 900 liquid. Fee = 10 + 1 * 5 bytes of name = 15.
+        let heap = call_heap();
+        let mut api = update(0);
+        new_call(&mut api, &heap);
+        api.call_cycles_add128(886).unwrap();
+        assert_eq!(api.call_perform().unwrap(), 2, "886 + 15 > 900");
+        new_call(&mut api, &heap);
+        api.call_cycles_add128(885).unwrap();
+        assert_eq!(api.call_perform().unwrap(), 0, "885 + 15 = 900");
+        assert_eq!(
+            api.current_balance(),
+            Cycles(100),
+            "cycles and fee left the balance"
+        );
+    }
+
+    #[test]
+    fn call_perform_respects_the_callback_budget() {
+        let heap = call_heap();
+        let mut view = view();
+        view.remaining_callbacks = 2;
+        view.call_base_fee = Cycles::ZERO;
+        view.call_fee_per_byte = Cycles::ZERO;
+        let mut api = SystemApi::new(
+            ApiType::Update {
+                caller: Principal::anonymous(),
+                arg: vec![],
+                cycles_available: Cycles::ZERO,
+                deadline: 0,
+            },
+            view,
+            PageMap::new(),
+            0,
+            1 << 20,
+            1024,
+        );
+        for expected in [0, 0, 2] {
+            new_call(&mut api, &heap);
+            assert_eq!(api.call_perform().unwrap(), expected);
+        }
+        assert_eq!(api.finish().changes.calls.len(), 2);
+    }
+
+    #[test]
+    fn performance_counter_1_includes_the_call_context() {
+        let mut view = view();
+        view.call_context_instructions = 1_000;
+        let mut api = SystemApi::new(
+            ApiType::Update {
+                caller: Principal::anonymous(),
+                arg: vec![],
+                cycles_available: Cycles::ZERO,
+                deadline: 0,
+            },
+            view,
+            PageMap::new(),
+            0,
+            1 << 20,
+            1024,
+        );
+        api.instructions_so_far = 70;
+        assert_eq!(api.performance_counter(0).unwrap(), 70);
+        assert_eq!(api.performance_counter(1).unwrap(), 1_070);
+        assert!(api.performance_counter(2).is_err());
     }
 
     #[test]

@@ -139,6 +139,14 @@ const CANISTER: &str = r#"
   (func $recurse (call $recurse))
   (func (export "canister_update recurse") (call $recurse))
 
+  (func (export "canister_query bump")
+    (global.set $counter (i32.add (global.get $counter) (i32.const 1)))
+    (i32.store (ADDR.const 0) (global.get $counter))
+    (drop (call $stable_grow (i64.const 1)))
+    (call $accept (i64.const 0) (i64.const 5) (ADDR.const 516))
+    (call $append (ADDR.const 0) (ADDR.const 4))
+    (call $reply))
+
   (func (export "canister_update counter")
     (i64.store (ADDR.const 600) (call $counter (i32.const 0)))
     (call $append (ADDR.const 600) (ADDR.const 8))
@@ -181,9 +189,12 @@ fn view() -> SystemStateView {
         global_timer_nanos: 0,
         environment_variables: BTreeMap::new(),
         can_make_calls: true,
-        call_base_fee: Cycles(260_000),
-        call_fee_per_byte: Cycles(1_000),
+        // Small fees: `call_perform` requires the attached cycles plus the fee to be liquid.
+        call_base_fee: Cycles(10),
+        call_fee_per_byte: Cycles(1),
         create_canister_fee: Cycles(500_000_000_000),
+        call_context_instructions: 0,
+        remaining_callbacks: 1_000,
     }
 }
 
@@ -236,7 +247,7 @@ fn run(
 /// The export name of a test method: queries and system hooks as named, the rest are updates.
 fn export_name(method: &str) -> String {
     match method {
-        "read" | "stable_read" => format!("canister_query {method}"),
+        "read" | "stable_read" | "bump" => format!("canister_query {method}"),
         m if m.starts_with("canister_") => m.to_string(),
         m => format!("canister_update {m}"),
     }
@@ -742,4 +753,98 @@ fn real_modules() {
             println!("  query {method}: {:?}", output.result.map(|r| r.1));
         }
     }
+}
+
+#[test]
+fn replicated_query_discards_state_but_keeps_cycles_and_reply() {
+    both(|wasm64| {
+        let e = embedder();
+        let state = install(&e, &wat::parse_str(canister_wat(wasm64)).unwrap());
+        let query = ApiType::Query {
+            caller: Principal::anonymous(),
+            arg: vec![],
+            replicated: true,
+            data_certificate: None,
+            cycles_available: Cycles(20),
+        };
+        let (new, response, changes) = run(&e, &state, query, "bump").result.unwrap();
+        assert_eq!(response, Some(WasmResponse::Reply(vec![1, 0, 0, 0])));
+        assert_eq!(
+            changes.cycles_accepted,
+            Cycles(5),
+            "accepted cycles still apply"
+        );
+        assert_eq!(
+            new.wasm_memory, state.wasm_memory,
+            "heap changes are discarded"
+        );
+        assert_eq!(new.globals, state.globals, "global changes are discarded");
+        assert_eq!(new.stable_memory_size_pages, state.stable_memory_size_pages);
+        // The same method run as an update-context export would keep its changes; as a query it
+        // starts from the same state every time.
+        let query = ApiType::Query {
+            caller: Principal::anonymous(),
+            arg: vec![],
+            replicated: true,
+            data_certificate: None,
+            cycles_available: Cycles(0),
+        };
+        let (_, response, _) = run(&e, &state, query, "bump").result.unwrap();
+        assert_eq!(response, Some(WasmResponse::Reply(vec![1, 0, 0, 0])));
+    });
+}
+
+#[test]
+fn stored_heap_pages_are_charged_before_running() {
+    both(|wasm64| {
+        let e = embedder();
+        let mut state = install(&e, &wat::parse_str(canister_wat(wasm64)).unwrap());
+        // Fill every 4 KiB page of the one-wasm-page heap.
+        for index in 0..16u64 {
+            state.wasm_memory.write(index * 4096 + 4000, &[1]);
+        }
+        let stored = state.wasm_memory.num_stored_pages() as u64;
+        assert_eq!(stored, 16);
+        let cost = stored * openic_embedders::HEAP_COPY_INSTRUCTIONS_PER_PAGE;
+        let output = run(&e, &state, update(), "inc");
+        assert!(output.result.is_ok());
+        assert!(
+            output.instructions_used >= cost,
+            "{} instructions used, the heap copy alone costs {cost}",
+            output.instructions_used
+        );
+        let output = e.execute(WasmExecutionInput {
+            api_type: update(),
+            entry_point: EntryPoint::Export(export_name("inc")),
+            execution_state: &state,
+            system_state: view(),
+            instruction_limit: cost - 1,
+            wasm_memory_limit_bytes: 1 << 30,
+            stable_memory_limit_bytes: 1 << 30,
+        });
+        assert!(matches!(
+            output.result,
+            Err(ExecutionError::InstructionLimitExceeded { .. })
+        ));
+        assert_eq!(output.instructions_used, cost - 1);
+    });
+}
+
+#[test]
+fn trap_message_goes_through_the_debug_print_budget() {
+    let config = EmbedderConfig {
+        max_debug_print_bytes_per_execution: 10,
+        ..EmbedderConfig::default()
+    };
+    let e = WasmtimeEmbedder::new(config).expect("embedder");
+    let state = install(&e, &wat::parse_str(canister_wat(false)).unwrap());
+    let output = run(&e, &state, update(), "inc_then_trap");
+    assert!(matches!(output.result, Err(ExecutionError::CalledTrap(_))));
+    let total: usize = output.debug_prints.iter().map(String::len).sum();
+    assert!(total <= 10, "{:?}", output.debug_prints);
+    // The trap line is cut to what is left of the budget after "greet".
+    assert_eq!(
+        output.debug_prints,
+        vec!["greet".to_string(), "[TRAP".to_string()]
+    );
 }

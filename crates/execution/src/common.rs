@@ -4,8 +4,11 @@
 
 use crate::config::{ExecutionConfig, SubnetContext};
 use openic_embedders::{ExecutionError, SystemStateView};
-use openic_replicated_state::{CanisterState, CanisterStatus, WASM_PAGE_SIZE};
-use openic_types::{CanisterId, Cycles, ErrorCode, RejectCode, Time, UserError};
+use openic_replicated_state::{CanisterState, CanisterStatus, ReplicatedState, WASM_PAGE_SIZE};
+use openic_types::{
+    CanisterId, Cycles, ErrorCode, IngressState, IngressStatus, RejectCode, RequestId, Time,
+    UserError, UserId,
+};
 
 /// Bytes in one GiB (the storage fee's unit).
 const BYTES_PER_GIB: u128 = 1 << 30;
@@ -202,7 +205,9 @@ pub fn canister_reject_error(message: String) -> UserError {
 }
 
 /// What the System API may read about `canister`, with `cycles_balance` as the balance to show
-/// (after any prepaid fees).
+/// (after any prepaid fees). Calls are refused once the canister has
+/// [`ExecutionConfig::max_callbacks_per_canister`] callbacks outstanding.
+/// `call_context_instructions` is 0: callers running inside a call context fill it in.
 pub fn system_state_view(
     config: &ExecutionConfig,
     subnet: &SubnetContext,
@@ -212,6 +217,10 @@ pub fn system_state_view(
     can_make_calls: bool,
 ) -> SystemStateView {
     let system_state = &canister.system_state;
+    let outstanding_callbacks = system_state.call_context_manager.callbacks.len() as u64;
+    let remaining_callbacks = config
+        .max_callbacks_per_canister
+        .saturating_sub(outstanding_callbacks);
     SystemStateView {
         canister_id: canister.canister_id(),
         controllers: system_state.controllers.clone(),
@@ -226,11 +235,53 @@ pub fn system_state_view(
         root_key_der: subnet.root_key_der.clone(),
         global_timer_nanos: system_state.global_timer_nanos,
         environment_variables: system_state.settings.environment_variables.clone(),
-        can_make_calls,
+        can_make_calls: can_make_calls && remaining_callbacks > 0,
         call_base_fee: config.xnet_call_fee,
         call_fee_per_byte: config.xnet_byte_transmission_fee,
         create_canister_fee: config.canister_creation_fee,
+        call_context_instructions: 0,
+        remaining_callbacks,
     }
+}
+
+/// How long a finished call's status is kept at least, counted from the block that finished it
+/// (also when its entry was already pruned, or its expiry has passed: a call that ran past its
+/// expiry): long enough for the client, which may poll up to its expiry plus clock skew, to read
+/// it.
+pub const FALLBACK_INGRESS_RETENTION_NANOS: u64 = 6 * 60 * Time::NANOS_PER_SECOND;
+
+/// Sets the state of an ingress message, keeping its recorded sender, effective canister id and
+/// expiry (or, if the entry is gone, recording what is known). A status that becomes terminal is
+/// kept until at least [`FALLBACK_INGRESS_RETENTION_NANOS`] after the current block time, so a
+/// call finishing after its `ingress_expiry` is not pruned before the client can read it.
+pub(crate) fn set_ingress_state(
+    state: &mut ReplicatedState,
+    request_id: RequestId,
+    sender: UserId,
+    receiver: CanisterId,
+    new_state: IngressState,
+) {
+    let retain_until = state
+        .metadata
+        .time
+        .saturating_add_nanos(FALLBACK_INGRESS_RETENTION_NANOS);
+    let terminal = new_state.is_terminal();
+    let mut status = match state.ingress_history.get(&request_id) {
+        Some(existing) => IngressStatus {
+            state: new_state,
+            ..existing.clone()
+        },
+        None => IngressStatus {
+            state: new_state,
+            sender,
+            effective_canister_id: receiver,
+            ingress_expiry: retain_until,
+        },
+    };
+    if terminal {
+        status.ingress_expiry = status.ingress_expiry.max(retain_until);
+    }
+    state.ingress_history.set(request_id, status);
 }
 
 /// The heap limit for `canister`: its `wasm_memory_limit` setting if set, capped by the platform.
@@ -263,6 +314,62 @@ mod tests {
             config.storage_fee_per_gib_second
         );
         assert_eq!(storage_cost(&config, 0, u64::MAX), Cycles::ZERO);
+    }
+
+    #[test]
+    fn terminal_status_is_kept_the_retention_period_after_now() {
+        let subnet = openic_types::SubnetId(candid::Principal::from_slice(&[1; 29]));
+        let mut state = ReplicatedState::new(subnet, 0x8000_0000_0010_0001, [3; 32]);
+        state.metadata.time = Time(100 * Time::NANOS_PER_SECOND);
+        let canister = CanisterId::from_u64(1);
+        let user = candid::Principal::anonymous();
+        let retain_until = state
+            .metadata
+            .time
+            .saturating_add_nanos(FALLBACK_INGRESS_RETENTION_NANOS);
+        let expired = RequestId([1; 32]);
+        let far = RequestId([2; 32]);
+        for (id, expiry) in [(expired, Time(5)), (far, Time(u64::MAX))] {
+            state.ingress_history.set(
+                id,
+                IngressStatus {
+                    state: IngressState::Received,
+                    sender: user,
+                    effective_canister_id: canister,
+                    ingress_expiry: expiry,
+                },
+            );
+        }
+        // Non-terminal: the expiry is left alone.
+        set_ingress_state(
+            &mut state,
+            expired,
+            user,
+            canister,
+            IngressState::Processing,
+        );
+        assert_eq!(
+            state.ingress_history.get(&expired).unwrap().ingress_expiry,
+            Time(5)
+        );
+        let replied = IngressState::Replied(vec![]);
+        set_ingress_state(&mut state, expired, user, canister, replied.clone());
+        assert_eq!(
+            state.ingress_history.get(&expired).unwrap().ingress_expiry,
+            retain_until
+        );
+        set_ingress_state(&mut state, far, user, canister, replied);
+        assert_eq!(
+            state.ingress_history.get(&far).unwrap().ingress_expiry,
+            Time(u64::MAX),
+            "a later expiry is kept"
+        );
+        let gone = RequestId([3; 32]);
+        set_ingress_state(&mut state, gone, user, canister, IngressState::Processing);
+        assert_eq!(
+            state.ingress_history.get(&gone).unwrap().ingress_expiry,
+            retain_until
+        );
     }
 
     #[test]

@@ -65,7 +65,19 @@ pub struct ExecutionConfig {
     pub heartbeat_interval_nanos: u64,
     /// Longest bounded-wait timeout a canister may ask for, in seconds.
     pub max_call_timeout_seconds: u32,
+    /// Most callbacks (outstanding outgoing calls) one canister may have; at the limit
+    /// `call_perform` returns 2.
+    pub max_callbacks_per_canister: u64,
+    /// How long a `stop_canister` call waits for the canister's open call contexts to close
+    /// before it is rejected (the canister then stays stopping), in nanoseconds.
+    pub stop_canister_timeout_nanos: u64,
 }
+
+/// Default of [`ExecutionConfig::stop_canister_timeout_nanos`]: five minutes.
+pub const STOP_CANISTER_TIMEOUT_NANOS: u64 = 5 * 60 * 1_000_000_000;
+
+/// Default of [`ExecutionConfig::max_callbacks_per_canister`].
+pub const MAX_CALLBACKS_PER_CANISTER: u64 = 5_000;
 
 impl Default for ExecutionConfig {
     fn default() -> Self {
@@ -97,6 +109,8 @@ impl Default for ExecutionConfig {
             default_provisional_cycles: Cycles(100_000_000_000_000),
             heartbeat_interval_nanos: 0,
             max_call_timeout_seconds: 300,
+            max_callbacks_per_canister: MAX_CALLBACKS_PER_CANISTER,
+            stop_canister_timeout_nanos: STOP_CANISTER_TIMEOUT_NANOS,
         }
     }
 }

@@ -180,7 +180,7 @@ impl<'a> QueryContext<'a> {
                 },
             ));
         }
-        let view = system_state_view(
+        let mut view = system_state_view(
             self.config,
             self.subnet,
             canister,
@@ -188,6 +188,10 @@ impl<'a> QueryContext<'a> {
             canister.system_state.cycles_balance,
             true,
         );
+        // Calls of a composite query are bounded by `max_composite_query_calls`, not by the
+        // replicated callbacks the canister has outstanding.
+        view.can_make_calls = true;
+        view.remaining_callbacks = u64::from(self.config.max_composite_query_calls);
         let output = self.embedder.execute(WasmExecutionInput {
             api_type,
             entry_point,
@@ -292,6 +296,7 @@ impl<'a> QueryContext<'a> {
                             ApiType::Cleanup {
                                 caller,
                                 code: cleanup_code,
+                                in_composite_query: true,
                             },
                             EntryPoint::Closure(cleanup),
                         );

@@ -9,8 +9,8 @@
 use crate::common::{
     EMPTY_CANDID_REPLY, call_fee, canister_not_found_error, canister_reject_error, check_can_pay,
     did_not_reply_error, empty_canister_error, execution_error_to_user, execution_fee,
-    ingress_induction_fee, low_wasm_memory_condition, method_not_found_error, status_error,
-    storage_cost, system_state_view, wasm_memory_limit_bytes,
+    ingress_induction_fee, low_wasm_memory_condition, method_not_found_error, set_ingress_state,
+    status_error, storage_cost, system_state_view, wasm_memory_limit_bytes,
 };
 use crate::config::{ExecutionConfig, SubnetContext};
 use crate::management::{
@@ -39,10 +39,6 @@ const GLOBAL_TIMER_EXPORT: &str = "canister_global_timer";
 const HEARTBEAT_EXPORT: &str = "canister_heartbeat";
 /// The export run when the low-wasm-memory condition becomes true.
 const LOW_WASM_MEMORY_EXPORT: &str = "canister_on_low_wasm_memory";
-
-/// How long a status is kept when its entry was already pruned (a call that ran past its expiry):
-/// long enough for the client, which may poll up to its expiry plus clock skew, to read it.
-const FALLBACK_INGRESS_RETENTION_NANOS: u64 = 6 * 60 * Time::NANOS_PER_SECOND;
 
 /// The outcome of a call, before it is shaped for its origin (ingress status or response).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -283,11 +279,14 @@ impl Scheduler {
                 }
             }
             if timer_due {
-                // Cleared before it runs: the canister sets it again if it wants another tick.
-                if let Some(canister) = state.canister_mut(&id) {
+                // Cleared just before it runs (the canister sets it again if it wants another
+                // tick), and only if it runs: a canister that cannot pay keeps its timer, which
+                // fires once it is topped up.
+                let will_run = !has_timer || self.can_pay_system_task(state, id);
+                if will_run && let Some(canister) = state.canister_mut(&id) {
                     canister.system_state.global_timer_nanos = 0;
                 }
-                if has_timer {
+                if has_timer && will_run {
                     self.run_system_task(state, id, GLOBAL_TIMER_EXPORT, counters);
                 }
             }
@@ -295,6 +294,14 @@ impl Scheduler {
                 self.run_system_task(state, id, HEARTBEAT_EXPORT, counters);
             }
         }
+    }
+
+    /// Whether canister `id` can prepay a system task (heartbeat, timer, low-memory hook).
+    fn can_pay_system_task(&self, state: &ReplicatedState, id: CanisterId) -> bool {
+        let prepay = execution_fee(&self.config, self.config.max_instructions_per_update);
+        state
+            .canister(&id)
+            .is_some_and(|canister| check_can_pay(&self.config, canister, prepay).is_ok())
     }
 
     fn run_system_task(
@@ -333,6 +340,9 @@ impl Scheduler {
     }
 
     fn run_messages(&self, state: &mut ReplicatedState, counters: &mut RoundCounters) {
+        // A canister that could stop now answers its stop calls rather than time them out.
+        self.complete_stops(state);
+        self.time_out_stops(state);
         loop {
             let mut progressed = false;
             while !self.round_limit_reached(counters) {
@@ -451,6 +461,67 @@ impl Scheduler {
         }
     }
 
+    /// Rejects `stop_canister` calls that waited past their deadline; their canisters stay
+    /// stopping (a later `start_canister` or `stop_canister` decides what happens next).
+    fn time_out_stops(&self, state: &mut ReplicatedState) {
+        let now = state.metadata.time;
+        let ids: Vec<CanisterId> = state
+            .canisters
+            .iter()
+            .filter(|(_, c)| match &c.system_state.status {
+                CanisterStatus::Stopping { stop_deadlines, .. } => {
+                    stop_deadlines.iter().any(|deadline| *deadline <= now)
+                }
+                _ => false,
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let Some(canister) = state.canister_mut(&id) else {
+                continue;
+            };
+            let CanisterStatus::Stopping {
+                stop_contexts,
+                stop_deadlines,
+            } = &mut canister.system_state.status
+            else {
+                continue;
+            };
+            let mut expired = Vec::new();
+            let mut kept_contexts = Vec::new();
+            let mut kept_deadlines = Vec::new();
+            for (index, stop_context) in std::mem::take(stop_contexts).into_iter().enumerate() {
+                // A context without a deadline (older state) never times out.
+                let deadline = stop_deadlines.get(index).copied().unwrap_or(Time(u64::MAX));
+                if deadline <= now {
+                    expired.push(stop_context);
+                } else {
+                    kept_contexts.push(stop_context);
+                    kept_deadlines.push(deadline);
+                }
+            }
+            *stop_contexts = kept_contexts;
+            *stop_deadlines = kept_deadlines;
+            let open = canister
+                .system_state
+                .call_context_manager
+                .call_contexts
+                .len();
+            for stop_context in expired {
+                let error = UserError {
+                    code: RejectCode::SysTransient,
+                    message: format!(
+                        "stop_canister for canister {} timed out after {} seconds: the canister still has {open} open call context(s) (calls it has not answered yet). It stays stopping; call stop_canister again to keep waiting, or start_canister to resume it.",
+                        id.get(),
+                        self.config.stop_canister_timeout_nanos / Time::NANOS_PER_SECOND
+                    ),
+                    error_code: None,
+                };
+                reject_stop_context(state, stop_context, error);
+            }
+        }
+    }
+
     /// Turns stopping canisters without open call contexts into stopped ones and answers their
     /// stop requests.
     fn complete_stops(&self, state: &mut ReplicatedState) {
@@ -469,7 +540,7 @@ impl Scheduler {
             };
             let previous =
                 std::mem::replace(&mut canister.system_state.status, CanisterStatus::Stopped);
-            let CanisterStatus::Stopping { stop_contexts } = previous else {
+            let CanisterStatus::Stopping { stop_contexts, .. } = previous else {
                 continue;
             };
             for stop_context in stop_contexts {
@@ -697,6 +768,7 @@ impl Scheduler {
                 cleanup_api: ApiType::Cleanup {
                     caller,
                     code: cleanup_code,
+                    in_composite_query: false,
                 },
             },
             counters,
@@ -719,6 +791,9 @@ impl Scheduler {
         counters: &mut RoundCounters,
     ) {
         let time = state.metadata.time;
+        // A query run replicated keeps only its system-state effects (accepted cycles, burned
+        // cycles, the response): its heap, stable memory and globals are discarded.
+        let is_query = matches!(api_type, ApiType::Query { .. });
         let prepay = execution_fee(&self.config, instruction_limit);
         let installed = state
             .canister(&id)
@@ -738,7 +813,7 @@ impl Scheduler {
         let Some(execution_state) = canister.execution_state.as_ref() else {
             return;
         };
-        let view = system_state_view(
+        let mut view = system_state_view(
             &self.config,
             &self.subnet,
             canister,
@@ -746,6 +821,12 @@ impl Scheduler {
             canister.system_state.cycles_balance,
             true,
         );
+        view.call_context_instructions = canister
+            .system_state
+            .call_context_manager
+            .call_contexts
+            .get(&call_context_id)
+            .map_or(0, |context| context.instructions_executed);
         let output = self.embedder.execute(WasmExecutionInput {
             api_type,
             entry_point,
@@ -780,7 +861,7 @@ impl Scheduler {
             .consumed_cycles_total
             .saturating_add(fee.get());
 
-        let failure = match self.apply_output(state, id, call_context_id, output) {
+        let failure = match self.apply_output(state, id, call_context_id, output, is_query) {
             Ok(()) => None,
             Err(error) => {
                 if let ExecutionKind::Callback {
@@ -797,13 +878,16 @@ impl Scheduler {
     }
 
     /// Applies a successful execution's effects. Returns the error (and applies nothing) if the
-    /// execution failed or broke a rule only the scheduler can check.
+    /// execution failed or broke a rule only the scheduler can check. For a query
+    /// (`is_query`, run replicated) the wasm state is not written back and `canister_version`
+    /// does not change: the spec discards a query's state changes even in replicated mode.
     fn apply_output(
         &self,
         state: &mut ReplicatedState,
         id: CanisterId,
         call_context_id: CallContextId,
         output: WasmExecutionOutput,
+        is_query: bool,
     ) -> Result<(), ExecutionError> {
         let (new_state, response, changes) = output.result?;
         let time = state.metadata.time;
@@ -865,18 +949,21 @@ impl Scheduler {
             low_wasm_memory_condition(canister, new_state.wasm_memory_size_pages);
 
         let canister = state.canister_mut(&id).expect("checked above");
-        if let Some(execution_state) = canister.execution_state.as_mut() {
-            execution_state.wasm_memory = new_state.wasm_memory;
-            execution_state.wasm_memory_size_pages = new_state.wasm_memory_size_pages;
-            execution_state.stable_memory = new_state.stable_memory;
-            execution_state.stable_memory_size_pages = new_state.stable_memory_size_pages;
-            execution_state.globals = new_state.globals;
-        }
-        if !low_memory_before && low_memory_after {
-            canister.system_state.low_wasm_memory_hook_pending = true;
+        if !is_query {
+            if let Some(execution_state) = canister.execution_state.as_mut() {
+                execution_state.wasm_memory = new_state.wasm_memory;
+                execution_state.wasm_memory_size_pages = new_state.wasm_memory_size_pages;
+                execution_state.stable_memory = new_state.stable_memory;
+                execution_state.stable_memory_size_pages = new_state.stable_memory_size_pages;
+                execution_state.globals = new_state.globals;
+            }
+            if !low_memory_before && low_memory_after {
+                canister.system_state.low_wasm_memory_hook_pending = true;
+            }
+            let system_state = &mut canister.system_state;
+            system_state.canister_version = system_state.canister_version.saturating_add(1);
         }
         let system_state = &mut canister.system_state;
-        system_state.canister_version = system_state.canister_version.saturating_add(1);
         let SystemStateChanges {
             calls,
             cycles_accepted,
@@ -1124,14 +1211,16 @@ impl BlockExecutor for Scheduler {
         let _span = tracing::debug_span!("execute_block", height = block.height.0).entered();
         let previous_time = state.metadata.time;
         state.metadata.height = block.height;
-        state.metadata.time = block.time;
+        // Time never goes backwards, even if a block's time does (consensus should prevent it).
+        state.metadata.time = block.time.max(previous_time);
         let mut hasher = Sha256::new();
         hasher.update(state.metadata.random_seed);
         hasher.update(block.height.0.to_be_bytes());
         state.metadata.random_seed = hasher.finalize().into();
 
-        self.prune_ingress_history(state, block.time);
-        self.charge_storage(state, block.time);
+        let now = state.metadata.time;
+        self.prune_ingress_history(state, now);
+        self.charge_storage(state, now);
         let ingress_inducted = self.induct_ingress(state, block);
         let mut counters = RoundCounters::default();
         self.run_system_tasks(state, previous_time, &mut counters);
@@ -1148,12 +1237,16 @@ impl BlockExecutor for Scheduler {
     /// Queued messages, due global timers and pending low-memory hooks need a block at once.
     /// Heartbeats do not: they run in every block, and the node makes an idle block every
     /// `idle_block_interval` (about the IC's heartbeat rate), so a canister exporting
-    /// `canister_heartbeat` does not make the node produce blocks back to back.
+    /// `canister_heartbeat` does not make the node produce blocks back to back. Nor does a due
+    /// timer of a canister that cannot pay to run it (it waits for a top-up and the next idle
+    /// block), so such a canister does not make the node spin.
     fn has_pending_work(&self, state: &ReplicatedState) -> bool {
         let now = state.metadata.time.as_nanos_since_unix_epoch();
+        let prepay = execution_fee(&self.config, self.config.max_instructions_per_update);
         has_queued_messages(state)
             || state.canisters.values().any(|c| {
                 c.system_state.status == CanisterStatus::Running
+                    && check_can_pay(&self.config, c, prepay).is_ok()
                     && c.execution_state.as_ref().is_some_and(|e| {
                         let exports = &e.module_info.system_methods;
                         (c.system_state.low_wasm_memory_hook_pending
@@ -1362,31 +1455,31 @@ fn deliver_response(state: &mut ReplicatedState, response: Response) {
     }
 }
 
-/// Sets the state of an ingress message, keeping its recorded sender, effective canister id and
-/// expiry (or, if the entry is gone, recording what is known).
-fn set_ingress_state(
-    state: &mut ReplicatedState,
-    request_id: RequestId,
-    sender: UserId,
-    receiver: CanisterId,
-    new_state: IngressState,
-) {
-    let status = match state.ingress_history.get(&request_id) {
-        Some(existing) => IngressStatus {
-            state: new_state,
-            ..existing.clone()
-        },
-        None => IngressStatus {
-            state: new_state,
+/// Answers a waiting `stop_canister` call with `error`.
+fn reject_stop_context(state: &mut ReplicatedState, stop_context: StopContext, error: UserError) {
+    match stop_context {
+        StopContext::Ingress { sender, request_id } => set_ingress_state(
+            state,
+            request_id,
             sender,
-            effective_canister_id: receiver,
-            ingress_expiry: state
-                .metadata
-                .time
-                .saturating_add_nanos(FALLBACK_INGRESS_RETENTION_NANOS),
-        },
-    };
-    state.ingress_history.set(request_id, status);
+            CanisterId::management(),
+            IngressState::Rejected(error),
+        ),
+        StopContext::Canister(request) => deliver_response(
+            state,
+            Response {
+                originator: request.sender,
+                respondent: CanisterId::management(),
+                originator_reply_callback: request.sender_reply_callback,
+                refund: request.payment,
+                payload: Payload::Reject {
+                    code: error.code,
+                    message: error.message,
+                },
+                deadline: request.deadline,
+            },
+        ),
+    }
 }
 
 /// Answers a `stop_canister` call once the canister is stopped.

@@ -635,6 +635,7 @@ fn stopping_canister_stops_after_its_last_call_context_and_answers_stop() {
             sender: user(),
             request_id: stop_request,
         }],
+        stop_deadlines: vec![Time(u64::MAX)],
     };
     // New calls are refused while stopping; the response to the open call is still delivered.
     scheduler.execute_block(&mut state, &block(2, vec![ingress(2, a, "wait")]));
@@ -674,7 +675,8 @@ fn trapping_callback_runs_cleanup_and_rejects_with_the_trap() {
             input.api_type,
             ApiType::Cleanup {
                 caller: user(),
-                code: 0
+                code: 0,
+                in_composite_query: false,
             }
         );
         Ok((None, SystemStateChanges::default(), 100))
@@ -1051,6 +1053,9 @@ impl CertifiedStateReader for FakeCertifier {
     fn certified_height(&self) -> Height {
         Height(1)
     }
+    fn certified_time(&self) -> Time {
+        Time(0)
+    }
     fn subscribe_certified_height(&self) -> tokio::sync::watch::Receiver<Height> {
         tokio::sync::watch::channel(Height(1)).1
     }
@@ -1064,6 +1069,13 @@ impl CertifiedStateReader for FakeCertifier {
         None
     }
     fn certificate_for_paths(&self, _paths: &[LabelPath]) -> Result<Vec<u8>, CertificationError> {
+        Err(CertificationError::NotYetCertified)
+    }
+    fn certificate_for_paths_at(
+        &self,
+        _: &[LabelPath],
+        _: Height,
+    ) -> Result<Option<Vec<u8>>, CertificationError> {
         Err(CertificationError::NotYetCertified)
     }
     fn data_certificate(&self, canister_id: &CanisterId) -> Result<Vec<u8>, CertificationError> {
@@ -1405,5 +1417,310 @@ fn canister_stopping_another_canister_gets_the_reply_when_it_stops() {
     assert_eq!(
         state.canister(&b).unwrap().system_state.status,
         CanisterStatus::Stopped
+    );
+}
+
+#[test]
+fn replicated_query_keeps_cycles_and_reply_but_not_state_or_version() {
+    let a = canister_id(1);
+    let b = canister_id(2);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_update go", move |_| {
+        Ok((None, calls(vec![a_call(b, "get", Cycles(1_000))]), 0))
+    });
+    embedder.on(b, "canister_query get", |input| {
+        assert!(matches!(
+            input.api_type,
+            ApiType::Query {
+                replicated: true,
+                ..
+            }
+        ));
+        Ok((
+            Some(WasmResponse::Reply(b"v".to_vec())),
+            SystemStateChanges {
+                cycles_accepted: Cycles(400),
+                ..SystemStateChanges::default()
+            },
+            5,
+        ))
+    });
+    embedder.on(a, "closure 1", |_| reply(b"done"));
+    let mut state = new_state(vec![
+        installed_canister(a, &[("go", MethodKind::Update)], &[]),
+        installed_canister(b, &[("get", MethodKind::Query)], &[]),
+    ]);
+    scheduler(&embedder).execute_block(&mut state, &block(1, vec![ingress(1, a, "go")]));
+    assert_eq!(status(&state, 1), IngressState::Replied(b"done".to_vec()));
+    assert_eq!(
+        counter(&state, b),
+        0,
+        "the query's state change is discarded"
+    );
+    let callee = state.canister(&b).unwrap();
+    assert_eq!(callee.system_state.canister_version, 0);
+    let config = ExecutionConfig::default();
+    assert_eq!(
+        callee.system_state.cycles_balance,
+        INITIAL_CYCLES
+            .saturating_sub(execution_fee(&config, FAKE_INSTRUCTIONS))
+            .saturating_add(Cycles(400)),
+        "accepted cycles still apply"
+    );
+}
+
+#[test]
+fn callbacks_see_the_call_context_instructions() {
+    let a = canister_id(1);
+    let b = canister_id(2);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_update go", move |input| {
+        assert_eq!(input.system_state.call_context_instructions, 0);
+        Ok((None, calls(vec![a_call(b, "m", Cycles::ZERO)]), 0))
+    });
+    embedder.on(b, "canister_update m", |_| reply(b"x"));
+    embedder.on(a, "closure 1", |input| {
+        assert_eq!(
+            input.system_state.call_context_instructions,
+            FAKE_INSTRUCTIONS
+        );
+        reply(b"done")
+    });
+    let mut state = new_state(vec![
+        installed_canister(a, &[("go", MethodKind::Update)], &[]),
+        installed_canister(b, &[("m", MethodKind::Update)], &[]),
+    ]);
+    scheduler(&embedder).execute_block(&mut state, &block(1, vec![ingress(1, a, "go")]));
+    assert_eq!(status(&state, 1), IngressState::Replied(b"done".to_vec()));
+}
+
+#[test]
+fn outstanding_callbacks_are_bounded_per_canister() {
+    let a = canister_id(1);
+    let b = canister_id(2);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_update go", move |input| {
+        assert!(input.system_state.can_make_calls);
+        assert_eq!(input.system_state.remaining_callbacks, 1);
+        Ok((None, calls(vec![a_call(b, "m", Cycles::ZERO)]), 0))
+    });
+    embedder.on(a, "canister_update check", |input| {
+        // The call made by `go` is still outstanding: the limit of one is reached.
+        assert!(!input.system_state.can_make_calls);
+        assert_eq!(input.system_state.remaining_callbacks, 0);
+        reply(b"checked")
+    });
+    embedder.on(b, "canister_update m", |_| reply(b"x"));
+    embedder.on(a, "closure 1", |_| reply(b"done"));
+    let mut state = new_state(vec![
+        installed_canister(
+            a,
+            &[("go", MethodKind::Update), ("check", MethodKind::Update)],
+            &[],
+        ),
+        installed_canister(b, &[("m", MethodKind::Update)], &[]),
+    ]);
+    let config = ExecutionConfig {
+        max_callbacks_per_canister: 1,
+        ..ExecutionConfig::default()
+    };
+    let mut scheduler = Scheduler::new(embedder.clone(), config, subnet());
+    scheduler.execute_block(
+        &mut state,
+        &block(1, vec![ingress(1, a, "go"), ingress(2, a, "check")]),
+    );
+    assert_eq!(status(&state, 1), IngressState::Replied(b"done".to_vec()));
+    assert_eq!(
+        status(&state, 2),
+        IngressState::Replied(b"checked".to_vec())
+    );
+    assert_eq!(embedder.count(a, "canister_update check"), 1);
+}
+
+#[test]
+fn unpayable_timer_is_kept_and_does_not_make_work() {
+    let a = canister_id(1);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_global_timer", |_| {
+        Ok((None, SystemStateChanges::default(), 1))
+    });
+    let mut canister = installed_canister(a, &[], &["canister_global_timer"]);
+    canister.system_state.global_timer_nanos = 500_000_000;
+    canister.system_state.cycles_balance = Cycles::ZERO;
+    let mut state = new_state(vec![canister]);
+    let mut scheduler = scheduler(&embedder);
+    scheduler.execute_block(&mut state, &block(1, vec![]));
+    assert_eq!(counter(&state, a), 0, "it cannot pay, so it does not run");
+    assert_eq!(
+        state.canister(&a).unwrap().system_state.global_timer_nanos,
+        500_000_000,
+        "the timer is kept for when the canister is topped up"
+    );
+    assert!(
+        !scheduler.has_pending_work(&state),
+        "an unpayable timer does not make the node spin"
+    );
+    state.canister_mut(&a).unwrap().system_state.cycles_balance = INITIAL_CYCLES;
+    assert!(scheduler.has_pending_work(&state));
+    scheduler.execute_block(&mut state, &block(2, vec![]));
+    assert_eq!(counter(&state, a), 1);
+    assert_eq!(
+        state.canister(&a).unwrap().system_state.global_timer_nanos,
+        0
+    );
+}
+
+#[test]
+fn block_time_never_goes_backwards() {
+    let embedder = Arc::new(FakeEmbedder::default());
+    let mut state = new_state(vec![]);
+    let mut scheduler = scheduler(&embedder);
+    scheduler.execute_block(&mut state, &block(5, vec![]));
+    assert_eq!(state.metadata.time, Time(5_000_000_000));
+    let earlier = Block {
+        height: Height(6),
+        time: Time(1_000_000_000),
+        ingress: vec![],
+    };
+    scheduler.execute_block(&mut state, &earlier);
+    assert_eq!(state.metadata.time, Time(5_000_000_000));
+    assert_eq!(state.metadata.height, Height(6));
+}
+
+#[test]
+fn call_finishing_after_its_expiry_is_kept_for_the_retention_period() {
+    let a = canister_id(1);
+    let b = canister_id(2);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_update go", move |_| {
+        Ok((None, calls(vec![a_call(b, "m", Cycles::ZERO)]), 0))
+    });
+    embedder.on(b, "canister_update m", |_| reply(b"x"));
+    embedder.on(a, "closure 1", |_| reply(b"late"));
+    let mut state = new_state(vec![
+        installed_canister(a, &[("go", MethodKind::Update)], &[]),
+        installed_canister(b, &[("m", MethodKind::Update)], &[]),
+    ]);
+    // Expires at 1.5 s; the call is inducted at 1 s, but only a message per block may run.
+    let mut message = ingress(1, a, "go");
+    message.ingress_expiry = Time(1_500_000_000);
+    let config = ExecutionConfig {
+        max_messages_per_round: 1,
+        ..ExecutionConfig::default()
+    };
+    let mut scheduler = Scheduler::new(embedder.clone(), config, subnet());
+    scheduler.execute_block(&mut state, &block(1, vec![message]));
+    for height in 2..=4 {
+        scheduler.execute_block(&mut state, &block(height, vec![]));
+    }
+    assert_eq!(status(&state, 1), IngressState::Replied(b"late".to_vec()));
+    // Block 1 runs `go`, block 2 runs `m`, block 3 the callback that answers at 3 s.
+    let retention = crate::common::FALLBACK_INGRESS_RETENTION_NANOS;
+    let expiry = state
+        .ingress_history
+        .get(&RequestId([1; 32]))
+        .unwrap()
+        .ingress_expiry;
+    assert_eq!(
+        expiry,
+        Time(3_000_000_000).saturating_add_nanos(retention),
+        "kept until the retention period after it finished"
+    );
+    // Still readable a little later (the old expiry has long passed).
+    scheduler.execute_block(&mut state, &block(10, vec![]));
+    assert_eq!(status(&state, 1), IngressState::Replied(b"late".to_vec()));
+}
+
+#[test]
+fn cleanup_inside_a_composite_query_runs_in_the_composite_context() {
+    let a = canister_id(1);
+    let b = canister_id(2);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_composite_query both", move |_| {
+        Ok((None, calls(vec![a_call(b, "get", Cycles::ZERO)]), 0))
+    });
+    embedder.on(b, "canister_query get", |_| reply(b"from b"));
+    embedder.on(a, "closure 1", |_| {
+        Err(ExecutionError::Trapped("unreachable".into()))
+    });
+    embedder.on(a, "closure 3", |input| {
+        assert_eq!(
+            input.api_type,
+            ApiType::Cleanup {
+                caller: user(),
+                code: 0,
+                in_composite_query: true,
+            }
+        );
+        Ok((None, SystemStateChanges::default(), 0))
+    });
+    let snapshot = snapshot_of(vec![
+        installed_canister(a, &[("both", MethodKind::CompositeQuery)], &[]),
+        installed_canister(b, &[("get", MethodKind::Query)], &[]),
+    ]);
+    let queries = QueryExecution::new(
+        embedder.clone(),
+        snapshot,
+        Arc::new(FakeCertifier),
+        ExecutionConfig::default(),
+        subnet(),
+    );
+    assert!(matches!(
+        queries.query(user_query(a, "both")),
+        QueryResult::Reject(_)
+    ));
+    assert_eq!(embedder.count(a, "closure 3"), 1);
+}
+
+#[test]
+fn stop_canister_times_out_while_call_contexts_stay_open() {
+    let a = canister_id(1);
+    let embedder = Arc::new(FakeEmbedder::default());
+    let mut canister = installed_canister(a, &[], &[]);
+    // A call context that never closes (its call is still being answered elsewhere).
+    canister
+        .system_state
+        .call_context_manager
+        .call_contexts
+        .insert(
+            openic_replicated_state::CallContextId(0),
+            openic_replicated_state::CallContext {
+                origin: CallOrigin::SystemTask,
+                responded: false,
+                available_cycles: Cycles::ZERO,
+                instructions_executed: 0,
+                method_name: "wait".into(),
+            },
+        );
+    canister
+        .system_state
+        .call_context_manager
+        .next_call_context_id = 1;
+    let mut state = new_state(vec![canister]);
+    let mut stop = ingress(1, CanisterId::management(), "stop_canister");
+    stop.effective_canister_id = a;
+    stop.arg = candid::encode_one(ic_management_canister_types::CanisterIdRecord {
+        canister_id: a.get(),
+    })
+    .unwrap();
+    let mut scheduler = scheduler(&embedder);
+    scheduler.execute_block(&mut state, &block(1, vec![stop]));
+    assert_eq!(status(&state, 1), IngressState::Processing);
+    let timeout = ExecutionConfig::default().stop_canister_timeout_nanos / Time::NANOS_PER_SECOND;
+    // Still waiting just before the deadline (block h has time h seconds; stopped at 1 s).
+    scheduler.execute_block(&mut state, &block(timeout, vec![]));
+    assert_eq!(status(&state, 1), IngressState::Processing);
+    scheduler.execute_block(&mut state, &block(timeout + 1, vec![]));
+    let (code, _, message) = rejected(&status(&state, 1));
+    assert_eq!(code, RejectCode::SysTransient);
+    assert!(message.contains("timed out"), "{message}");
+    assert!(message.contains("open call context"), "{message}");
+    assert_eq!(
+        state.canister(&a).unwrap().system_state.status,
+        CanisterStatus::Stopping {
+            stop_contexts: vec![],
+            stop_deadlines: vec![],
+        },
+        "the canister stays stopping"
     );
 }

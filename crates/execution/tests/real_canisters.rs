@@ -317,6 +317,9 @@ impl CertifiedStateReader for NoCertificates {
     fn certified_height(&self) -> Height {
         Height(0)
     }
+    fn certified_time(&self) -> Time {
+        Time(0)
+    }
     fn subscribe_certified_height(&self) -> tokio::sync::watch::Receiver<Height> {
         tokio::sync::watch::channel(Height(0)).1
     }
@@ -330,6 +333,13 @@ impl CertifiedStateReader for NoCertificates {
         None
     }
     fn certificate_for_paths(&self, _: &[LabelPath]) -> Result<Vec<u8>, CertificationError> {
+        Err(CertificationError::NotYetCertified)
+    }
+    fn certificate_for_paths_at(
+        &self,
+        _: &[LabelPath],
+        _: Height,
+    ) -> Result<Option<Vec<u8>>, CertificationError> {
         Err(CertificationError::NotYetCertified)
     }
     fn data_certificate(&self, _: &CanisterId) -> Result<Vec<u8>, CertificationError> {

@@ -75,6 +75,7 @@ async fn try_handle(
     version: CallVersion,
 ) -> Result<Response, ApiError> {
     let effective_id = effective_id?;
+    state.check_making_blocks()?;
     let body = envelope::read_body(body, &state).await?;
     let request = envelope::decode(&body, RequestKind::Call, &state)?;
     let call = envelope::canister_call(&request, effective_id, &state)?;
@@ -94,9 +95,30 @@ async fn try_handle(
         size_bytes: request.body_bytes as u64,
     };
 
+    // A request the certified state already knows is a re-submission (a client retry, or a
+    // replay of a captured request): it ran or will run once, so answer like a duplicate without
+    // running `canister_inspect_message` again (which would cost an execution slot, and could now
+    // refuse a request that was accepted).
+    if let Some(known) = state
+        .deps
+        .certified_state
+        .ingress_status_meta(&ingress.request_id)
+    {
+        if known.effective_canister_id != ingress.effective_canister_id {
+            return Err(ApiError::BadRequest(format!(
+                "request {} was already submitted through effective canister id {}; read its status there",
+                ingress.request_id, known.effective_canister_id
+            )));
+        }
+        tracing::debug!(request_id = %ingress.request_id, "call re-submitted; answering from its status");
+        return answer_accepted(&state, version, ingress.request_id).await;
+    }
+
     let inspector = state.deps.inspector.clone();
+    let permit = state.execution_permit().await?;
     let (ingress, inspected) = tokio::task::spawn_blocking(move || {
         let result = inspector.inspect(&ingress);
+        drop(permit);
         (ingress, result)
     })
     .await
@@ -115,9 +137,19 @@ async fn try_handle(
             return Err(ApiError::TooManyRequests(full.to_string()));
         }
     }
+    answer_accepted(&state, version, request_id).await
+}
+
+/// The answer to an accepted call: 202 at once for v2; for v3/v4 the certificate of its terminal
+/// status (or 202 on timeout).
+async fn answer_accepted(
+    state: &SharedState,
+    version: CallVersion,
+    request_id: RequestId,
+) -> Result<Response, ApiError> {
     match version {
         CallVersion::V2 => Ok(StatusCode::ACCEPTED.into_response()),
-        CallVersion::V3 | CallVersion::V4 => wait_for_certificate(&state, request_id).await,
+        CallVersion::V3 | CallVersion::V4 => wait_for_certificate(state, request_id).await,
     }
 }
 
@@ -156,8 +188,8 @@ async fn wait_for_certificate(
         // the wait still wakes us.
         heights.borrow_and_update();
         let terminal = reader
-            .ingress_status(&request_id)
-            .is_some_and(|status| status.state.is_terminal());
+            .ingress_status_meta(&request_id)
+            .is_some_and(|meta| meta.is_terminal);
         if terminal {
             let path = vec![b"request_status".to_vec(), request_id.0.to_vec()];
             let certificate = reader.certificate_for_paths(&[path])?;
@@ -550,5 +582,120 @@ mod tests {
         let endpoint = "/api/v2/canister/{id}/call";
         assert_eq!(node.metrics.request_count(endpoint, 202), 1);
         assert_eq!(node.metrics.request_count(endpoint, 400), 1);
+    }
+
+    #[tokio::test]
+    async fn resubmitted_known_request_skips_inspection_and_answers_like_a_duplicate() {
+        let node = TestNode::new();
+        let sender = Sender::ed25519(8);
+        let (body, request_id) = sender.envelope(call_content(&node, &sender, CANISTER, "inc"));
+        node.state.set_status(
+            request_id,
+            IngressStatus {
+                state: IngressState::Replied(b"DIDL\x00\x00".to_vec()),
+                sender: sender.principal(),
+                effective_canister_id: CanisterId::from_u64(CANISTER),
+                ingress_expiry: openic_types::Time(0),
+            },
+        );
+        node.state.set_height(Height(4));
+        // The inspector would now refuse it (e.g. the canister changed its mind): not asked.
+        node.inspector.reject_with(UserError::new(
+            ErrorCode::CanisterRejectedMessage,
+            "inspect_message refused",
+        ));
+        let (status, response) = node.post(&url("v2"), body.clone()).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        assert!(response.is_empty());
+        let (status, response) = node.post(&url("v4"), body.clone()).await;
+        assert_eq!(status, StatusCode::OK);
+        let value: Value = serde_cbor::from_slice(&response).unwrap();
+        assert_eq!(field(&value, "status"), Value::Text("replied".into()));
+        assert_eq!(
+            field(&value, "certificate"),
+            Value::Bytes(
+                node.state
+                    .certificate_bytes(&[vec![b"request_status".to_vec(), request_id.0.to_vec()]])
+            )
+        );
+        assert!(node.pool.submitted().is_empty(), "not submitted again");
+        // A management-canister call (whose effective id is free in the URL) known under one
+        // effective id and re-sent through another: refused, with where to look.
+        let mut content = call_content(&node, &sender, CANISTER, "start_canister");
+        content.insert(Value::Text("canister_id".into()), Value::Bytes(vec![]));
+        let (body, management_id) = sender.envelope(content);
+        node.state.set_status(
+            management_id,
+            IngressStatus {
+                state: IngressState::Processing,
+                sender: sender.principal(),
+                effective_canister_id: CanisterId::from_u64(CANISTER),
+                ingress_expiry: openic_types::Time(0),
+            },
+        );
+        let elsewhere = format!(
+            "/api/v2/canister/{}/call",
+            CanisterId::from_u64(CANISTER + 1)
+        );
+        let (status, text) = node.post(&elsewhere, body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(String::from_utf8_lossy(&text).contains("already submitted through"));
+    }
+
+    #[tokio::test]
+    async fn calls_are_503_once_the_node_stopped_making_blocks() {
+        let node = TestNode::new();
+        node.halt("the block log could not be written: disk full");
+        let sender = Sender::ed25519(9);
+        let (body, _) = sender.envelope(call_content(&node, &sender, CANISTER, "inc"));
+        for version in ["v2", "v3", "v4"] {
+            let (status, text) = node.post(&url(version), body.clone()).await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(
+                String::from_utf8_lossy(&text),
+                "the node stopped making blocks: the block log could not be written: disk full; see its log"
+            );
+        }
+        assert!(node.pool.submitted().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_body_that_does_not_arrive_in_time_is_408() {
+        use std::io::{Read as _, Write as _};
+        let node = TestNode::with_config(crate::HttpApiConfig {
+            body_read_timeout: Duration::from_millis(200),
+            ..crate::HttpApiConfig::default()
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = tokio::spawn(axum::serve(listener, node.router()).into_future());
+        let head = format!(
+            "POST {} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/cbor\r\ncontent-length: 1000\r\n\r\n",
+            url("v2")
+        );
+        // A client that sends the head and ten of the thousand body bytes, then stalls.
+        let answer = tokio::task::spawn_blocking(move || {
+            let mut stream = std::net::TcpStream::connect(address).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            stream.write_all(head.as_bytes()).unwrap();
+            stream.write_all(&[0xd9; 10]).unwrap();
+            let mut answer = Vec::new();
+            let mut buffer = [0u8; 1024];
+            while let Ok(n) = stream.read(&mut buffer) {
+                answer.extend_from_slice(&buffer[..n]);
+                if n == 0 || String::from_utf8_lossy(&answer).contains("send it at once") {
+                    break;
+                }
+            }
+            answer
+        })
+        .await
+        .unwrap();
+        server.abort();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("did not arrive within 200 ms"), "{answer}");
     }
 }

@@ -91,10 +91,18 @@ pub(crate) struct Request {
     pub(crate) body_bytes: usize,
 }
 
-/// Reads the body, refusing more than `max_body_bytes` with 413.
+/// Reads the body, refusing more than `max_body_bytes` with 413 and a body that takes longer
+/// than `body_read_timeout` with 408.
 pub(crate) async fn read_body(body: Body, state: &AppState) -> Result<Vec<u8>, ApiError> {
     let limit = state.config.max_body_bytes;
-    match axum::body::to_bytes(body, limit).await {
+    let timeout = state.config.body_read_timeout;
+    let Ok(read) = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await else {
+        return Err(ApiError::RequestTimeout(format!(
+            "The request body did not arrive within {} ms; send it at once",
+            timeout.as_millis()
+        )));
+    };
+    match read {
         Ok(bytes) => Ok(bytes.to_vec()),
         Err(error) => {
             let too_large =
@@ -474,5 +482,28 @@ mod tests {
                 "unexpected {status}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn oversized_cbor_containers_are_refused_before_hashing() {
+        let node = TestNode::new();
+        let sender = crate::test_support::Sender::anonymous();
+        let mut content = crate::test_support::call_content(&node, &sender, 7, "inc");
+        content.insert(
+            Value::Text("padding".into()),
+            Value::Array(vec![Value::Integer(0); 10_001]),
+        );
+        let (body, _) = sender.envelope(content);
+        let url = format!(
+            "/api/v2/canister/{}/call",
+            openic_types::CanisterId::from_u64(7)
+        );
+        let (status, text) = node.post(&url, body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            String::from_utf8_lossy(&text),
+            "Malformed request: could not decode the body as a CBOR envelope: a CBOR array or map has more than 10000 elements; IC requests never need that many"
+        );
+        assert!(node.pool.submitted().is_empty());
     }
 }

@@ -14,6 +14,9 @@ pub enum ApiError {
     /// The sender may not do this (delegation targets, read_state authorisation): 403.
     #[error("{0}")]
     Forbidden(String),
+    /// The request body did not arrive in time: 408.
+    #[error("{0}")]
+    RequestTimeout(String),
     /// Body or argument over the size limit: 413.
     #[error("{0}")]
     PayloadTooLarge(String),
@@ -34,6 +37,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,

@@ -11,6 +11,12 @@
 //!   status codes are chosen for the official clients: 429 and 503 make ic-agent retry, and v4 call
 //!   never answers 404 (the JS agent would fall back to v2).
 //! - Wall-clock time comes only from the injected clock ([`HttpApiDeps::clock`]).
+//! - At most [`HttpApiConfig::max_concurrent_executions`] queries and ingress inspections run at
+//!   once; a request that cannot get a slot within [`HttpApiConfig::execution_permit_wait`] gets
+//!   503. Request bodies must arrive within [`HttpApiConfig::body_read_timeout`] (else 408).
+//! - `replica_health_status` is `healthy` only while the latest certified state is younger than
+//!   [`HttpApiConfig::max_certified_age`] and [`HttpApiDeps::node_health`] reports no failure;
+//!   calls are refused with 503 while the node reports that it stopped making blocks.
 
 mod call;
 mod cbor;
@@ -24,12 +30,13 @@ mod status;
 mod test_support;
 
 use axum::Router;
-use axum::http::{Method, header};
+use axum::http::Method;
 use axum::routing::{get, post};
 use openic_interfaces::{CertifiedStateReader, IngressInspector, IngressPool, QueryExecutor};
 use openic_types::{SubnetId, Time};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_http::cors::{Any, CorsLayer};
 
 pub use error::ApiError;
@@ -53,7 +60,34 @@ pub struct HttpApiConfig {
     pub max_ingress_ttl: Duration,
     /// Clock drift tolerated on top of `max_ingress_ttl`.
     pub permitted_drift: Duration,
+    /// Most queries and ingress inspections (`canister_inspect_message`) running at once; each
+    /// occupies a blocking thread and up to a canister's memory. At least 1.
+    pub max_concurrent_executions: usize,
+    /// How long a query or call waits for an execution slot before it is answered 503 (which
+    /// ic-agent retries).
+    pub execution_permit_wait: Duration,
+    /// How long the whole request body may take to arrive; slower requests get 408.
+    pub body_read_timeout: Duration,
+    /// The status endpoint reports `healthy` only while the latest certified state's `/time` is
+    /// younger than this (the node certifies at least every idle block interval, about a second).
+    pub max_certified_age: Duration,
 }
+
+/// The default [`HttpApiConfig::max_concurrent_executions`]: twice the available parallelism,
+/// and at least 2.
+pub fn default_max_concurrent_executions() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    cores.saturating_mul(2).max(2)
+}
+
+/// Default [`HttpApiConfig::execution_permit_wait`].
+pub const DEFAULT_EXECUTION_PERMIT_WAIT: Duration = Duration::from_secs(5);
+
+/// Default [`HttpApiConfig::body_read_timeout`].
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default [`HttpApiConfig::max_certified_age`].
+pub const DEFAULT_MAX_CERTIFIED_AGE: Duration = Duration::from_secs(60);
 
 /// Default largest argument: 2 MiB, the IC's ingress message limit.
 pub const DEFAULT_MAX_INGRESS_BYTES: usize = 2 * 1024 * 1024;
@@ -72,12 +106,26 @@ impl Default for HttpApiConfig {
             max_path_labels: 127,
             max_ingress_ttl: Duration::from_secs(5 * 60),
             permitted_drift: Duration::from_secs(30),
+            max_concurrent_executions: default_max_concurrent_executions(),
+            execution_permit_wait: DEFAULT_EXECUTION_PERMIT_WAIT,
+            body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
+            max_certified_age: DEFAULT_MAX_CERTIFIED_AGE,
         }
     }
 }
 
 /// A source of wall-clock time (nanoseconds since the epoch), injected so tests control it.
 pub type Clock = Arc<dyn Fn() -> Time + Send + Sync>;
+
+/// Whether the node still makes blocks: `None` while it does, `Some(reason)` once it stopped
+/// (e.g. the block log could not be written). Called on every status request and call.
+pub type NodeHealth = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// A [`NodeHealth`] that never reports a failure (for tests, fuzzing, and embedders that have no
+/// block maker to watch).
+pub fn always_healthy() -> NodeHealth {
+    Arc::new(|| None)
+}
 
 /// The components the HTTP interface talks to.
 #[derive(Clone)]
@@ -101,17 +149,53 @@ pub struct HttpApiDeps {
     pub clock: Clock,
     /// Request metrics.
     pub metrics: Arc<HttpMetrics>,
+    /// Whether the node still makes blocks ([`always_healthy`] if nothing can stop it).
+    pub node_health: NodeHealth,
 }
 
 /// Shared state of every handler.
 pub(crate) struct AppState {
     pub(crate) config: HttpApiConfig,
     pub(crate) deps: HttpApiDeps,
+    /// Slots for queries and ingress inspections (`max_concurrent_executions`).
+    pub(crate) executions: Arc<Semaphore>,
 }
 
 impl AppState {
     pub(crate) fn now(&self) -> Time {
         (self.deps.clock)()
+    }
+
+    /// Why the node stopped making blocks, if it did.
+    pub(crate) fn halted(&self) -> Option<String> {
+        (self.deps.node_health)()
+    }
+
+    /// `Err(503)` if the node stopped making blocks (a call would never execute).
+    pub(crate) fn check_making_blocks(&self) -> Result<(), ApiError> {
+        match self.halted() {
+            None => Ok(()),
+            Some(reason) => Err(ApiError::Unavailable(format!(
+                "the node stopped making blocks: {reason}; see its log"
+            ))),
+        }
+    }
+
+    /// An execution slot, waiting at most `execution_permit_wait`. Move the permit into the
+    /// blocking task so the slot stays taken until the execution ends, even if the client leaves.
+    pub(crate) async fn execution_permit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        let wait = self.config.execution_permit_wait;
+        match tokio::time::timeout(wait, self.executions.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_closed)) => Err(ApiError::Internal(
+                "the execution limiter was closed; the node is shutting down".into(),
+            )),
+            Err(_elapsed) => Err(ApiError::Unavailable(format!(
+                "too many queries are running (at most {} at once, waited {} ms for a slot); retry",
+                self.config.max_concurrent_executions,
+                wait.as_millis()
+            ))),
+        }
     }
 }
 
@@ -119,11 +203,18 @@ pub(crate) type SharedState = Arc<AppState>;
 
 /// The router serving the whole interface (with CORS for browsers and request metrics).
 pub fn router(config: HttpApiConfig, deps: HttpApiDeps) -> Router {
-    let state: SharedState = Arc::new(AppState { config, deps });
+    let executions = Arc::new(Semaphore::new(config.max_concurrent_executions.max(1)));
+    let state: SharedState = Arc::new(AppState {
+        config,
+        deps,
+        executions,
+    });
+    // Any request header: the JS agent adds `Authorization` when the URL carries credentials,
+    // and browsers preflight every non-simple header. No response header needs exposing.
     let cors = CorsLayer::new()
         .allow_origin(Any)
         .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
-        .allow_headers([header::CONTENT_TYPE]);
+        .allow_headers(Any);
     Router::new()
         .route("/api/v2/status", get(status::status))
         .route("/api/v2/canister/{id}/call", post(call::canister_v2))
@@ -149,4 +240,34 @@ pub fn router(config: HttpApiConfig, deps: HttpApiDeps) -> Router {
         ))
         .layer(cors)
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::test_support::TestNode;
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode, header};
+    use tower::ServiceExt as _;
+
+    #[tokio::test]
+    async fn cors_preflight_allows_any_request_header() {
+        let node = TestNode::new();
+        let request = Request::builder()
+            .method("OPTIONS")
+            .uri("/api/v3/canister/ryjl3-tyaaa-aaaaa-aaaba-cai/query")
+            .header(header::ORIGIN, "https://example.org")
+            .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
+            .header(
+                header::ACCESS_CONTROL_REQUEST_HEADERS,
+                "authorization,content-type,x-custom",
+            )
+            .body(Body::empty())
+            .unwrap();
+        let response = node.router().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let headers = response.headers();
+        assert_eq!(headers[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
+        assert_eq!(headers[header::ACCESS_CONTROL_ALLOW_HEADERS], "*");
+        assert!(!headers.contains_key(header::ACCESS_CONTROL_EXPOSE_HEADERS));
+    }
 }

@@ -60,9 +60,14 @@ async fn try_handle(
         arg: call.arg,
     };
     let executor = state.deps.query_executor.clone();
-    let result = tokio::task::spawn_blocking(move || executor.query(query))
-        .await
-        .map_err(|e| ApiError::Internal(format!("the query executor crashed: {e}")))?;
+    let permit = state.execution_permit().await?;
+    let result = tokio::task::spawn_blocking(move || {
+        let result = executor.query(query);
+        drop(permit);
+        result
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("the query executor crashed: {e}")))?;
     let response = signed_response(
         &result,
         &request.request_id,
@@ -253,5 +258,38 @@ mod tests {
             seen[1].effective_canister_id,
             CanisterId::from_u64(CANISTER)
         );
+    }
+
+    #[tokio::test]
+    async fn queries_beyond_the_execution_limit_wait_then_get_503() {
+        let node = TestNode::with_config(crate::HttpApiConfig {
+            max_concurrent_executions: 1,
+            execution_permit_wait: std::time::Duration::from_millis(50),
+            ..crate::HttpApiConfig::default()
+        });
+        node.queries.take(std::time::Duration::from_millis(600));
+        let sender = crate::test_support::Sender::anonymous();
+        let (first, _) = sender.envelope(query_content(&node, &sender, CANISTER, "slow"));
+        let (second, _) = sender.envelope(query_content(&node, &sender, CANISTER, "other"));
+        let url = url();
+        let slow = node.post(&url, first);
+        let crowded = async {
+            // Let the first query take the only slot.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            node.post(&url, second).await
+        };
+        let ((slow_status, _), (status, text)) = tokio::join!(slow, crowded);
+        assert_eq!(slow_status, StatusCode::OK);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            String::from_utf8_lossy(&text).starts_with("too many queries are running"),
+            "{}",
+            String::from_utf8_lossy(&text)
+        );
+        assert_eq!(node.queries.seen().len(), 1);
+        // Once the slot is free, queries run again.
+        node.queries.take(std::time::Duration::ZERO);
+        let (again, _) = sender.envelope(query_content(&node, &sender, CANISTER, "again"));
+        assert_eq!(node.post(&url, again).await.0, StatusCode::OK);
     }
 }

@@ -9,6 +9,13 @@
 //! request, and only by its original sender through the same effective id unless the request is
 //! unknown); `/canister/<ecid>/{module_hash, controllers, metadata/<name>}` (private metadata only
 //! for controllers). `/canister/<cid>/certified_data` is only served in query data certificates.
+//!
+//! Authorisation and certificate come from the same certified height: the handler reads the
+//! height, authorises, then asks for the certificate of that height only
+//! ([`openic_interfaces::CertifiedStateReader::certificate_for_paths_at`]); if a certification
+//! landed in between, it authorises again (at most [`MAX_AUTHORISATION_ATTEMPTS`] times). So a
+//! request that was unknown when authorised cannot be answered with a later certificate that
+//! reveals another sender's reply.
 
 use crate::envelope::{self, EffectiveId, Request, RequestKind};
 use crate::{ApiError, AppState, SharedState};
@@ -19,6 +26,10 @@ use axum::response::{IntoResponse, Response};
 use openic_interfaces::{LabelPath, MetadataVisibility};
 use openic_types::{CanisterId, Principal, RequestId};
 use serde_cbor::Value;
+
+/// How often a read_state request is authorised again when a new height was certified meanwhile
+/// (heights come about once a second, so a second attempt almost always succeeds).
+const MAX_AUTHORISATION_ATTEMPTS: usize = 4;
 
 pub(crate) async fn canister(
     State(state): State<SharedState>,
@@ -50,8 +61,21 @@ async fn try_handle(
     let body = envelope::read_body(body, &state).await?;
     let request = envelope::decode(&body, RequestKind::ReadState, &state)?;
     let paths = envelope::paths(&request, &state)?;
-    authorize(&paths, &request, effective_id, &state)?;
-    let certificate = state.deps.certified_state.certificate_for_paths(&paths)?;
+    let reader = &state.deps.certified_state;
+    let mut certificate = None;
+    for _ in 0..MAX_AUTHORISATION_ATTEMPTS {
+        let height = reader.certified_height();
+        authorize(&paths, &request, effective_id, &state)?;
+        certificate = reader.certificate_for_paths_at(&paths, height)?;
+        if certificate.is_some() {
+            break;
+        }
+    }
+    let Some(certificate) = certificate else {
+        return Err(ApiError::Unavailable(format!(
+            "the certified state changed {MAX_AUTHORISATION_ATTEMPTS} times while this read_state request was checked; retry"
+        )));
+    };
     Ok(crate::cbor::response(
         StatusCode::OK,
         &crate::cbor::map([("certificate", Value::Bytes(certificate))]),
@@ -146,13 +170,25 @@ fn authorize(
                         id.len()
                     )));
                 };
-                if request_status_id.is_some_and(|first| first != *id) {
-                    return Err(ApiError::BadRequest(
-                        "All request_status paths of one read_state request must name the same request id".into(),
-                    ));
+                match request_status_id {
+                    Some(first) if first != *id => {
+                        return Err(ApiError::BadRequest(
+                            "All request_status paths of one read_state request must name the same request id".into(),
+                        ));
+                    }
+                    // Already authorised for an earlier path of this request.
+                    Some(_) => {}
+                    None => {
+                        request_status_id = Some(id);
+                        authorize_request_status(
+                            path,
+                            RequestId(id_bytes),
+                            request,
+                            effective_id,
+                            state,
+                        )?;
+                    }
                 }
-                request_status_id = Some(id);
-                authorize_request_status(path, RequestId(id_bytes), request, effective_id, state)?;
             }
             [b"canister", canister, rest @ ..] => {
                 let canister_id = CanisterId::unchecked_from_principal(principal_label(path, 1)?);
@@ -209,7 +245,7 @@ fn authorize_request_status(
     state: &AppState,
 ) -> Result<(), ApiError> {
     // An unknown request is readable by anyone: the answer proves its absence.
-    let Some(status) = state.deps.certified_state.ingress_status(&request_id) else {
+    let Some(status) = state.deps.certified_state.ingress_status_meta(&request_id) else {
         return Ok(());
     };
     if status.sender != request.sender {
@@ -476,5 +512,58 @@ mod tests {
         node.state.refuse_certificates();
         let (status, _) = read(&node, &Sender::anonymous(), &url(), vec![vec![b"time"]]).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[tokio::test]
+    async fn many_paths_of_one_request_id_are_authorised_with_one_cheap_lookup() {
+        let node = TestNode::new();
+        let owner = Sender::ed25519(5);
+        let id = RequestId([6; 32]);
+        node.state.set_status(
+            id,
+            IngressStatus {
+                state: IngressState::Replied(vec![0; 100_000]),
+                sender: owner.principal(),
+                effective_canister_id: CanisterId::from_u64(CANISTER),
+                ingress_expiry: Time(0),
+            },
+        );
+        let paths = vec![vec![&b"request_status"[..], &id.0[..], &b"status"[..]]; 1000];
+        let (status, _) = read(&node, &owner, &url(), paths).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(node.state.status_reads(), (1, 0), "(lookups, full clones)");
+    }
+
+    #[tokio::test]
+    async fn authorisation_and_certificate_come_from_the_same_height() {
+        let node = TestNode::new();
+        node.state.set_height(openic_types::Height(1));
+        let owner = Sender::ed25519(6);
+        let snoop = Sender::ed25519(7);
+        let id = RequestId([5; 32]);
+        // Unknown (readable by anyone) while authorised; known, with another sender, by the time
+        // the certificate is made.
+        node.state.certify_after_next_lookup(
+            id,
+            IngressStatus {
+                state: IngressState::Replied(b"secret".to_vec()),
+                sender: owner.principal(),
+                effective_canister_id: CanisterId::from_u64(CANISTER),
+                ingress_expiry: Time(0),
+            },
+        );
+        let path = vec![&b"request_status"[..], &id.0[..]];
+        let (status, text) = read(&node, &snoop, &url(), vec![path]).await;
+        assert_eq!(
+            status,
+            StatusCode::FORBIDDEN,
+            "{}",
+            String::from_utf8_lossy(&text)
+        );
+        assert_eq!(
+            node.state.status_reads().0,
+            2,
+            "authorised again at the new height"
+        );
     }
 }

@@ -8,7 +8,7 @@ use openic_crypto::NodeKey;
 use openic_crypto::request_id::{request_id, text_map};
 use openic_interfaces::{
     CertificationError, CertifiedStateReader, IngressInspector, IngressPool, IngressPoolError,
-    LabelPath, MetadataVisibility, QueryExecutor,
+    IngressStatusMeta, LabelPath, MetadataVisibility, QueryExecutor,
 };
 use openic_types::{
     CanisterId, Height, IngressStatus, Principal, QueryResult, RequestId, SignedIngress, SubnetId,
@@ -16,7 +16,7 @@ use openic_types::{
 };
 use serde_cbor::Value;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tower::ServiceExt as _;
@@ -42,11 +42,32 @@ pub(crate) struct FakeState {
     controllers: Mutex<BTreeMap<CanisterId, Vec<Principal>>>,
     metadata: Mutex<BTreeMap<(CanisterId, String), MetadataVisibility>>,
     refuse: AtomicBool,
+    time: Mutex<Time>,
+    /// Lookups of statuses (full or meta).
+    status_lookups: AtomicUsize,
+    /// Full statuses handed out (each a clone of the reply).
+    status_clones: AtomicUsize,
+    /// Applied right after the next meta lookup, with the height raised by one: simulates a
+    /// certification landing between authorisation and certificate.
+    certify_after_next_lookup: Mutex<Option<(RequestId, IngressStatus)>>,
 }
 
 impl FakeState {
     pub(crate) fn set_height(&self, height: Height) {
         self.height.send_replace(height);
+    }
+    pub(crate) fn set_time(&self, time: Time) {
+        *self.time.lock().unwrap() = time;
+    }
+    /// (status lookups, full status clones) so far.
+    pub(crate) fn status_reads(&self) -> (usize, usize) {
+        (
+            self.status_lookups.load(Ordering::SeqCst),
+            self.status_clones.load(Ordering::SeqCst),
+        )
+    }
+    pub(crate) fn certify_after_next_lookup(&self, id: RequestId, status: IngressStatus) {
+        *self.certify_after_next_lookup.lock().unwrap() = Some((id, status));
     }
     pub(crate) fn set_status(&self, id: RequestId, status: IngressStatus) {
         self.statuses.lock().unwrap().insert(id, status);
@@ -75,11 +96,32 @@ impl CertifiedStateReader for FakeState {
     fn certified_height(&self) -> Height {
         *self.height.borrow()
     }
+    fn certified_time(&self) -> Time {
+        *self.time.lock().unwrap()
+    }
     fn subscribe_certified_height(&self) -> tokio::sync::watch::Receiver<Height> {
         self.height.subscribe()
     }
     fn ingress_status(&self, request_id: &RequestId) -> Option<IngressStatus> {
+        self.status_lookups.fetch_add(1, Ordering::SeqCst);
+        self.status_clones.fetch_add(1, Ordering::SeqCst);
         self.statuses.lock().unwrap().get(request_id).cloned()
+    }
+    fn ingress_status_meta(&self, request_id: &RequestId) -> Option<IngressStatusMeta> {
+        self.status_lookups.fetch_add(1, Ordering::SeqCst);
+        let meta = self
+            .statuses
+            .lock()
+            .unwrap()
+            .get(request_id)
+            .map(IngressStatusMeta::of);
+        let pending = self.certify_after_next_lookup.lock().unwrap().take();
+        if let Some((id, status)) = pending {
+            self.set_status(id, status);
+            let next = Height(self.certified_height().0 + 1);
+            self.set_height(next);
+        }
+        meta
     }
     fn canister_controllers(&self, canister_id: &CanisterId) -> Option<Vec<Principal>> {
         self.controllers.lock().unwrap().get(canister_id).cloned()
@@ -100,6 +142,14 @@ impl CertifiedStateReader for FakeState {
             return Err(CertificationError::NotYetCertified);
         }
         Ok(self.certificate_bytes(paths))
+    }
+    fn certificate_for_paths_at(
+        &self,
+        paths: &[LabelPath],
+        height: Height,
+    ) -> Result<Option<Vec<u8>>, CertificationError> {
+        let certificate = self.certificate_for_paths(paths)?;
+        Ok((self.certified_height() == height).then_some(certificate))
     }
     fn data_certificate(&self, _canister_id: &CanisterId) -> Result<Vec<u8>, CertificationError> {
         Err(CertificationError::NotYetCertified)
@@ -157,9 +207,14 @@ impl IngressInspector for FakeInspector {
 pub(crate) struct FakeQueries {
     answer: Mutex<QueryResult>,
     seen: Mutex<Vec<UserQuery>>,
+    /// How long each query blocks its thread.
+    delay: Mutex<Duration>,
 }
 
 impl FakeQueries {
+    pub(crate) fn take(&self, delay: Duration) {
+        *self.delay.lock().unwrap() = delay;
+    }
     pub(crate) fn answer(&self, result: QueryResult) {
         *self.answer.lock().unwrap() = result;
     }
@@ -171,6 +226,8 @@ impl FakeQueries {
 impl QueryExecutor for FakeQueries {
     fn query(&self, query: UserQuery) -> QueryResult {
         self.seen.lock().unwrap().push(query);
+        let delay = *self.delay.lock().unwrap();
+        std::thread::sleep(delay);
         self.answer.lock().unwrap().clone()
     }
 }
@@ -188,6 +245,7 @@ pub(crate) struct TestNode {
     pub(crate) metrics: Arc<HttpMetrics>,
     now: Time,
     router: axum::Router,
+    halted: Arc<Mutex<Option<String>>>,
 }
 
 impl TestNode {
@@ -202,7 +260,12 @@ impl TestNode {
         })
     }
 
-    fn with_config(config: HttpApiConfig) -> TestNode {
+    /// Reports through `node_health` that the node stopped making blocks.
+    pub(crate) fn halt(&self, reason: &str) {
+        *self.halted.lock().unwrap() = Some(reason.to_string());
+    }
+
+    pub(crate) fn with_config(config: HttpApiConfig) -> TestNode {
         TestNode::with_config_and_clock(config, NOW)
     }
 
@@ -218,12 +281,19 @@ impl TestNode {
             controllers: Mutex::default(),
             metadata: Mutex::default(),
             refuse: AtomicBool::new(false),
+            time: Mutex::new(now),
+            status_lookups: AtomicUsize::new(0),
+            status_clones: AtomicUsize::new(0),
+            certify_after_next_lookup: Mutex::default(),
         });
+        let halted: Arc<Mutex<Option<String>>> = Arc::default();
+        let health = halted.clone();
         let pool = Arc::new(FakePool::default());
         let inspector = Arc::new(FakeInspector::default());
         let queries = Arc::new(FakeQueries {
             answer: Mutex::new(QueryResult::Reply(b"DIDL\x00\x00".to_vec())),
             seen: Mutex::default(),
+            delay: Mutex::default(),
         });
         let node_key = Arc::new(NodeKey::from_secret_bytes(&[42; 32]).unwrap());
         let root_key = openic_crypto::SubnetSigningKey::generate()
@@ -241,6 +311,7 @@ impl TestNode {
             subnet_id,
             clock: Arc::new(move || now),
             metrics: metrics.clone(),
+            node_health: Arc::new(move || health.lock().unwrap().clone()),
         };
         TestNode {
             router: router(config.clone(), deps),
@@ -254,6 +325,7 @@ impl TestNode {
             subnet_id,
             metrics,
             now,
+            halted,
         }
     }
 

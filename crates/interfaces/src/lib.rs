@@ -10,7 +10,7 @@
 use openic_replicated_state::{CanisterState, ReplicatedState};
 use openic_types::{
     Block, CanisterId, Height, IngressStatus, Principal, QueryResult, RequestId, SignedIngress,
-    UserError, UserQuery,
+    Time, UserError, UserQuery,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -79,6 +79,29 @@ pub enum MetadataVisibility {
     Private,
 }
 
+/// The parts of an ingress status that authorisation and waiting need, without the reply (which
+/// can be megabytes): cheap to copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IngressStatusMeta {
+    /// The request's sender.
+    pub sender: Principal,
+    /// The effective canister id the request was sent to.
+    pub effective_canister_id: CanisterId,
+    /// Whether the status is terminal (replied, rejected or done).
+    pub is_terminal: bool,
+}
+
+impl IngressStatusMeta {
+    /// The meta data of a full status.
+    pub fn of(status: &IngressStatus) -> Self {
+        IngressStatusMeta {
+            sender: status.sender,
+            effective_canister_id: status.effective_canister_id,
+            is_terminal: status.state.is_terminal(),
+        }
+    }
+}
+
 /// Read access to the latest certified state, for the HTTP interface.
 ///
 /// Invariant: everything returned describes a state whose root hash has been signed; certificates
@@ -88,11 +111,24 @@ pub trait CertifiedStateReader: Send + Sync {
     /// The latest certified height (0 before the first certification).
     fn certified_height(&self) -> Height;
 
+    /// The block time (`/time`) of the latest certified height (`Time(0)` before the first
+    /// certification). The HTTP status endpoint compares it with the wall clock to tell whether
+    /// the node still makes progress.
+    fn certified_time(&self) -> Time;
+
     /// A receiver that changes whenever a new height is certified.
     fn subscribe_certified_height(&self) -> tokio::sync::watch::Receiver<Height>;
 
     /// The status of an update call in the latest certified state.
     fn ingress_status(&self, request_id: &RequestId) -> Option<IngressStatus>;
+
+    /// Sender, effective canister id and terminality of an update call in the latest certified
+    /// state, without copying its reply. Implementations should override the default (which
+    /// clones the whole status) with a lookup that copies nothing large.
+    fn ingress_status_meta(&self, request_id: &RequestId) -> Option<IngressStatusMeta> {
+        self.ingress_status(request_id)
+            .map(|status| IngressStatusMeta::of(&status))
+    }
 
     /// The controllers of a canister in the latest certified state, or `None` if it does not exist.
     fn canister_controllers(&self, canister_id: &CanisterId) -> Option<Vec<Principal>>;
@@ -109,6 +145,19 @@ pub trait CertifiedStateReader: Send + Sync {
     /// `/time`. Paths that are absent are proven absent (their neighbours' labels are kept), never
     /// pruned. The caller has already checked that the requester may read each path.
     fn certificate_for_paths(&self, paths: &[LabelPath]) -> Result<Vec<u8>, CertificationError>;
+
+    /// Like [`CertifiedStateReader::certificate_for_paths`], but only from the state certified at
+    /// `height`: `Ok(None)` when the latest certified height is another one.
+    ///
+    /// This lets a reader authorise against one height and certify that same height: read
+    /// [`CertifiedStateReader::certified_height`], check the request with the other methods, then
+    /// ask for the certificate at the height read first, and start over on `None`. Since published
+    /// heights only grow, every read between two observations of the same height saw that height.
+    fn certificate_for_paths_at(
+        &self,
+        paths: &[LabelPath],
+        height: Height,
+    ) -> Result<Option<Vec<u8>>, CertificationError>;
 
     /// The data certificate for a query to `canister_id`: a certificate revealing
     /// `/canister/<canister_id>/certified_data` and `/time` of the same state as

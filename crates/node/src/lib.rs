@@ -221,7 +221,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
 
     let known_requests = {
         let certified = certified.clone();
-        Arc::new(move |id: &openic_types::RequestId| certified.ingress_status(id).is_some())
+        Arc::new(move |id: &openic_types::RequestId| certified.ingress_status_meta(id).is_some())
     };
     let pool = Arc::new(IngressPoolImpl::new(
         config.ingress_pool.clone(),
@@ -274,6 +274,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             subnet_id,
             clock,
             metrics: http_metrics,
+            node_health: {
+                let halted = halted.clone();
+                Arc::new(move || halted.lock().clone())
+            },
         },
     );
     let app = api.merge(metrics::router(Arc::new(registry)));

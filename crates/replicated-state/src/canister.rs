@@ -17,6 +17,11 @@ pub enum CanisterStatus {
     Stopping {
         /// Who asked to stop, to be answered when the canister stops.
         stop_contexts: Vec<StopContext>,
+        /// `stop_deadlines[i]` is the block time after which `stop_contexts[i]` is rejected as
+        /// timed out (the canister then stays stopping). A context without an entry (state
+        /// written before deadlines existed) never times out.
+        #[serde(default)]
+        stop_deadlines: Vec<Time>,
     },
     /// Not executing anything.
     Stopped,

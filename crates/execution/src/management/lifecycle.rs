@@ -11,8 +11,7 @@ use openic_replicated_state::{
 };
 use openic_types::ids::{USER_CANISTER_RANGE, subnet_canister_ranges};
 use openic_types::{
-    CanisterId, Cycles, ErrorCode, IngressState, IngressStatus, RejectCode, RequestId, Time,
-    UserError,
+    CanisterId, Cycles, ErrorCode, IngressState, RejectCode, RequestId, Time, UserError,
 };
 use sha2::{Digest, Sha256};
 use std::collections::BTreeSet;
@@ -54,12 +53,12 @@ pub(super) fn reject_ingress(
     if let Some(status) = state.ingress_history.get(request_id).cloned()
         && !status.state.is_terminal()
     {
-        state.ingress_history.set(
+        crate::common::set_ingress_state(
+            state,
             *request_id,
-            IngressStatus {
-                state: IngressState::Rejected(error),
-                ..status
-            },
+            status.sender,
+            status.effective_canister_id,
+            IngressState::Rejected(error),
         );
     }
 }
@@ -304,7 +303,7 @@ pub(super) fn start_canister(
         return Err(crate::common::canister_not_found_error(&id));
     };
     let previous = std::mem::replace(&mut canister.system_state.status, CanisterStatus::Running);
-    if let CanisterStatus::Stopping { stop_contexts } = previous {
+    if let CanisterStatus::Stopping { stop_contexts, .. } = previous {
         for stop_context in stop_contexts {
             let error = UserError::new(
                 ErrorCode::CanisterStopping,
@@ -329,12 +328,19 @@ pub(super) fn stop_canister(
     let args: mct::CanisterIdRecord = args::decode(context.method, context.payload)?;
     let id = CanisterId::unchecked_from_principal(args.canister_id);
     controlled(state, &id, &context.caller.principal())?;
+    let deadline = state
+        .metadata
+        .time
+        .saturating_add_nanos(context.config.stop_canister_timeout_nanos);
     let Some(canister) = state.canister_mut(&id) else {
         return Err(crate::common::canister_not_found_error(&id));
     };
     match &mut canister.system_state.status {
         CanisterStatus::Stopped => Ok(Handled::reply(crate::common::EMPTY_CANDID_REPLY.to_vec())),
-        CanisterStatus::Stopping { stop_contexts } => {
+        CanisterStatus::Stopping {
+            stop_contexts,
+            stop_deadlines,
+        } => {
             if stop_contexts.len() >= MAX_STOP_CONTEXTS {
                 return Err(ManagementError::TooManyStopRequests {
                     canister: id.get(),
@@ -342,7 +348,10 @@ pub(super) fn stop_canister(
                 }
                 .into());
             }
+            // Contexts from before deadlines existed have none: pad so the indices line up.
+            stop_deadlines.resize(stop_contexts.len(), Time(u64::MAX));
             stop_contexts.push(stop_context);
+            stop_deadlines.push(deadline);
             Ok(Handled {
                 outcome: ManagementOutcome::Deferred,
                 cycles_kept: Cycles::ZERO,
@@ -351,6 +360,7 @@ pub(super) fn stop_canister(
         status @ CanisterStatus::Running => {
             *status = CanisterStatus::Stopping {
                 stop_contexts: vec![stop_context],
+                stop_deadlines: vec![deadline],
             };
             Ok(Handled {
                 outcome: ManagementOutcome::Deferred,
@@ -467,4 +477,39 @@ pub(super) fn raw_rand(state: &mut ReplicatedState) -> Result<Handled, UserError
         .finalize()
         .into();
     args::encode(&output.to_vec()).map(Handled::reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::common::FALLBACK_INGRESS_RETENTION_NANOS;
+    use openic_types::{IngressStatus, SubnetId};
+
+    #[test]
+    fn reject_ingress_keeps_an_expired_status_for_the_retention_period() {
+        let subnet = SubnetId(candid::Principal::from_slice(&[1; 29]));
+        let mut state = ReplicatedState::new(subnet, 0x8000_0000_0010_0001, [3; 32]);
+        state.metadata.time = Time(100 * Time::NANOS_PER_SECOND);
+        let id = RequestId([1; 32]);
+        state.ingress_history.set(
+            id,
+            IngressStatus {
+                state: IngressState::Processing,
+                sender: candid::Principal::anonymous(),
+                effective_canister_id: CanisterId::from_u64(1),
+                ingress_expiry: Time(5),
+            },
+        );
+        let error = UserError::new(ErrorCode::CanisterStopped, "stopped".to_string());
+        reject_ingress(&mut state, &id, error.clone());
+        let status = state.ingress_history.get(&id).unwrap();
+        assert_eq!(status.state, IngressState::Rejected(error));
+        assert_eq!(
+            status.ingress_expiry,
+            state
+                .metadata
+                .time
+                .saturating_add_nanos(FALLBACK_INGRESS_RETENTION_NANOS)
+        );
+    }
 }

@@ -1315,7 +1315,7 @@ mod tests {
             h.call(alice, "stop_canister", &id_record(id)),
             ManagementOutcome::Deferred
         );
-        let CanisterStatus::Stopping { stop_contexts } = &h.canister(&id).system_state.status
+        let CanisterStatus::Stopping { stop_contexts, .. } = &h.canister(&id).system_state.status
         else {
             panic!("not stopping");
         };
