@@ -12,6 +12,14 @@ pub const PAGE_SIZE: usize = 4096;
 /// One page of memory.
 pub type Page = [u8; PAGE_SIZE];
 
+/// A page of zeros to compare against: slice equality compiles to `memcmp`, which is several
+/// times faster than testing byte by byte, and heaps are mostly zeros.
+static ZERO_PAGE: Page = [0u8; PAGE_SIZE];
+
+fn is_zero(bytes: &[u8]) -> bool {
+    bytes == &ZERO_PAGE[..bytes.len()]
+}
+
 /// Index of a page in a [`PageMap`].
 pub type PageIndex = u64;
 
@@ -51,7 +59,7 @@ impl PageMap {
 
     /// Replaces the page at `index`. An all-zero page is dropped instead of stored.
     pub fn set_page(&mut self, index: PageIndex, page: &Page) {
-        if page.iter().all(|b| *b == 0) {
+        if is_zero(page) {
             self.pages.remove(&index);
         } else {
             self.pages.insert(index, Arc::new(*page));
@@ -118,10 +126,8 @@ impl PageMap {
             let end = (start + PAGE_SIZE).min(src.len());
             let chunk = &src[start..end];
             let same = match self.pages.get(&index) {
-                Some(page) => {
-                    page[..chunk.len()] == *chunk && page[chunk.len()..].iter().all(|b| *b == 0)
-                }
-                None => chunk.iter().all(|b| *b == 0),
+                Some(page) => page[..chunk.len()] == *chunk && is_zero(&page[chunk.len()..]),
+                None => is_zero(chunk),
             };
             if !same {
                 let mut page = [0u8; PAGE_SIZE];
