@@ -161,7 +161,7 @@ pub trait CertifiedStateReader: Send + Sync {
 
     /// The data certificate for a query to `canister_id`: a certificate revealing
     /// `/canister/<canister_id>/certified_data` and `/time` of the same state as
-    /// [`CertifiedStateReader::canister_snapshot`].
+    /// [`StateSnapshotSource::latest_snapshot`].
     fn data_certificate(&self, canister_id: &CanisterId) -> Result<Vec<u8>, CertificationError>;
 }
 
