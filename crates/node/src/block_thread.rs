@@ -7,7 +7,7 @@
 use crate::NodeConfig;
 use crate::metrics::NodeMetrics;
 use openic_certification::CertifiedStateStore;
-use openic_consensus::{BlockMaker, BlockMakerConfig, IngressPoolImpl};
+use openic_consensus::{BlockMaker, IngressPoolImpl};
 use openic_execution::Scheduler;
 use openic_interfaces::{BlockExecutor, BlockLog, CheckpointStore};
 use openic_replicated_state::ReplicatedState;
@@ -58,14 +58,7 @@ impl BlockThread {
                 return;
             }
         };
-        let maker = BlockMaker::new(
-            BlockMakerConfig {
-                max_ingress_messages_per_block: self.config.max_ingress_messages_per_block,
-                max_ingress_bytes_per_block: self.config.max_ingress_bytes_per_block,
-                idle_block_interval: self.config.idle_block_interval,
-            },
-            self.clock.clone(),
-        );
+        let maker = BlockMaker::new(self.config.block_maker.clone(), self.clock.clone());
         let mut last_checkpoint_height = self.state.metadata.height;
         let mut last_checkpoint_at = Instant::now();
         let mut busy_heights_since_checkpoint = 0u64;
@@ -76,7 +69,7 @@ impl BlockThread {
             let pending = self.scheduler.has_pending_work(&self.state);
             runtime.block_on(async {
                 tokio::select! {
-                    _ = maker.wait_for_work(&self.pool, self.config.idle_block_interval, pending) => {}
+                    _ = maker.wait_for_work(&self.pool, self.config.block_maker.idle_block_interval, pending) => {}
                     _ = self.wake.notified() => {}
                 }
             });

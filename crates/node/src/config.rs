@@ -12,19 +12,15 @@ pub struct NodeConfig {
     pub state_dir: PathBuf,
     /// Address of the HTTP interface (port 0 = any free port).
     pub listen_addr: SocketAddr,
-    /// A block is made at least this often even without ingress, so certified `/time` stays fresh
-    /// (clients refuse certificates older than 3-5 minutes) and timers and heartbeats run.
-    pub idle_block_interval: Duration,
     /// A checkpoint is written after this many busy heights (blocks that executed something)…
     pub checkpoint_interval_heights: u64,
     /// …or after this much time with at least one busy height, whichever comes first…
     pub checkpoint_interval: Duration,
     /// …or, when only idle blocks were made, after this much time (bounds the replay on restart).
     pub idle_checkpoint_interval: Duration,
-    /// Maximum ingress messages in one block.
-    pub max_ingress_messages_per_block: usize,
-    /// Maximum ingress bytes in one block.
-    pub max_ingress_bytes_per_block: u64,
+    /// Block limits and pacing (a block at least every `idle_block_interval` keeps the certified
+    /// `/time` fresh and runs timers and heartbeats).
+    pub block_maker: openic_consensus::BlockMakerConfig,
     /// The HTTP interface.
     pub http: openic_http_api::HttpApiConfig,
     /// Execution limits and fees.
@@ -45,12 +41,10 @@ impl NodeConfig {
         NodeConfig {
             state_dir: state_dir.into(),
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 8000)),
-            idle_block_interval: Duration::from_millis(1000),
             checkpoint_interval_heights: 500,
             checkpoint_interval: Duration::from_secs(30),
             idle_checkpoint_interval: Duration::from_secs(600),
-            max_ingress_messages_per_block: 1000,
-            max_ingress_bytes_per_block: 4 * 1024 * 1024,
+            block_maker: Default::default(),
             http: Default::default(),
             execution: Default::default(),
             embedder: Default::default(),
