@@ -88,20 +88,26 @@ where
     (all, wall)
 }
 
-fn bls_floor() -> Duration {
+/// Mean time of one BLS signature (what the node does once per height, with blst) and of one
+/// verification (what ic-agent does for every update reply, with ic-verify-bls-signature).
+fn bls_floor() -> (Duration, Duration) {
     let key = openic_crypto::SubnetSigningKey::generate();
     let rounds = 50;
+    let messages: Vec<String> = (0..rounds)
+        .map(|i| format!("\x0Dic-state-root{i:032}"))
+        .collect();
     let started = Instant::now();
-    for i in 0..rounds {
-        let message = format!("\x0Dic-state-root{i:032}");
-        let signature = key.sign(message.as_bytes());
+    let signatures: Vec<_> = messages.iter().map(|m| key.sign(m.as_bytes())).collect();
+    let sign = started.elapsed() / rounds;
+    let started = Instant::now();
+    for (message, signature) in messages.iter().zip(&signatures) {
         assert!(openic_crypto::bls::verify(
             key.public_key_der(),
             message.as_bytes(),
-            &signature
+            signature
         ));
     }
-    started.elapsed() / rounds
+    (sign, started.elapsed() / rounds)
 }
 
 async fn http_floor() -> Duration {
@@ -177,6 +183,8 @@ async fn main() {
     }
 
     let agent = Arc::new(agent);
+    let node_pid = node.pid();
+    let cpu_before_single = (cpu_time(Some(node_pid)), cpu_time(None));
     let (single, single_wall) = {
         let agent = agent.clone();
         run_concurrent(1, UPDATE_CALLS_SINGLE, move || {
@@ -185,6 +193,8 @@ async fn main() {
         })
         .await
     };
+    let cpu_single = cpu_since(node_pid, cpu_before_single);
+    let cpu_before_many = (cpu_time(Some(node_pid)), cpu_time(None));
     let (many, many_wall) = {
         let agent = agent.clone();
         run_concurrent(CONCURRENT_CLIENTS, UPDATE_CALLS_CONCURRENT, move || {
@@ -193,6 +203,8 @@ async fn main() {
         })
         .await
     };
+    let cpu_many = cpu_since(node_pid, cpu_before_many);
+    let cpu_before_queries = (cpu_time(Some(node_pid)), cpu_time(None));
     let (queries, queries_wall) = {
         let agent = agent.clone();
         run_concurrent(CONCURRENT_CLIENTS, QUERY_CALLS, move || {
@@ -203,6 +215,7 @@ async fn main() {
         })
         .await
     };
+    let cpu_queries = cpu_since(node_pid, cpu_before_queries);
     let final_count = get(&agent, canister).await;
     assert_eq!(
         final_count as usize,
@@ -242,7 +255,22 @@ async fn main() {
         ms(percentile(&queries, 0.99)),
         QUERY_CALLS as f64 / queries_wall.as_secs_f64()
     );
-    println!("| floor: BLS sign + verify | {} |", ms(bls));
+    for (what, (node_cpu, client_cpu), count) in [
+        ("update, 1 client", cpu_single, UPDATE_CALLS_SINGLE),
+        ("update, 64 clients", cpu_many, UPDATE_CALLS_CONCURRENT),
+        ("query, 64 clients", cpu_queries, QUERY_CALLS),
+    ] {
+        println!(
+            "| CPU per call, {what}: node / clients | {} / {} |",
+            us(node_cpu / count as u32),
+            us(client_cpu / count as u32)
+        );
+    }
+    println!(
+        "| floor: one BLS sign (node) / one BLS verify (client) | {} / {} |",
+        ms(bls.0),
+        ms(bls.1)
+    );
     println!(
         "| floor: bare HTTP round trip (reqwest → axum) | {} |",
         ms(http)
@@ -251,6 +279,34 @@ async fn main() {
     println!("| node RSS after the load | {loaded_rss_kb} kB |");
     let status = node.terminate();
     assert!(status.success(), "openic exited with {status}");
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.0} µs", d.as_secs_f64() * 1e6)
+}
+
+/// CPU time (user + system) a process has used so far: `pid`, or this process for `None`.
+/// /proc reports it in USER_HZ ticks, which Linux fixes at 100 per second for user space.
+fn cpu_time(pid: Option<u32>) -> Duration {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let stat = std::fs::read_to_string(path).expect("read /proc stat");
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    Duration::from_millis(ticks * 10)
+}
+
+/// CPU time the node and this process (the clients) used since `before`.
+fn cpu_since(node_pid: u32, before: (Duration, Duration)) -> (Duration, Duration) {
+    (
+        cpu_time(Some(node_pid)).saturating_sub(before.0),
+        cpu_time(None).saturating_sub(before.1),
+    )
 }
 
 /// Resident set size of a process in kB, from /proc.

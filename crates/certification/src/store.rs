@@ -137,7 +137,13 @@ struct Published {
     tree: StateTree,
     signature: [u8; openic_crypto::bls::BLS_SIGNATURE_LENGTH],
     canisters: Arc<BTreeMap<CanisterId, Arc<CanisterState>>>,
+    /// Data certificates already built at this height (every query of a canister gets the same
+    /// one until the next height), at most [`MAX_CACHED_DATA_CERTIFICATES`].
+    data_certificates: Mutex<BTreeMap<CanisterId, Vec<u8>>>,
 }
+
+/// Most data certificates kept per height; queries to further canisters build theirs each time.
+const MAX_CACHED_DATA_CERTIFICATES: usize = 1_024;
 
 /// What the block thread keeps between heights to update the tree incrementally.
 #[derive(Default)]
@@ -279,6 +285,7 @@ impl CertifiedStateStore {
             tree,
             signature,
             canisters: Arc::new(state.canisters_snapshot()),
+            data_certificates: Mutex::new(BTreeMap::new()),
         });
         let height = published.height;
         // Swap under the lock; drop the previous height (its unshared nodes, maybe the last
@@ -500,9 +507,17 @@ impl CertifiedStateReader for CertifiedStateStore {
     }
 
     fn data_certificate(&self, canister_id: &CanisterId) -> Result<Vec<u8>, CertificationError> {
-        let set = path_set(&[data_certificate_path(canister_id)])?;
         let published = self.latest().ok_or(CertificationError::NotYetCertified)?;
-        Ok(self.certificate(&published, &set))
+        if let Some(cached) = published.data_certificates.lock().get(canister_id) {
+            return Ok(cached.clone());
+        }
+        let set = path_set(&[data_certificate_path(canister_id)])?;
+        let certificate = self.certificate(&published, &set);
+        let mut cache = published.data_certificates.lock();
+        if cache.len() < MAX_CACHED_DATA_CERTIFICATES {
+            cache.insert(*canister_id, certificate.clone());
+        }
+        Ok(certificate)
     }
 }
 

@@ -6,6 +6,8 @@
 //! bounded by a resource limiter (so `memory.grow` fails at the same size everywhere), and the
 //! wasm stack is bounded by a fixed size. Only features with deterministic semantics are enabled.
 
+use crate::memory_pool::RecyclingMemoryCreator;
+use std::sync::Arc;
 use wasmtime::{Config, Engine, WasmFeatures};
 
 /// Largest module accepted, plain or after gzip decompression (the IC's limit).
@@ -106,7 +108,10 @@ pub fn build_engine(config: &EmbedderConfig) -> Result<Engine, EmbedderError> {
         .consume_fuel(true)
         .epoch_interruption(false)
         .wasm_backtrace_max_frames(None)
-        .max_wasm_stack(config.max_wasm_stack_bytes);
+        .max_wasm_stack(config.max_wasm_stack_bytes)
+        // Linear memories come from a pool of recycled reservations instead of a fresh mapping
+        // per execution: see Note [recycled linear memories] in `memory_pool`.
+        .with_host_memory(Arc::new(RecyclingMemoryCreator::new()));
     Engine::new(&wasm).map_err(|e| EmbedderError::Engine(format!("{e:#}")))
 }
 

@@ -19,6 +19,7 @@ use crate::instrumentation::{
     INIT_DATA_EXPORT, MEMORY_EXPORT, START_EXPORT, TABLE_EXPORT, global_export, instrument,
 };
 use crate::linker::{GrowthLimits, HostError, StoreData, build_linker};
+use crate::memory_pool::{create_unzeroed, zero_heap_range};
 use crate::system_api::SystemApi;
 use crate::validation::{decode, validate};
 use openic_replicated_state::{
@@ -265,14 +266,17 @@ impl WasmtimeEmbedder {
         Ok(compiled)
     }
 
-    /// A fresh store and instance.
+    /// A fresh store and instance. With `unzeroed_heap_bytes`, the memory starts at that size
+    /// and may hold stale bytes (see [`create_unzeroed`]): the returned length is the prefix that
+    /// [`Self::restore`] must overwrite.
     fn instantiate(
         &self,
         compiled: &CompiledModule,
         api: Option<SystemApi>,
         memory_limit_bytes: u64,
         instruction_limit: u64,
-    ) -> Result<(Store<StoreData>, wasmtime::Instance), ExecutionError> {
+        unzeroed_heap_bytes: Option<u64>,
+    ) -> Result<(Store<StoreData>, wasmtime::Instance, usize), ExecutionError> {
         let mut store = Store::new(
             &self.engine,
             StoreData {
@@ -286,10 +290,13 @@ impl WasmtimeEmbedder {
         );
         store.limiter(|data| &mut data.limits);
         store.set_fuel(instruction_limit).map_err(wasm_error)?;
-        let instance = compiled
-            .instance_pre
-            .instantiate(&mut store)
-            .map_err(wasm_error)?;
+        let (instance, stale_bytes) = match unzeroed_heap_bytes
+            .and_then(|bytes| usize::try_from(bytes).ok())
+        {
+            Some(bytes) => create_unzeroed(bytes, || compiled.instance_pre.instantiate(&mut store)),
+            None => (compiled.instance_pre.instantiate(&mut store), 0),
+        };
+        let instance = instance.map_err(wasm_error)?;
         let memory = match &compiled.memory {
             Some(export) => instance
                 .get_module_export(&mut store, export)
@@ -297,15 +304,20 @@ impl WasmtimeEmbedder {
             None => None,
         };
         store.data_mut().memory = memory;
-        Ok((store, instance))
+        Ok((store, instance, stale_bytes))
     }
 
-    /// Copies the canister's heap image and globals into a fresh instance.
+    /// Copies the canister's heap image and globals into a fresh instance, and zeroes the pages
+    /// the image does not store within the first `stale_bytes` (which may hold a previous
+    /// execution's bytes; see Note [recycled linear memories] in `memory_pool`), by discarding
+    /// them if `discard_gaps` (the heap will not be read back).
     fn restore(
         compiled: &CompiledModule,
         store: &mut Store<StoreData>,
         instance: &wasmtime::Instance,
         state: &ExecutionState,
+        stale_bytes: usize,
+        discard_gaps: bool,
     ) -> Result<(), ExecutionError> {
         if let Some(memory) = store.data().memory {
             let current = memory.size(&*store);
@@ -321,6 +333,29 @@ impl WasmtimeEmbedder {
                     .map_err(|e| wasm_error(format!("could not restore the heap: {e:#}")))?;
             }
             let heap = memory.data_mut(&mut *store);
+            let stale = stale_bytes.min(heap.len());
+            // Zero the stale bytes not covered by stored pages: the gaps between them.
+            let mut next_unwritten = 0usize;
+            // Such gaps are mostly pages that were never touched (for example the unused part of
+            // a Rust canister's stack). When the heap is thrown away afterwards, handing them back
+            // to the kernel is cheapest: the few that are touched fault in as zeros. When it is
+            // compared back (which reads every page, so a discarded page would fault), reading
+            // them and writing only the non-zero ones is cheaper than writing them all.
+            let zero_gap = |heap: &mut [u8], from: usize, to: usize| {
+                let to = to.min(stale);
+                if from >= to {
+                    return;
+                }
+                if discard_gaps {
+                    zero_heap_range(&mut heap[from..to]);
+                } else {
+                    for page in heap[from..to].chunks_mut(PAGE_SIZE) {
+                        if *page != ZERO_PAGE[..page.len()] {
+                            page.fill(0);
+                        }
+                    }
+                }
+            };
             for (index, page) in state.wasm_memory.pages() {
                 let slot = usize::try_from(index)
                     .ok()
@@ -332,7 +367,11 @@ impl WasmtimeEmbedder {
                     )));
                 };
                 slot.copy_from_slice(page);
+                let start = index as usize * PAGE_SIZE;
+                zero_gap(heap, next_unwritten, start);
+                next_unwritten = start + PAGE_SIZE;
             }
+            zero_gap(heap, next_unwritten, heap.len());
         }
         if compiled.globals.len() != state.globals.len() {
             return Err(wasm_error(format!(
@@ -477,8 +516,17 @@ impl WasmtimeEmbedder {
         let memory_limit =
             memory_limit.max(state.wasm_memory_size_pages.saturating_mul(WASM_PAGE_BYTES));
         let limit = input.instruction_limit;
-        let (mut store, instance) = self.instantiate(&compiled, Some(api), memory_limit, limit)?;
-        Self::restore(&compiled, &mut store, &instance, state)?;
+        let heap_bytes = state.wasm_memory_size_pages.saturating_mul(WASM_PAGE_BYTES);
+        let (mut store, instance, stale_bytes) =
+            self.instantiate(&compiled, Some(api), memory_limit, limit, Some(heap_bytes))?;
+        Self::restore(
+            &compiled,
+            &mut store,
+            &instance,
+            state,
+            stale_bytes,
+            !keeps_state,
+        )?;
         // The heap copy-in (and compare-back) is work proportional to the stored heap: charge it
         // from the budget before the canister runs, so a huge heap is not free to execute.
         let heap_cost = heap_copy_instructions(state.wasm_memory.num_stored_pages() as u64);
@@ -566,12 +614,13 @@ impl Embedder for WasmtimeEmbedder {
         let failed = |e: ExecutionError| {
             InvalidWasm::Validation(format!("the module cannot be instantiated: {e}"))
         };
-        let (mut store, instance) = self
+        let (mut store, instance, _) = self
             .instantiate(
                 &compiled,
                 None,
                 MAX_WASM32_MEMORY_BYTES,
                 DATA_SEGMENT_INSTRUCTION_LIMIT,
+                None,
             )
             .map_err(failed)?;
         let init = instance

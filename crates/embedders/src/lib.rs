@@ -23,6 +23,7 @@ mod embedder;
 mod imports;
 mod instrumentation;
 mod linker;
+mod memory_pool;
 pub mod system_api;
 mod validation;
 

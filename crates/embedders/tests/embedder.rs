@@ -848,3 +848,79 @@ fn trap_message_goes_through_the_debug_print_budget() {
         vec!["greet".to_string(), "[TRAP".to_string()]
     );
 }
+
+/// Recycled memories (Note [recycled linear memories]) must never show an execution the bytes of
+/// an earlier one: not in the restored heap, not in pages that `memory.grow` adds.
+#[test]
+fn recycled_memories_never_leak_bytes_between_executions() {
+    both(|wasm64| {
+        let (addr, memory) = if wasm64 {
+            ("i64", "(memory i64 1)")
+        } else {
+            ("i32", "(memory 1)")
+        };
+        let wat = r#"
+(module
+  (import "ic0" "msg_reply_data_append" (func $append (param ADDR ADDR)))
+  (import "ic0" "msg_reply" (func $reply))
+  MEMORY
+  ;; ORs every byte of the memory together; 0 means all zero.
+  (func $or_all (result i32)
+    (local $i ADDR) (local $acc i32)
+    (block $done
+      (loop $next
+        (br_if $done (ADDR.ge_u (local.get $i) (ADDR.mul (memory.size) (ADDR.const 65536))))
+        (local.set $acc (i32.or (local.get $acc) (i32.load8_u (local.get $i))))
+        (local.set $i (ADDR.add (local.get $i) (ADDR.const 1)))
+        (br $next)))
+    (local.get $acc))
+  (func $answer (param $value i32)
+    (i32.store (ADDR.const 0) (local.get $value))
+    (call $append (ADDR.const 0) (ADDR.const 4))
+    (call $reply))
+  ;; Grows to 4 pages and fills all of them; run as a query, so nothing persists.
+  (func (export "canister_query scribble")
+    (drop (memory.grow (ADDR.const 3)))
+    (memory.fill (ADDR.const 0) (i32.const 0xab) (ADDR.mul (memory.size) (ADDR.const 65536)))
+    (call $answer (i32.const 1)))
+  (func (export "canister_query check")
+    (call $answer (call $or_all)))
+  (func (export "canister_query grow_and_check")
+    (drop (memory.grow (ADDR.const 3)))
+    (call $answer (call $or_all))))
+"#
+        .replace("ADDR", addr)
+        .replace("MEMORY", memory);
+        let e = embedder();
+        let state = install(&e, &wat::parse_str(wat).unwrap());
+        let query = || ApiType::Query {
+            caller: Principal::anonymous(),
+            arg: vec![],
+            replicated: false,
+            data_certificate: None,
+            cycles_available: Cycles::ZERO,
+        };
+        let answer = |method: &str| {
+            let output = run_with(
+                &e,
+                &state,
+                query(),
+                EntryPoint::Export(format!("canister_query {method}")),
+            );
+            match output.result.expect("execution succeeds").1 {
+                Some(WasmResponse::Reply(bytes)) => bytes,
+                other => panic!("unexpected response {other:?}"),
+            }
+        };
+        for _ in 0..3 {
+            assert_eq!(answer("scribble"), vec![1, 0, 0, 0]);
+            assert_eq!(answer("check"), vec![0; 4], "the restored heap is all zero");
+            assert_eq!(answer("scribble"), vec![1, 0, 0, 0]);
+            assert_eq!(
+                answer("grow_and_check"),
+                vec![0; 4],
+                "grown pages are all zero"
+            );
+        }
+    });
+}

@@ -1,0 +1,539 @@
+//! Recycled linear memories: the wasmtime [`MemoryCreator`] of the embedder.
+//!
+//! Note [recycled linear memories]: every execution instantiates afresh (Note [instance-free
+//! state] in `instrumentation`), so with wasmtime's default allocator each execution mapped a
+//! 4 GiB reservation, faulted in every heap page it copied in (the kernel zeroing each one), and
+//! unmapped it all afterwards (a TLB shootdown across cores). Profiles of the replica benchmark
+//! showed that as about half of the node's CPU. This creator keeps released reservations in a
+//! small pool instead:
+//! - a region remembers how long a prefix of it may hold non-zero bytes (`dirty`); everything past
+//!   it is zero. A released memory keeps at most [`KEEP_RESIDENT_BYTES`] of dirty, resident
+//!   pages; the rest goes back to the kernel with `madvise(MADV_DONTNEED)` (it reads as zeros);
+//! - zeroing is lazy: a new memory zeroes only its accessible part of the dirty prefix, and growth
+//!   zeroes only the dirty part it exposes. An execution that restores a heap image asks for an
+//!   *unzeroed* memory of the image's size instead ([`create_unzeroed`]) and then writes every
+//!   byte of the dirty prefix itself (stored pages copied, the others zeroed), so the same bytes
+//!   are not written twice;
+//! - a reused reservation is made accessible (`mprotect`) up to exactly the new memory's size, so
+//!   everything past the size still faults and wasmtime's elided bounds checks stay sound. A
+//!   region reused for a memory of the size it had before needs no system call at all;
+//! - reservations and guards are as wasmtime asks (`reserved_size_in_bytes` + guard, never less);
+//!   a memory that must grow past its reservation (only possible for memory64) moves to a new,
+//!   larger mapping, which is unmapped, not pooled, when released.
+//!
+//! Invariant: every byte of a region at or past `dirty` is zero, and exactly its first
+//! `accessible` bytes are readable and writable. A memory handed to wasmtime reads as zeros (the
+//! `MemoryCreator` contract) except through [`create_unzeroed`], whose caller overwrites it before
+//! any wasm runs.
+
+// The one place in openic that manages memory mappings by hand; every `unsafe` states why it is
+// sound.
+#![allow(unsafe_code)]
+
+use rustix::mm::{Advice, MapFlags, MprotectFlags, ProtFlags};
+use std::cell::Cell;
+use std::sync::{Arc, Mutex};
+use wasmtime::{LinearMemory, MemoryCreator, MemoryType};
+
+/// Most bytes of a released memory kept resident (to be overwritten or zeroed by the next user);
+/// dirty pages past this are returned to the kernel.
+pub const KEEP_RESIDENT_BYTES: usize = 4 * 1024 * 1024;
+
+/// Most idle reservations kept; more are unmapped when released.
+pub const MAX_IDLE_REGIONS: usize = 16;
+
+const OS_PAGE_BYTES: usize = 4096;
+
+fn round_up_to_os_page(n: usize) -> Option<usize> {
+    n.checked_add(OS_PAGE_BYTES - 1)
+        .map(|n| n & !(OS_PAGE_BYTES - 1))
+}
+
+/// One anonymous mapping: `capacity` bytes of (partly accessible) memory followed by `guard`
+/// inaccessible bytes.
+#[derive(Debug)]
+struct Region {
+    base: *mut u8,
+    capacity: usize,
+    guard: usize,
+    accessible: usize,
+    /// Bytes at or past this offset are zero.
+    dirty: usize,
+}
+
+// SAFETY: a region is a private anonymous mapping owned by exactly one `Region` value; moving
+// that ownership between threads is sound. Access to its bytes is governed by wasmtime, which
+// owns the memory while an instance uses it.
+unsafe impl Send for Region {}
+// SAFETY: `Region` has no interior mutability; shared references only read its fields.
+unsafe impl Sync for Region {}
+
+impl Region {
+    /// Reserves `capacity + guard` bytes, all inaccessible and zero.
+    fn reserve(capacity: usize, guard: usize) -> Result<Region, String> {
+        let len = capacity
+            .checked_add(guard)
+            .ok_or_else(|| "memory reservation size overflows".to_string())?;
+        // SAFETY: a fresh anonymous mapping at an address the kernel chooses aliases nothing.
+        let base = unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::empty(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE,
+            )
+        }
+        .map_err(|e| {
+            format!("cannot reserve {len} bytes of address space for a wasm memory: {e}")
+        })?;
+        Ok(Region {
+            base: base.cast(),
+            capacity,
+            guard,
+            accessible: 0,
+            dirty: 0,
+        })
+    }
+
+    /// Makes exactly the first `len` bytes accessible (`len <= capacity`, a multiple of the OS
+    /// page size).
+    fn set_accessible(&mut self, len: usize) -> Result<(), String> {
+        debug_assert!(len <= self.capacity && len.is_multiple_of(OS_PAGE_BYTES));
+        if len > self.accessible {
+            // SAFETY: the range lies inside this region's mapping, which only this value owns.
+            unsafe {
+                rustix::mm::mprotect(
+                    self.base.add(self.accessible).cast(),
+                    len - self.accessible,
+                    MprotectFlags::READ | MprotectFlags::WRITE,
+                )
+            }
+            .map_err(|e| format!("cannot make {len} bytes of a wasm memory accessible: {e}"))?;
+        } else if len < self.accessible {
+            // SAFETY: as above; the bytes past `len` are zero (the invariant), so hiding them
+            // loses nothing.
+            unsafe {
+                rustix::mm::mprotect(
+                    self.base.add(len).cast(),
+                    self.accessible - len,
+                    MprotectFlags::empty(),
+                )
+            }
+            .map_err(|e| format!("cannot shrink the accessible part of a wasm memory: {e}"))?;
+        }
+        self.accessible = len;
+        Ok(())
+    }
+
+    /// Zeroes `start..end`, clipped to the dirty prefix (`end <= accessible`).
+    fn zero(&mut self, start: usize, end: usize) {
+        let end = end.min(self.dirty);
+        if start < end {
+            // SAFETY: `start..end` lies in the accessible, read-write part of this region, and the
+            // memory using it is not running wasm while it is created or grown.
+            unsafe { std::ptr::write_bytes(self.base.add(start), 0, end - start) };
+        }
+        if end == self.dirty && start < self.dirty {
+            self.dirty = start;
+        }
+    }
+
+    /// Called when the memory using the region is released: everything it could reach may be
+    /// dirty; dirty pages past [`KEEP_RESIDENT_BYTES`] go back to the kernel. Returns `false` if
+    /// the kernel refused, in which case the region must not be reused.
+    fn release(&mut self) -> bool {
+        self.dirty = self.dirty.max(self.accessible);
+        if self.dirty > KEEP_RESIDENT_BYTES {
+            // SAFETY: the range lies inside this region's mapping and no instance uses it any
+            // more; MADV_DONTNEED on a private anonymous mapping makes the pages read as zeros.
+            let dropped = unsafe {
+                rustix::mm::madvise(
+                    self.base.add(KEEP_RESIDENT_BYTES).cast(),
+                    self.dirty - KEEP_RESIDENT_BYTES,
+                    Advice::LinuxDontNeed,
+                )
+            };
+            if dropped.is_err() {
+                return false;
+            }
+            self.dirty = KEEP_RESIDENT_BYTES;
+        }
+        true
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created by `reserve` with exactly this length and nothing
+        // refers to it any more.
+        let _ = unsafe { rustix::mm::munmap(self.base.cast(), self.capacity + self.guard) };
+    }
+}
+
+/// Idle reservations, all of the standard shape (wasmtime's reservation and guard sizes).
+#[derive(Debug)]
+struct Pool {
+    idle: Mutex<Vec<Region>>,
+}
+
+impl Pool {
+    fn take(&self, capacity: usize, guard: usize) -> Option<Region> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let position = idle
+            .iter()
+            .position(|r| r.capacity == capacity && r.guard == guard)?;
+        Some(idle.swap_remove(position))
+    }
+
+    fn give_back(&self, mut region: Region) {
+        if !region.release() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE_REGIONS {
+            idle.push(region);
+        }
+    }
+}
+
+/// The memory creator installed in the embedder's engine. See Note [recycled linear memories].
+#[derive(Debug, Clone)]
+pub struct RecyclingMemoryCreator {
+    pool: Arc<Pool>,
+}
+
+impl RecyclingMemoryCreator {
+    /// A creator with an empty pool.
+    pub fn new() -> Self {
+        RecyclingMemoryCreator {
+            pool: Arc::new(Pool {
+                idle: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// Number of idle reservations (for tests).
+    #[cfg(test)]
+    fn idle(&self) -> usize {
+        self.pool.idle.lock().unwrap().len()
+    }
+}
+
+impl Default for RecyclingMemoryCreator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Makes `bytes` read as zeros. `bytes` must lie in a linear memory made by
+/// [`RecyclingMemoryCreator`] (a private anonymous mapping). Whole OS pages are handed back to the
+/// kernel with `madvise(MADV_DONTNEED)` (no writes; a page touched later faults in as zeros),
+/// which is much cheaper than writing a large range that was mostly zero and will mostly stay
+/// untouched; the ragged ends, or everything if the kernel refuses, are written.
+pub(crate) fn zero_heap_range(bytes: &mut [u8]) {
+    let start = bytes.as_ptr() as usize;
+    let first_page = round_up_to_os_page(start).unwrap_or(usize::MAX);
+    let end = start + bytes.len();
+    let last_page = end & !(OS_PAGE_BYTES - 1);
+    if first_page < last_page {
+        // SAFETY: `first_page..last_page` lies inside `bytes`, which the caller owns exclusively
+        // (`&mut`) and which is part of a private anonymous mapping: after MADV_DONTNEED its pages
+        // read as zeros, which is exactly the write this function promises.
+        let discarded = unsafe {
+            rustix::mm::madvise(
+                first_page as *mut std::ffi::c_void,
+                last_page - first_page,
+                Advice::LinuxDontNeed,
+            )
+        };
+        if discarded.is_ok() {
+            bytes[..first_page - start].fill(0);
+            bytes[last_page - start..].fill(0);
+            return;
+        }
+    }
+    bytes.fill(0);
+}
+
+/// A request for the next memory this thread creates: see [`create_unzeroed`].
+#[derive(Clone, Copy)]
+struct UnzeroedRequest {
+    size: usize,
+}
+
+thread_local! {
+    static UNZEROED_REQUEST: Cell<Option<UnzeroedRequest>> = const { Cell::new(None) };
+    static UNZEROED_DIRTY: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Runs `instantiate` so that the linear memory it creates (if any) starts at `size` bytes
+/// instead of the module's minimum (as if grown right away; ignored if `size` is below the
+/// minimum or above the maximum) and is *not* zeroed. Returns `instantiate`'s result and the
+/// length of the prefix that may hold stale bytes (0 if no memory was created): before any wasm
+/// runs, the caller must overwrite every byte of `0..min(dirty, size)`. See Note [recycled linear
+/// memories].
+pub(crate) fn create_unzeroed<R>(size: usize, instantiate: impl FnOnce() -> R) -> (R, usize) {
+    UNZEROED_REQUEST.with(|r| r.set(Some(UnzeroedRequest { size })));
+    UNZEROED_DIRTY.with(|d| d.set(0));
+    let result = instantiate();
+    UNZEROED_REQUEST.with(|r| r.set(None));
+    (result, UNZEROED_DIRTY.with(|d| d.replace(0)))
+}
+
+// SAFETY: memories read as zeros (fresh mappings, or pooled ones zeroed over their dirty prefix)
+// except for a memory requested through `create_unzeroed`, whose caller overwrites the stale
+// prefix before wasm runs; the first `byte_size` bytes are accessible, and at least
+// `reserved_size_in_bytes + guard_size_in_bytes` bytes are reserved, with everything past the
+// accessible part inaccessible, as wasmtime's compiled code assumes when it elides bounds checks.
+unsafe impl MemoryCreator for RecyclingMemoryCreator {
+    fn new_memory(
+        &self,
+        _ty: MemoryType,
+        minimum: usize,
+        maximum: Option<usize>,
+        reserved_size_in_bytes: Option<usize>,
+        guard_size_in_bytes: usize,
+    ) -> Result<Box<dyn LinearMemory>, String> {
+        // Only the first memory of the instantiation is meant (a module has at most one).
+        let request = UNZEROED_REQUEST.with(|r| r.take());
+        let size = match request {
+            Some(UnzeroedRequest { size })
+                if size >= minimum && maximum.is_none_or(|maximum| size <= maximum) =>
+            {
+                size
+            }
+            _ => minimum,
+        };
+        let len =
+            round_up_to_os_page(size).ok_or_else(|| "wasm memory size overflows".to_string())?;
+        let reserved = reserved_size_in_bytes.unwrap_or(len);
+        let guard = round_up_to_os_page(guard_size_in_bytes)
+            .ok_or_else(|| "wasm memory guard size overflows".to_string())?;
+        let (mut region, pooled) = if len <= reserved {
+            match self.pool.take(reserved, guard) {
+                Some(region) => (region, true),
+                None => (Region::reserve(reserved, guard)?, true),
+            }
+        } else {
+            (Region::reserve(len, guard)?, false)
+        };
+        region.set_accessible(len)?;
+        if request.is_some() {
+            UNZEROED_DIRTY.with(|d| d.set(region.dirty.min(len)));
+        } else {
+            region.zero(0, len);
+        }
+        Ok(Box::new(RecycledMemory {
+            region: Some(region),
+            size,
+            maximum,
+            pooled,
+            pool: self.pool.clone(),
+        }))
+    }
+}
+
+/// A linear memory in a (possibly recycled) region.
+#[derive(Debug)]
+struct RecycledMemory {
+    region: Option<Region>,
+    size: usize,
+    maximum: Option<usize>,
+    /// Whether the region has the standard shape and goes back to the pool when released.
+    pooled: bool,
+    pool: Arc<Pool>,
+}
+
+impl RecycledMemory {
+    fn region(&self) -> &Region {
+        self.region
+            .as_ref()
+            .expect("a live memory always holds its region")
+    }
+}
+
+// SAFETY: see the `MemoryCreator` impl; growth within the capacity never moves the base, and a
+// move (past the capacity) copies the bytes into a new region of the same shape.
+unsafe impl LinearMemory for RecycledMemory {
+    fn byte_size(&self) -> usize {
+        self.size
+    }
+
+    fn byte_capacity(&self) -> usize {
+        self.region().capacity
+    }
+
+    fn grow_to(&mut self, new_size: usize) -> wasmtime::Result<()> {
+        if let Some(maximum) = self.maximum
+            && new_size > maximum
+        {
+            wasmtime::bail!("cannot grow a wasm memory past its maximum of {maximum} bytes");
+        }
+        let len = round_up_to_os_page(new_size)
+            .ok_or_else(|| wasmtime::format_err!("wasm memory size overflows"))?;
+        let capacity = self.region().capacity;
+        if len <= capacity {
+            let old_len = round_up_to_os_page(self.size).unwrap_or(usize::MAX);
+            let region = self
+                .region
+                .as_mut()
+                .expect("a live memory holds its region");
+            if len > region.accessible {
+                region.set_accessible(len).map_err(wasmtime::Error::msg)?;
+            }
+            // New wasm pages read as zeros.
+            region.zero(old_len, len);
+        } else {
+            // Only a memory whose maximum exceeds wasmtime's reservation (memory64) gets here:
+            // move to a mapping that fits with room to grow, keeping the same guard.
+            let old = self.region();
+            let new_capacity = round_up_to_os_page(len.max(capacity.saturating_mul(2)))
+                .ok_or_else(|| wasmtime::format_err!("wasm memory size overflows"))?;
+            let mut moved =
+                Region::reserve(new_capacity, old.guard).map_err(wasmtime::Error::msg)?;
+            moved.set_accessible(len).map_err(wasmtime::Error::msg)?;
+            // SAFETY: both ranges are accessible for `self.size` bytes and belong to different
+            // mappings.
+            unsafe { std::ptr::copy_nonoverlapping(old.base, moved.base, self.size) };
+            moved.dirty = self.size;
+            self.region = Some(moved);
+            // The old region is unmapped when dropped here; the new one has a non-standard
+            // shape and is not pooled.
+            self.pooled = false;
+        }
+        self.size = new_size;
+        Ok(())
+    }
+
+    fn as_ptr(&self) -> *mut u8 {
+        self.region().base
+    }
+}
+
+impl Drop for RecycledMemory {
+    fn drop(&mut self) {
+        if let Some(region) = self.region.take()
+            && self.pooled
+        {
+            self.pool.give_back(region);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: usize = 1 << 30;
+
+    fn new(creator: &RecyclingMemoryCreator, minimum: usize) -> Box<dyn LinearMemory> {
+        creator
+            .new_memory(
+                MemoryType::new(0, None),
+                minimum,
+                None,
+                Some(4 * GIB),
+                32 << 20,
+            )
+            .expect("memory")
+    }
+
+    fn bytes(memory: &mut dyn LinearMemory) -> &mut [u8] {
+        // SAFETY: the memory is live, `byte_size` bytes are accessible, and the `&mut` borrow
+        // makes the slice the only access.
+        unsafe { std::slice::from_raw_parts_mut(memory.as_ptr(), memory.byte_size()) }
+    }
+
+    #[test]
+    fn a_released_memory_is_reused_and_reads_as_zeros() {
+        let creator = RecyclingMemoryCreator::new();
+        let mut first = new(&creator, 2 * 65536);
+        let base = first.as_ptr();
+        bytes(&mut *first).fill(7);
+        first.grow_to(KEEP_RESIDENT_BYTES + 3 * 65536).unwrap();
+        bytes(&mut *first).fill(9);
+        drop(first);
+        assert_eq!(creator.idle(), 1);
+
+        let mut second = new(&creator, 65536);
+        assert_eq!(second.as_ptr(), base, "the reservation is reused");
+        assert_eq!(creator.idle(), 0);
+        assert!(bytes(&mut *second).iter().all(|b| *b == 0));
+        second.grow_to(KEEP_RESIDENT_BYTES + 3 * 65536).unwrap();
+        assert!(
+            bytes(&mut *second).iter().all(|b| *b == 0),
+            "pages past the resident part read as zeros too"
+        );
+    }
+
+    #[test]
+    fn an_unzeroed_memory_reports_its_stale_prefix_and_growth_still_zeroes() {
+        let creator = RecyclingMemoryCreator::new();
+        let mut first = new(&creator, 4 * 65536);
+        bytes(&mut *first).fill(5);
+        drop(first);
+        let (memory, stale) = create_unzeroed(2 * 65536, || new(&creator, 65536));
+        let mut memory = memory;
+        assert_eq!(memory.byte_size(), 2 * 65536, "starts at the requested size");
+        assert_eq!(stale, 2 * 65536, "all of it may be stale");
+        zero_heap_range(&mut bytes(&mut *memory)[100..]);
+        assert!(bytes(&mut *memory)[100..].iter().all(|b| *b == 0));
+        assert!(bytes(&mut *memory)[..100].iter().all(|b| *b == 5));
+        memory.grow_to(4 * 65536).unwrap();
+        assert!(
+            bytes(&mut *memory)[2 * 65536..].iter().all(|b| *b == 0),
+            "growth exposes zeros, not the previous user's bytes"
+        );
+        drop(memory);
+        let (_, stale) = create_unzeroed(65536, || ());
+        assert_eq!(stale, 0, "no memory created, nothing stale");
+    }
+
+    #[test]
+    fn growth_past_the_reservation_moves_and_keeps_contents() {
+        let creator = RecyclingMemoryCreator::new();
+        let mut memory = creator
+            .new_memory(
+                MemoryType::new(0, None),
+                65536,
+                None,
+                Some(128 * 1024),
+                65536,
+            )
+            .unwrap();
+        bytes(&mut *memory)[..4].copy_from_slice(&[1, 2, 3, 4]);
+        memory.grow_to(512 * 1024).unwrap();
+        assert_eq!(memory.byte_size(), 512 * 1024);
+        assert!(memory.byte_capacity() >= 512 * 1024);
+        assert_eq!(&bytes(&mut *memory)[..4], &[1, 2, 3, 4]);
+        assert!(bytes(&mut *memory)[4..].iter().all(|b| *b == 0));
+        drop(memory);
+        assert_eq!(creator.idle(), 0, "a moved memory is not pooled");
+    }
+
+    #[test]
+    fn growth_past_the_maximum_fails() {
+        let creator = RecyclingMemoryCreator::new();
+        let mut memory = creator
+            .new_memory(
+                MemoryType::new(1, Some(1)),
+                65536,
+                Some(65536),
+                Some(4 * GIB),
+                32 << 20,
+            )
+            .unwrap();
+        assert!(memory.grow_to(2 * 65536).is_err());
+        assert_eq!(memory.byte_size(), 65536);
+    }
+
+    #[test]
+    fn the_pool_is_bounded() {
+        let creator = RecyclingMemoryCreator::new();
+        let memories: Vec<_> = (0..MAX_IDLE_REGIONS + 3)
+            .map(|_| new(&creator, 65536))
+            .collect();
+        drop(memories);
+        assert_eq!(creator.idle(), MAX_IDLE_REGIONS);
+    }
+}
