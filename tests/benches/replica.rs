@@ -21,6 +21,55 @@ const UPDATE_CALLS_SINGLE: usize = 300;
 const UPDATE_CALLS_CONCURRENT: usize = 3_000;
 const QUERY_CALLS: usize = 20_000;
 const CONCURRENT_CLIENTS: usize = 64;
+const RAW_UPDATE_CALLS: usize = 6_000;
+const RAW_QUERY_CALLS: usize = 60_000;
+
+/// Posts pre-built CBOR request bodies with a plain HTTP client (hyper, via reqwest) from
+/// `clients` concurrent tasks and checks that every answer is a 200 whose CBOR `status` is
+/// `replied`. Returns the wall time. The bodies are envelopes built and signed by ic-agent; the
+/// replies are not verified, so this measures what the node can serve rather than what a
+/// verifying client on the same cores can consume.
+async fn post_all(url: String, bodies: Vec<Vec<u8>>, clients: usize) -> Duration {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let client = reqwest::Client::new();
+    let bodies = Arc::new(bodies);
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (client, url, bodies, next) =
+                (client.clone(), url.clone(), bodies.clone(), next.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(body) = bodies.get(i) else { break };
+                    let response = client
+                        .post(&url)
+                        .header("content-type", "application/cbor")
+                        .body(body.clone())
+                        .send()
+                        .await
+                        .expect("post");
+                    let status = response.status();
+                    let bytes = response.bytes().await.expect("body");
+                    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
+                    let value: serde_cbor::Value = serde_cbor::from_slice(&bytes).expect("cbor");
+                    let serde_cbor::Value::Map(map) = value else {
+                        panic!("not a map")
+                    };
+                    assert_eq!(
+                        map.get(&serde_cbor::Value::Text("status".into())),
+                        Some(&serde_cbor::Value::Text("replied".into()))
+                    );
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task");
+    }
+    started.elapsed()
+}
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -222,6 +271,52 @@ async fn main() {
         20 + UPDATE_CALLS_SINGLE + UPDATE_CALLS_CONCURRENT
     );
 
+    // The node's own capacity: the same calls, built and signed by ic-agent in advance, sent by a
+    // plain HTTP client that does not verify the replies.
+    let updates: Vec<Vec<u8>> = (0..RAW_UPDATE_CALLS)
+        .map(|_| {
+            agent
+                .update(&canister, "inc")
+                .with_arg(Encode!().unwrap())
+                .sign()
+                .expect("sign update")
+                .signed_update
+        })
+        .collect();
+    let query = agent
+        .query(&canister, "get")
+        .with_arg(Encode!().unwrap())
+        .sign()
+        .expect("sign query")
+        .signed_query;
+    let cpu_before_raw_updates = (cpu_time(Some(node_pid)), cpu_time(None));
+    let raw_updates_wall = post_all(
+        format!(
+            "{}/api/v4/canister/{canister}/call",
+            url.trim_end_matches('/')
+        ),
+        updates,
+        CONCURRENT_CLIENTS,
+    )
+    .await;
+    let cpu_raw_updates = cpu_since(node_pid, cpu_before_raw_updates);
+    let cpu_before_raw_queries = (cpu_time(Some(node_pid)), cpu_time(None));
+    let raw_queries_wall = post_all(
+        format!(
+            "{}/api/v3/canister/{canister}/query",
+            url.trim_end_matches('/')
+        ),
+        vec![query; RAW_QUERY_CALLS],
+        CONCURRENT_CLIENTS,
+    )
+    .await;
+    let cpu_raw_queries = cpu_since(node_pid, cpu_before_raw_queries);
+    assert_eq!(
+        get(&agent, canister).await as usize,
+        20 + UPDATE_CALLS_SINGLE + UPDATE_CALLS_CONCURRENT + RAW_UPDATE_CALLS,
+        "every pre-signed update ran exactly once (checked by a verified query)"
+    );
+
     let bls = bls_floor();
     let http = http_floor().await;
     let loaded_rss_kb = rss_kb(node.pid());
@@ -259,6 +354,16 @@ async fn main() {
         ("update, 1 client", cpu_single, UPDATE_CALLS_SINGLE),
         ("update, 64 clients", cpu_many, UPDATE_CALLS_CONCURRENT),
         ("query, 64 clients", cpu_queries, QUERY_CALLS),
+        (
+            "update, 64 plain HTTP clients",
+            cpu_raw_updates,
+            RAW_UPDATE_CALLS,
+        ),
+        (
+            "query, 64 plain HTTP clients",
+            cpu_raw_queries,
+            RAW_QUERY_CALLS,
+        ),
     ] {
         println!(
             "| CPU per call, {what}: node / clients | {} / {} |",
@@ -266,6 +371,14 @@ async fn main() {
             us(client_cpu / count as u32)
         );
     }
+    println!(
+        "| update, {CONCURRENT_CLIENTS} plain HTTP clients (pre-signed by ic-agent, replies not verified) | {:.0} updates/s |",
+        RAW_UPDATE_CALLS as f64 / raw_updates_wall.as_secs_f64()
+    );
+    println!(
+        "| query, {CONCURRENT_CLIENTS} plain HTTP clients (pre-signed by ic-agent, replies not verified) | {:.0} queries/s |",
+        RAW_QUERY_CALLS as f64 / raw_queries_wall.as_secs_f64()
+    );
     println!(
         "| floor: one BLS sign (node) / one BLS verify (client) | {} / {} |",
         ms(bls.0),

@@ -474,7 +474,11 @@ mod tests {
         drop(first);
         let (memory, stale) = create_unzeroed(2 * 65536, || new(&creator, 65536));
         let mut memory = memory;
-        assert_eq!(memory.byte_size(), 2 * 65536, "starts at the requested size");
+        assert_eq!(
+            memory.byte_size(),
+            2 * 65536,
+            "starts at the requested size"
+        );
         assert_eq!(stale, 2 * 65536, "all of it may be stale");
         zero_heap_range(&mut bytes(&mut *memory)[100..]);
         assert!(bytes(&mut *memory)[100..].iter().all(|b| *b == 0));
