@@ -31,6 +31,7 @@ use openic_types::{
     RequestId, SignedIngress, Time, UserError, UserId,
 };
 use sha2::{Digest, Sha256};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 /// The export run for the global timer.
@@ -1221,6 +1222,7 @@ impl BlockExecutor for Scheduler {
         let now = state.metadata.time;
         self.prune_ingress_history(state, now);
         self.charge_storage(state, now);
+        expire_callbacks(state, now);
         let ingress_inducted = self.induct_ingress(state, block);
         let mut counters = RoundCounters::default();
         self.run_system_tasks(state, previous_time, &mut counters);
@@ -1261,6 +1263,75 @@ impl BlockExecutor for Scheduler {
 
 // -------------------------------------------------------------------------------------------
 // State helpers (free functions: they need only the state).
+
+/// The reject message of a bounded-wait call whose deadline passed without a response.
+pub const DEADLINE_EXPIRED_MESSAGE: &str = "Call deadline has expired.";
+
+/// Answers every bounded-wait call whose deadline has passed and whose response has not arrived
+/// with a `SYS_UNKNOWN` reject ("deadline expired"), queued like any response, so the caller is
+/// never held up past the deadline by a slow or hostile callee. The expired callback's `deadline`
+/// becomes `None` (it has been answered); the real response, if it comes later, finds no callback
+/// and is dropped, its refund still credited (`execute_response`), so no cycles are lost or made.
+/// Responses already queued when the deadline passes are delivered as they are.
+fn expire_callbacks(state: &mut ReplicatedState, now: Time) {
+    let ids: Vec<CanisterId> = state
+        .canisters
+        .iter()
+        .filter(|(_, c)| {
+            c.system_state
+                .call_context_manager
+                .callbacks
+                .values()
+                .any(|callback| callback.deadline.is_some_and(|deadline| deadline <= now))
+        })
+        .map(|(id, _)| *id)
+        .collect();
+    for id in ids {
+        let Some(canister) = state.canister_mut(&id) else {
+            continue;
+        };
+        let system_state = &mut canister.system_state;
+        let answered: BTreeSet<CallbackId> = system_state
+            .input_queue
+            .iter()
+            .filter_map(|message| match message {
+                CanisterMessage::Response(response) => Some(response.originator_reply_callback),
+                _ => None,
+            })
+            .collect();
+        let mut expired = Vec::new();
+        for (callback_id, callback) in system_state.call_context_manager.callbacks.iter_mut() {
+            let Some(deadline) = callback.deadline else {
+                continue;
+            };
+            if deadline > now || answered.contains(callback_id) {
+                continue;
+            }
+            callback.deadline = None;
+            expired.push(Response {
+                originator: id,
+                respondent: callback.respondent,
+                originator_reply_callback: *callback_id,
+                refund: Cycles::ZERO,
+                payload: Payload::Reject {
+                    code: RejectCode::SysUnknown,
+                    message: DEADLINE_EXPIRED_MESSAGE.to_string(),
+                },
+                deadline: Some(deadline),
+            });
+        }
+        for response in expired {
+            tracing::debug!(
+                canister = %id.get(),
+                callback = response.originator_reply_callback.0,
+                "bounded-wait call timed out"
+            );
+            system_state
+                .input_queue
+                .push_back(CanisterMessage::Response(response));
+        }
+    }
+}
 
 fn has_queued_messages(state: &ReplicatedState) -> bool {
     !state.subnet_queue.is_empty()

@@ -1724,3 +1724,142 @@ fn stop_canister_times_out_while_call_contexts_stay_open() {
         "the canister stays stopping"
     );
 }
+
+#[test]
+fn bounded_wait_call_times_out_with_sys_unknown_and_the_late_response_is_dropped() {
+    let a = canister_id(1);
+    let b = canister_id(2);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_update relay", move |_| {
+        let mut call = a_call(b, "slow", Cycles(1_000));
+        call.timeout_seconds = Some(1);
+        Ok((None, calls(vec![call]), 1))
+    });
+    embedder.on(b, "canister_update slow", |_| {
+        Ok((
+            Some(WasmResponse::Reply(b"late".to_vec())),
+            SystemStateChanges::default(),
+            1,
+        ))
+    });
+    embedder.on(a, "closure 2", |input| {
+        let ApiType::RejectCallback {
+            code,
+            message,
+            refunded,
+            ..
+        } = &input.api_type
+        else {
+            panic!("reject callback expected");
+        };
+        assert_eq!(*code, RejectCode::SysUnknown);
+        assert_eq!(message, "Call deadline has expired.");
+        assert_eq!(*refunded, Cycles::ZERO);
+        Ok((
+            Some(WasmResponse::Reply(b"timed out".to_vec())),
+            SystemStateChanges::default(),
+            10,
+        ))
+    });
+    // One message per block, so B's request is still queued when the deadline passes.
+    let config = ExecutionConfig {
+        max_messages_per_round: 1,
+        ..ExecutionConfig::default()
+    };
+    let mut scheduler = Scheduler::new(embedder.clone(), config, subnet());
+    let mut state = new_state(vec![
+        installed_canister(a, &[("relay", MethodKind::Update)], &[]),
+        installed_canister(b, &[("slow", MethodKind::Update)], &[]),
+    ]);
+    // Block 1 at t = 1 s: A calls B with a 1 s deadline (t = 2 s).
+    scheduler.execute_block(&mut state, &block(1, vec![ingress(1, a, "relay")]));
+    assert_eq!(embedder.count(b, "canister_update slow"), 0);
+    // Block 2 at t = 2 s: the deadline has passed; A's reject callback runs first (A < B).
+    scheduler.execute_block(&mut state, &block(2, vec![]));
+    assert_eq!(embedder.count(a, "closure 2"), 1);
+    assert_eq!(
+        status(&state, 1),
+        IngressState::Replied(b"timed out".to_vec())
+    );
+    // Later blocks: B answers; the response finds no callback and is dropped, but the cycles B
+    // did not accept come back to A.
+    let balance_before = state.canister(&a).unwrap().system_state.cycles_balance;
+    for height in 3..6 {
+        scheduler.execute_block(&mut state, &block(height, vec![]));
+    }
+    assert_eq!(embedder.count(b, "canister_update slow"), 1);
+    assert_eq!(
+        embedder.count(a, "closure 1"),
+        0,
+        "the late reply runs nothing"
+    );
+    assert_eq!(embedder.count(a, "closure 2"), 1, "expired exactly once");
+    let a_state = state.canister(&a).unwrap();
+    assert!(
+        a_state
+            .system_state
+            .call_context_manager
+            .callbacks
+            .is_empty()
+    );
+    assert!(
+        a_state
+            .system_state
+            .call_context_manager
+            .call_contexts
+            .is_empty()
+    );
+    assert_eq!(
+        a_state.system_state.cycles_balance,
+        balance_before.saturating_add(Cycles(1_000)),
+        "the late response's refund is credited"
+    );
+}
+
+#[test]
+fn a_response_queued_before_the_deadline_is_delivered_not_expired() {
+    let a = canister_id(1);
+    let b = canister_id(2);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_update relay", move |_| {
+        let mut call = a_call(b, "fast", Cycles::ZERO);
+        call.timeout_seconds = Some(1);
+        Ok((None, calls(vec![call]), 1))
+    });
+    embedder.on(b, "canister_update fast", |_| {
+        Ok((
+            Some(WasmResponse::Reply(b"in time".to_vec())),
+            SystemStateChanges::default(),
+            1,
+        ))
+    });
+    embedder.on(a, "closure 1", |input| {
+        let ApiType::ReplyCallback { reply, .. } = &input.api_type else {
+            panic!("reply callback expected");
+        };
+        Ok((
+            Some(WasmResponse::Reply(reply.clone())),
+            SystemStateChanges::default(),
+            1,
+        ))
+    });
+    let config = ExecutionConfig {
+        max_messages_per_round: 2,
+        ..ExecutionConfig::default()
+    };
+    let mut scheduler = Scheduler::new(embedder.clone(), config, subnet());
+    let mut state = new_state(vec![
+        installed_canister(a, &[("relay", MethodKind::Update)], &[]),
+        installed_canister(b, &[("fast", MethodKind::Update)], &[]),
+    ]);
+    // Block 1: A calls B and B answers; the response waits in A's queue (round limit).
+    scheduler.execute_block(&mut state, &block(1, vec![ingress(1, a, "relay")]));
+    assert_eq!(embedder.count(b, "canister_update fast"), 1);
+    // Block 5 is past the deadline, but the response was already queued.
+    scheduler.execute_block(&mut state, &block(5, vec![]));
+    assert_eq!(
+        status(&state, 1),
+        IngressState::Replied(b"in time".to_vec())
+    );
+    assert_eq!(embedder.count(a, "closure 2"), 0);
+}
