@@ -110,8 +110,8 @@ impl Region {
             }
             .map_err(|e| format!("cannot make {len} bytes of a wasm memory accessible: {e}"))?;
         } else if len < self.accessible {
-            // SAFETY: as above; the bytes past `len` are zero (the invariant), so hiding them
-            // loses nothing.
+            // SAFETY: as above. Hidden bytes that may be non-zero stay covered by `dirty`, so they
+            // are zeroed before growth exposes them again.
             unsafe {
                 rustix::mm::mprotect(
                     self.base.add(len).cast(),

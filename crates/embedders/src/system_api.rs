@@ -1358,6 +1358,10 @@ mod tests {
     }
 
     fn update(cycles: u128) -> SystemApi {
+        update_with_view(cycles, view())
+    }
+
+    fn update_with_view(cycles: u128, view: SystemStateView) -> SystemApi {
         SystemApi::new(
             ApiType::Update {
                 caller: Principal::anonymous(),
@@ -1365,7 +1369,7 @@ mod tests {
                 cycles_available: Cycles(cycles),
                 deadline: 0,
             },
-            view(),
+            view,
             PageMap::new(),
             0,
             1 << 20,
@@ -1542,19 +1546,7 @@ mod tests {
         view.remaining_callbacks = 2;
         view.call_base_fee = Cycles::ZERO;
         view.call_fee_per_byte = Cycles::ZERO;
-        let mut api = SystemApi::new(
-            ApiType::Update {
-                caller: Principal::anonymous(),
-                arg: vec![],
-                cycles_available: Cycles::ZERO,
-                deadline: 0,
-            },
-            view,
-            PageMap::new(),
-            0,
-            1 << 20,
-            1024,
-        );
+        let mut api = update_with_view(0, view);
         for expected in [0, 0, 2] {
             new_call(&mut api, &heap);
             assert_eq!(api.call_perform().unwrap(), expected);
@@ -1566,19 +1558,7 @@ mod tests {
     fn performance_counter_1_includes_the_call_context() {
         let mut view = view();
         view.call_context_instructions = 1_000;
-        let mut api = SystemApi::new(
-            ApiType::Update {
-                caller: Principal::anonymous(),
-                arg: vec![],
-                cycles_available: Cycles::ZERO,
-                deadline: 0,
-            },
-            view,
-            PageMap::new(),
-            0,
-            1 << 20,
-            1024,
-        );
+        let mut api = update_with_view(0, view);
         api.instructions_so_far = 70;
         assert_eq!(api.performance_counter(0).unwrap(), 70);
         assert_eq!(api.performance_counter(1).unwrap(), 1_070);

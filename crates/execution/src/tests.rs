@@ -1735,13 +1735,7 @@ fn bounded_wait_call_times_out_with_sys_unknown_and_the_late_response_is_dropped
         call.timeout_seconds = Some(1);
         Ok((None, calls(vec![call]), 1))
     });
-    embedder.on(b, "canister_update slow", |_| {
-        Ok((
-            Some(WasmResponse::Reply(b"late".to_vec())),
-            SystemStateChanges::default(),
-            1,
-        ))
-    });
+    embedder.on(b, "canister_update slow", |_| reply(b"late"));
     embedder.on(a, "closure 2", |input| {
         let ApiType::RejectCallback {
             code,
@@ -1826,13 +1820,7 @@ fn a_response_queued_before_the_deadline_is_delivered_not_expired() {
         call.timeout_seconds = Some(1);
         Ok((None, calls(vec![call]), 1))
     });
-    embedder.on(b, "canister_update fast", |_| {
-        Ok((
-            Some(WasmResponse::Reply(b"in time".to_vec())),
-            SystemStateChanges::default(),
-            1,
-        ))
-    });
+    embedder.on(b, "canister_update fast", |_| reply(b"in time"));
     embedder.on(a, "closure 1", |input| {
         let ApiType::ReplyCallback { reply, .. } = &input.api_type else {
             panic!("reply callback expected");
