@@ -38,6 +38,52 @@ enum Command {
         /// Address to bind to. Loopback by default: a local network is for this machine only.
         #[arg(long, default_value = "127.0.0.1")]
         bind: std::net::IpAddr,
+        /// Run a subnet of this many replicas, each its own process with its own state directory
+        /// (`<state-dir>/replica-<i>`), HTTP port (`--port + i`) and p2p port (`--p2p-port + i`).
+        /// They agree by BFT consensus and tolerate (replicas - 1) / 3 faulty ones.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        replicas: u16,
+        /// First p2p port of a multi-replica local subnet.
+        #[arg(long, default_value_t = 8100)]
+        p2p_port: u16,
+    },
+    /// Create (or show) a node identity: the Ed25519 key that names a replica to its peers and
+    /// signs its query replies. Prints the public key to put in the genesis file.
+    Identity {
+        /// The identity file (created with a new key if missing; keep it secret).
+        #[arg(long, default_value = "node.key")]
+        identity: PathBuf,
+    },
+    /// Write the genesis file of a new subnet from its members' public keys and p2p addresses.
+    Genesis {
+        /// A member, as NAME=PUBLIC_KEY_HEX@HOST:PORT (repeat for every member, in a fixed order).
+        #[arg(long = "member", required = true)]
+        members: Vec<String>,
+        /// Where to write the file.
+        #[arg(long, default_value = "genesis.json")]
+        out: PathBuf,
+    },
+    /// Run one replica of a subnet from its identity and the subnet's genesis file. At the first
+    /// start the members generate the subnet key together: start every member.
+    Replica {
+        /// This replica's identity file (`openic identity`).
+        #[arg(long, default_value = "node.key")]
+        identity: PathBuf,
+        /// The subnet's genesis file (`openic genesis`).
+        #[arg(long, default_value = "genesis.json")]
+        genesis: PathBuf,
+        /// Directory for the key share, blocks and checkpoints (created if missing).
+        #[arg(long, default_value = ".openic/replica")]
+        state_dir: PathBuf,
+        /// TCP port of the HTTP interface (0 = any free port).
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Address the HTTP interface binds to.
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: std::net::IpAddr,
+        /// Address to accept peers on (default: this member's address in the genesis file).
+        #[arg(long)]
+        p2p_listen: Option<SocketAddr>,
     },
     /// Create a canister (unless --canister is given) and install a wasm module (plain or gzip) in it.
     Deploy {
@@ -108,7 +154,35 @@ fn run(cli: Cli) -> Result<()> {
                 state_dir,
                 port,
                 bind,
+                replicas: 1,
+                ..
             } => start(state_dir, SocketAddr::new(bind, port)).await,
+            Command::Start {
+                state_dir,
+                port,
+                bind,
+                replicas,
+                p2p_port,
+            } => start_local_subnet(state_dir, bind, port, p2p_port, replicas).await,
+            Command::Identity { identity } => show_identity(&identity),
+            Command::Genesis { members, out } => write_genesis(&members, &out),
+            Command::Replica {
+                identity,
+                genesis,
+                state_dir,
+                port,
+                bind,
+                p2p_listen,
+            } => {
+                replica(
+                    identity,
+                    &genesis,
+                    state_dir,
+                    SocketAddr::new(bind, port),
+                    p2p_listen,
+                )
+                .await
+            }
             Command::Deploy {
                 wasm,
                 arg,
@@ -138,13 +212,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 async fn start(state_dir: PathBuf, listen_addr: SocketAddr) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("OPENIC_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     let mut config = openic_node::NodeConfig::new(state_dir.clone());
     config.listen_addr = listen_addr;
     let node = openic_node::start(config)
@@ -156,6 +224,213 @@ async fn start(state_dir: PathBuf, listen_addr: SocketAddr) -> Result<()> {
     wait_for_termination().await;
     eprintln!("shutting down (finishing the current block and writing a checkpoint)…");
     node.shutdown().await;
+    Ok(())
+}
+
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("OPENIC_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn show_identity(path: &Path) -> Result<()> {
+    let key = openic_node::load_or_create_identity(path)
+        .with_context(|| format!("loading or creating the identity {}", path.display()))?;
+    let der = key.public_key_der();
+    println!("public_key: {}", hex::encode(&der[der.len() - 32..]));
+    println!("node_id: {}", key.node_id());
+    Ok(())
+}
+
+fn parse_member(text: &str) -> Result<openic_node::genesis::GenesisMember> {
+    let (name, rest) = text
+        .split_once('=')
+        .ok_or_else(|| anyhow!("member `{text}`: expected NAME=PUBLIC_KEY_HEX@HOST:PORT"))?;
+    let (public_key, address) = rest
+        .split_once('@')
+        .ok_or_else(|| anyhow!("member `{text}`: expected NAME=PUBLIC_KEY_HEX@HOST:PORT"))?;
+    let p2p_address = address
+        .parse()
+        .with_context(|| format!("member `{name}`: `{address}` is not HOST:PORT"))?;
+    Ok(openic_node::genesis::GenesisMember {
+        name: name.to_string(),
+        public_key: public_key.to_ascii_lowercase(),
+        p2p_address,
+    })
+}
+
+fn write_genesis(members: &[String], out: &Path) -> Result<()> {
+    let members = members
+        .iter()
+        .map(|member| parse_member(member))
+        .collect::<Result<Vec<_>>>()?;
+    let genesis = openic_node::genesis::Genesis::new(members)?;
+    if out.exists() {
+        bail!(
+            "{} exists; a subnet's genesis file must not change once members use it (remove it \
+             first if no replica started from it)",
+            out.display()
+        );
+    }
+    std::fs::write(out, genesis.to_json()).with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "genesis: {} ({} members, tolerates {} faulty)",
+        out.display(),
+        genesis.members.len(),
+        genesis.max_faults()
+    );
+    Ok(())
+}
+
+async fn replica(
+    identity: PathBuf,
+    genesis: &Path,
+    state_dir: PathBuf,
+    listen_addr: SocketAddr,
+    p2p_listen: Option<SocketAddr>,
+) -> Result<()> {
+    init_logging();
+    let genesis = openic_node::genesis::Genesis::load(genesis)?;
+    let mut node = openic_node::NodeConfig::new(state_dir.clone());
+    node.listen_addr = listen_addr;
+    let replica = openic_node::start_replica(openic_node::ReplicaConfig {
+        node,
+        identity,
+        genesis,
+        p2p_listen,
+    })
+    .await
+    .with_context(|| format!("starting a replica with state in {}", state_dir.display()))?;
+    println!("url: {}", replica.url());
+    println!("root_key: {}", hex::encode(replica.root_key_der()));
+    wait_for_termination().await;
+    eprintln!("shutting down (finishing the current block and writing a checkpoint)…");
+    replica.shutdown().await;
+    Ok(())
+}
+
+/// Runs a local subnet: one `openic replica` process per member, made from identities and a
+/// genesis file kept in `state_dir` (so a restart resumes the same subnet).
+async fn start_local_subnet(
+    state_dir: PathBuf,
+    bind: std::net::IpAddr,
+    port: u16,
+    p2p_port: u16,
+    replicas: u16,
+) -> Result<()> {
+    use tokio::io::AsyncBufReadExt as _;
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    let genesis_path = state_dir.join("genesis.json");
+    let mut members = Vec::new();
+    for index in 0..replicas {
+        let identity = state_dir.join(format!("replica-{index}")).join("node.key");
+        let key = openic_node::load_or_create_identity(&identity)
+            .with_context(|| format!("identity {}", identity.display()))?;
+        let der = key.public_key_der();
+        let p2p = p2p_port
+            .checked_add(index)
+            .ok_or_else(|| anyhow!("--p2p-port + replicas exceeds 65535"))?;
+        members.push(openic_node::genesis::GenesisMember {
+            name: format!("replica-{index}"),
+            public_key: hex::encode(&der[der.len() - 32..]),
+            p2p_address: SocketAddr::new(bind, p2p),
+        });
+    }
+    let genesis = openic_node::genesis::Genesis::new(members)?;
+    if genesis_path.exists() {
+        let existing = openic_node::genesis::Genesis::load(&genesis_path)?;
+        if existing != genesis {
+            bail!(
+                "{} describes another subnet (other replicas or ports); start with the same \
+                 --replicas, --bind and --p2p-port, or use another --state-dir",
+                genesis_path.display()
+            );
+        }
+    } else {
+        std::fs::write(&genesis_path, genesis.to_json())
+            .with_context(|| format!("writing {}", genesis_path.display()))?;
+    }
+    let binary = std::env::current_exe().context("locating the openic binary")?;
+    let mut children = Vec::new();
+    for index in 0..replicas {
+        let http_port = if port == 0 {
+            0
+        } else {
+            port.checked_add(index)
+                .ok_or_else(|| anyhow!("--port + replicas exceeds 65535"))?
+        };
+        let dir = state_dir.join(format!("replica-{index}"));
+        let mut child = tokio::process::Command::new(&binary)
+            .arg("replica")
+            .arg("--identity")
+            .arg(dir.join("node.key"))
+            .arg("--genesis")
+            .arg(&genesis_path)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--bind")
+            .arg(bind.to_string())
+            .arg("--port")
+            .arg(http_port.to_string())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting replica {index}"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("replica {index} has no stdout"))?;
+        children.push((index, child, tokio::io::BufReader::new(stdout).lines()));
+    }
+    let mut root_key = None;
+    for (index, child, lines) in &mut children {
+        let mut url = None;
+        while let Some(line) = lines
+            .next_line()
+            .await
+            .with_context(|| format!("reading replica {index}'s output"))?
+        {
+            if let Some(value) = line.strip_prefix("url: ") {
+                url = Some(value.to_string());
+            } else if let Some(value) = line.strip_prefix("root_key: ") {
+                match &root_key {
+                    None => root_key = Some(value.to_string()),
+                    Some(key) if key != value => {
+                        bail!("replica {index} reports another root key than replica 0")
+                    }
+                    Some(_) => {}
+                }
+                break;
+            }
+        }
+        let Some(url) = url else {
+            let status = child.wait().await.ok();
+            bail!("replica {index} stopped before it was ready ({status:?}); see its log above");
+        };
+        println!("url: {url}");
+    }
+    if let Some(root_key) = root_key {
+        println!("root_key: {root_key}");
+    }
+    wait_for_termination().await;
+    eprintln!("shutting down the replicas…");
+    for (_, child, _) in &children {
+        if let Some(pid) = child.id() {
+            // Only our own children, by pid: SIGTERM lets each write a checkpoint.
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+    for (_, child, _) in &mut children {
+        let _ = child.wait().await;
+    }
     Ok(())
 }
 

@@ -27,5 +27,5 @@ pub mod tree;
 
 pub use store::{
     CertifiedStateStore, MAX_LABEL_BYTES, MAX_LABELS_PER_PATH, MAX_PATHS_PER_REQUEST,
-    STATE_ROOT_DOMAIN_SEPARATOR, SubnetInfo,
+    MAX_PENDING_HEIGHTS, PublishError, STATE_ROOT_DOMAIN_SEPARATOR, SubnetInfo, state_root_message,
 };

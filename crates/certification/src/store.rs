@@ -26,6 +26,13 @@ use std::sync::Arc;
 /// Domain separator of the signed state root (`"\x0Dic-state-root"`).
 pub const STATE_ROOT_DOMAIN_SEPARATOR: &[u8] = b"\x0Dic-state-root";
 
+/// The message a subnet signs to certify a state: `STATE_ROOT_DOMAIN_SEPARATOR || root_hash`.
+pub fn state_root_message(root_hash: &[u8; 32]) -> Vec<u8> {
+    let mut message = STATE_ROOT_DOMAIN_SEPARATOR.to_vec();
+    message.extend_from_slice(root_hash);
+    message
+}
+
 /// At most this many paths in one certificate request.
 pub const MAX_PATHS_PER_REQUEST: usize = 1_000;
 
@@ -51,6 +58,10 @@ pub struct SubnetInfo {
     pub node_id: NodeId,
     /// This node's Ed25519 public key, DER-encoded (44 bytes); clients check query signatures with it.
     pub node_public_key_der: Vec<u8>,
+    /// The subnet's other replicas and their Ed25519 public keys (DER): `/subnet/<id>/node` lists
+    /// every replica, so a client checks a query signature from any of them. Every replica must
+    /// list the same members, or their state trees differ.
+    pub peer_nodes: Vec<(NodeId, Vec<u8>)>,
     /// The canister id ranges the subnet hosts.
     pub canister_ranges: Vec<CanisterIdRange>,
 }
@@ -145,6 +156,35 @@ struct Published {
 /// Most data certificates kept per height; queries to further canisters build theirs each time.
 const MAX_CACHED_DATA_CERTIFICATES: usize = 1_024;
 
+/// Most heights prepared but not yet certified. A subnet's replicas sign each height and wait for
+/// enough signature shares; when more wait, the oldest is dropped (see
+/// [`CertifiedStateStore::prepare`]).
+pub const MAX_PENDING_HEIGHTS: usize = 256;
+
+/// A height whose tree is built and hashed but whose root is not yet signed.
+struct Pending {
+    root_hash: [u8; 32],
+    time: Time,
+    tree: StateTree,
+    canisters: Arc<BTreeMap<CanisterId, Arc<CanisterState>>>,
+}
+
+/// Why [`CertifiedStateStore::prepare`] or [`CertifiedStateStore::publish`] refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    /// The height was never prepared, or was already published or superseded.
+    #[error("height {0} is not waiting for certification")]
+    NotPending(Height),
+    /// Heights must be prepared in increasing order.
+    #[error("height {prepared} was prepared after height {latest}; heights must increase")]
+    NotIncreasing {
+        /// The height just prepared.
+        prepared: Height,
+        /// The latest height prepared before it.
+        latest: Height,
+    },
+}
+
 /// What the block thread keeps between heights to update the tree incrementally.
 #[derive(Default)]
 struct Builder {
@@ -165,10 +205,14 @@ struct Builder {
 /// snapshot are swapped in together); `certify` holds the write lock only for that swap.
 pub struct CertifiedStateStore {
     subnet: SubnetInfo,
-    signing_key: Arc<SubnetSigningKey>,
+    /// The whole subnet key, for a one-replica subnet that signs its own heights; `None` on a
+    /// replica of a multi-replica subnet, whose heights are certified by threshold signatures.
+    signing_key: Option<Arc<SubnetSigningKey>>,
     /// `/canister_ranges`, which never changes.
     canister_ranges_tree: Node,
     builder: Mutex<Builder>,
+    /// Heights prepared and hashed, waiting for their signature, in increasing order.
+    pending: Mutex<BTreeMap<Height, Pending>>,
     published: RwLock<Option<Arc<Published>>>,
     height_sender: tokio::sync::watch::Sender<Height>,
 }
@@ -183,9 +227,20 @@ impl std::fmt::Debug for CertifiedStateStore {
 }
 
 impl CertifiedStateStore {
-    /// A store for `subnet` that signs with `signing_key`. Nothing is certified until the first
-    /// [`CertifiedStateStore::certify`].
+    /// A store for a one-replica `subnet` that signs with the whole `signing_key`. Nothing is
+    /// certified until the first [`CertifiedStateStore::certify`].
     pub fn new(subnet: SubnetInfo, signing_key: Arc<SubnetSigningKey>) -> Self {
+        Self::build(subnet, Some(signing_key))
+    }
+
+    /// A store for a replica of a multi-replica subnet: it holds no subnet key. Each height is
+    /// [`CertifiedStateStore::prepare`]d after execution and becomes visible to readers when
+    /// [`CertifiedStateStore::publish`] brings the subnet's threshold signature of its root.
+    pub fn new_threshold(subnet: SubnetInfo) -> Self {
+        Self::build(subnet, None)
+    }
+
+    fn build(subnet: SubnetInfo, signing_key: Option<Arc<SubnetSigningKey>>) -> Self {
         let shards = canister_range_shards(&subnet.canister_ranges)
             .into_iter()
             .map(|(first, encoded)| (first.get().as_slice().to_vec(), Node::leaf(encoded)));
@@ -197,6 +252,7 @@ impl CertifiedStateStore {
             signing_key,
             canister_ranges_tree,
             builder: Mutex::new(Builder::default()),
+            pending: Mutex::new(BTreeMap::new()),
             published: RwLock::new(None),
             height_sender,
         }
@@ -211,17 +267,72 @@ impl CertifiedStateStore {
     /// instead of applying changes (call after replacing the state, e.g. loading a checkpoint).
     pub fn request_full_rebuild(&self) {
         self.builder.lock().initialized = false;
+        // Heights prepared from the replaced state will never be certified as they are.
+        self.pending.lock().clear();
+    }
+
+    /// Called on the block thread of a one-replica subnet after each executed block:
+    /// [`CertifiedStateStore::prepare`]s the height, signs its root with the whole subnet key and
+    /// [`CertifiedStateStore::publish`]es it. Returns the root hash.
+    ///
+    /// Cost: that of `prepare` plus one BLS signature.
+    ///
+    /// # Panics
+    /// On a store made with [`CertifiedStateStore::new_threshold`], which holds no key: such a
+    /// replica's heights are certified by the subnet, not by itself.
+    pub fn certify(&self, state: &mut ReplicatedState) -> [u8; 32] {
+        let signing_key = Arc::clone(
+            self.signing_key
+                .as_ref()
+                .expect("certify is only called on a one-replica subnet, which holds its key"),
+        );
+        // A one-replica subnet publishes every height it prepares, so nothing is ever pending
+        // and heights increase: neither refusal of `prepare` can happen.
+        let root_hash = match self.prepare(state) {
+            Ok(root_hash) => root_hash,
+            Err(error) => unreachable!("a one-replica subnet cannot fail to prepare: {error}"),
+        };
+        let signature = signing_key.sign(&state_root_message(&root_hash));
+        if let Err(error) = self.publish(state.metadata.height, signature) {
+            unreachable!("a height just prepared is pending: {error}");
+        }
+        root_hash
     }
 
     /// Called on the block thread after each executed block: drains the ingress history's change
-    /// set, updates the tree (a full rebuild on the first call), computes and signs the root
-    /// hash, and atomically publishes tree, signature and canister snapshot for
-    /// `state.metadata.height` with `/time = state.metadata.time`; then notifies subscribers.
-    /// Returns the root hash.
+    /// set, updates the tree (a full rebuild on the first call), computes the root hash of
+    /// `state.metadata.height` with `/time = state.metadata.time`, and keeps tree and canister
+    /// snapshot until [`CertifiedStateStore::publish`] brings the signature. Returns the root
+    /// hash, which each replica signs (`STATE_ROOT_DOMAIN_SEPARATOR || root`).
+    ///
+    /// Refuses (and changes nothing, not even the change set) when the height is not above the
+    /// last prepared one. When [`MAX_PENDING_HEIGHTS`] heights already wait, the oldest is
+    /// dropped: a replica catching up executes heights whose signature shares its peers sent long
+    /// ago, and only the latest heights will be certified (a later certificate supersedes the
+    /// earlier ones, so nothing a reader needs is lost).
     ///
     /// Cost: O(changes · log n) hashing for the request statuses, O(canisters) pointer comparisons
-    /// plus re-hashing of changed canisters, one BLS signature.
-    pub fn certify(&self, state: &mut ReplicatedState) -> [u8; 32] {
+    /// plus re-hashing of changed canisters.
+    pub fn prepare(&self, state: &mut ReplicatedState) -> Result<[u8; 32], PublishError> {
+        {
+            let mut pending = self.pending.lock();
+            while pending.len() >= MAX_PENDING_HEIGHTS {
+                pending.pop_first();
+            }
+            let latest = pending
+                .keys()
+                .next_back()
+                .copied()
+                .or_else(|| self.latest().map(|published| published.height));
+            if let Some(latest) = latest
+                && state.metadata.height <= latest
+            {
+                return Err(PublishError::NotIncreasing {
+                    prepared: state.metadata.height,
+                    latest,
+                });
+            }
+        }
         let changes = state.ingress_history.take_changes();
         let mut builder = self.builder.lock();
         if builder.initialized {
@@ -276,24 +387,62 @@ impl CertifiedStateStore {
         drop(builder);
 
         let root_hash = tree.root().digest();
-        let mut message = STATE_ROOT_DOMAIN_SEPARATOR.to_vec();
-        message.extend_from_slice(&root_hash);
-        let signature = self.signing_key.sign(&message);
+        self.pending.lock().insert(
+            state.metadata.height,
+            Pending {
+                root_hash,
+                time: state.metadata.time,
+                tree,
+                canisters: Arc::new(state.canisters_snapshot()),
+            },
+        );
+        Ok(root_hash)
+    }
+
+    /// The root hash of a prepared height still waiting for its signature.
+    pub fn pending_root(&self, height: Height) -> Option<[u8; 32]> {
+        self.pending
+            .lock()
+            .get(&height)
+            .map(|pending| pending.root_hash)
+    }
+
+    /// Makes prepared `height` the certified state readers see, with `signature` (48-byte BLS,
+    /// G1) of its root under the subnet key, and notifies subscribers. Heights below it that
+    /// still wait are dropped: a certificate for a later height supersedes them.
+    ///
+    /// Contract: `signature` has been verified against the subnet's root key over
+    /// `STATE_ROOT_DOMAIN_SEPARATOR || pending_root(height)` (the certifier recovers and verifies
+    /// every threshold signature). Verifying it again here would cost a pairing per height.
+    pub fn publish(
+        &self,
+        height: Height,
+        signature: [u8; openic_crypto::bls::BLS_SIGNATURE_LENGTH],
+    ) -> Result<(), PublishError> {
+        let pending = {
+            let mut waiting = self.pending.lock();
+            let Some(pending) = waiting.remove(&height) else {
+                return Err(PublishError::NotPending(height));
+            };
+            // Superseded heights go, later ones keep waiting.
+            let later = waiting.split_off(&height);
+            *waiting = later;
+            pending
+        };
         let published = Arc::new(Published {
-            height: state.metadata.height,
-            time: state.metadata.time,
-            tree,
+            height,
+            time: pending.time,
+            tree: pending.tree,
             signature,
-            canisters: Arc::new(state.canisters_snapshot()),
+            canisters: pending.canisters,
             data_certificates: Mutex::new(BTreeMap::new()),
         });
-        let height = published.height;
         // Swap under the lock; drop the previous height (its unshared nodes, maybe the last
         // reference to old canister states) after releasing it.
         let previous = self.published.write().replace(published);
         drop(previous);
         self.height_sender.send_replace(height);
-        root_hash
+        Ok(())
     }
 
     /// The latest canister snapshot together with the data certificate for `canister_id` of the
@@ -316,10 +465,16 @@ impl CertifiedStateStore {
     /// `/subnet/<id>`: `canister_ranges`, `metrics`, `node/<id>/public_key`, `public_key`, `type`.
     fn subnet_tree(&self, metrics: &SubnetMetrics) -> Node {
         let subnet = &self.subnet;
-        let node = Node::map([(
-            subnet.node_id.0.as_slice().to_vec(),
-            Node::map([("public_key", Node::leaf(subnet.node_public_key_der.clone()))]),
-        )]);
+        let node = Node::map(
+            std::iter::once((&subnet.node_id, &subnet.node_public_key_der))
+                .chain(subnet.peer_nodes.iter().map(|(id, key)| (id, key)))
+                .map(|(id, key)| {
+                    (
+                        id.0.as_slice().to_vec(),
+                        Node::map([("public_key", Node::leaf(key.clone()))]),
+                    )
+                }),
+        );
         let own = Node::map([
             (
                 "canister_ranges",
@@ -569,6 +724,7 @@ mod tests {
             root_key_der: root_key.clone(),
             node_id: NodeId(node_key.node_id()),
             node_public_key_der: node_key.public_key_der().to_vec(),
+            peer_nodes: Vec::new(),
             canister_ranges: subnet_canister_ranges(),
         };
         let mut state =
@@ -582,6 +738,73 @@ mod tests {
             subnet_id,
             node_id: node_key.node_id(),
             node_key_der: node_key.public_key_der().to_vec(),
+        }
+    }
+
+    /// A replica of a multi-replica subnet: heights wait after `prepare` until `publish` brings
+    /// their signature; a later height supersedes earlier ones; every replica is listed.
+    #[test]
+    fn threshold_store_publishes_only_signed_heights() {
+        let fixture = fixture();
+        // Stands in for the subnet's threshold key: the store only sees the recovered signature.
+        let signing_key = SubnetSigningKey::generate();
+        let peer = NodeKey::generate();
+        let subnet = SubnetInfo {
+            peer_nodes: vec![(NodeId(peer.node_id()), peer.public_key_der().to_vec())],
+            root_key_der: signing_key.public_key_der().to_vec(),
+            ..fixture.store.subnet().clone()
+        };
+        let store = CertifiedStateStore::new_threshold(subnet);
+        let mut state = fixture.state.clone();
+        let mut roots = Vec::new();
+        for height in 6..=8 {
+            state.metadata.height = Height(height);
+            state.metadata.time = Time(state.metadata.time.0 + 1);
+            roots.push(store.prepare(&mut state).unwrap());
+        }
+        assert_eq!(store.certified_height(), Height(0));
+        assert!(matches!(
+            store.certificate_for_paths(&[]),
+            Err(CertificationError::NotYetCertified)
+        ));
+        assert_eq!(store.pending_root(Height(7)), Some(roots[1]));
+        // Heights only increase.
+        assert!(matches!(
+            store.prepare(&mut state),
+            Err(PublishError::NotIncreasing { .. })
+        ));
+
+        let signature = signing_key.sign(&state_root_message(&roots[1]));
+        store.publish(Height(7), signature).unwrap();
+        assert_eq!(store.certified_height(), Height(7));
+        assert_eq!(store.pending_root(Height(6)), None, "superseded");
+        assert_eq!(store.pending_root(Height(8)), Some(roots[2]));
+        assert_eq!(
+            store.publish(Height(6), signature),
+            Err(PublishError::NotPending(Height(6)))
+        );
+
+        let bytes = store
+            .certificate_for_paths(&[vec![b"subnet".to_vec()]])
+            .unwrap();
+        let certificate: Certificate = serde_cbor::from_slice(&bytes).unwrap();
+        assert_eq!(certificate.tree.digest(), roots[1]);
+        assert!(openic_crypto::bls::verify(
+            signing_key.public_key_der(),
+            &state_root_message(&roots[1]),
+            &certificate.signature
+        ));
+        for node in [fixture.node_id, peer.node_id()] {
+            assert!(matches!(
+                certificate.tree.lookup_path([
+                    b"subnet".as_ref(),
+                    fixture.subnet_id.as_slice(),
+                    b"node",
+                    node.as_slice(),
+                    b"public_key"
+                ]),
+                LookupResult::Found(_)
+            ));
         }
     }
 
@@ -1077,6 +1300,10 @@ mod tests {
     /// Random inserts, updates and prunes of statuses and canisters: the incrementally updated
     /// tree always has the root hash of a tree rebuilt from scratch.
     #[test]
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "a fresh seed per run (printed) widens coverage; the test itself is seeded"
+    )]
     fn incremental_certification_matches_a_full_rebuild() {
         let seed: u64 = rand::random();
         println!("seed {seed}");
@@ -1124,7 +1351,7 @@ mod tests {
             let incremental = fixture.store.certify(&mut fixture.state);
             let fresh = CertifiedStateStore::new(
                 fixture.store.subnet.clone(),
-                Arc::clone(&fixture.store.signing_key),
+                Arc::clone(fixture.store.signing_key.as_ref().unwrap()),
             );
             assert_eq!(
                 incremental,
@@ -1145,6 +1372,11 @@ mod agent_tests {
     use openic_types::{IngressState, UserId};
 
     #[test]
+    #[allow(
+        clippy::disallowed_methods,
+        clippy::disallowed_types,
+        reason = "ic-agent checks certificate freshness against the wall clock"
+    )]
     fn ic_agent_verifies_our_certificates() {
         let signing_key = Arc::new(SubnetSigningKey::generate());
         let node_key = NodeKey::generate();
@@ -1156,6 +1388,7 @@ mod agent_tests {
                 root_key_der: root_key.clone(),
                 node_id: NodeId(node_key.node_id()),
                 node_public_key_der: node_key.public_key_der().to_vec(),
+                peer_nodes: Vec::new(),
                 canister_ranges: subnet_canister_ranges(),
             },
             signing_key,

@@ -104,6 +104,7 @@ impl BlockMaker {
             height: last_height.increment(),
             time,
             ingress,
+            randomness: [0; 32],
         }
     }
 
@@ -142,8 +143,7 @@ impl BlockMaker {
 mod tests {
     use super::*;
     use crate::IngressPoolConfig;
-    use crate::ingress_pool::tests::{message, pool};
-    use openic_interfaces::IngressPool;
+    use crate::ingress_pool::tests::{SubmitMessage, message, pool};
     use std::sync::atomic::{AtomicU64, Ordering};
 
     fn manual_clock(start: u64) -> (Arc<AtomicU64>, Clock) {
@@ -182,9 +182,9 @@ mod tests {
             clock,
         );
         let pool = pool(IngressPoolConfig::default());
-        pool.submit(message(1, 999, 10)).unwrap();
+        pool.submit_message(message(1, 999, 10)).unwrap();
         for tag in 2..=4 {
-            pool.submit(message(tag, 2_000, 10)).unwrap();
+            pool.submit_message(message(tag, 2_000, 10)).unwrap();
         }
         let block = maker.make_block(Height(7), Time(0), &pool);
         let tags: Vec<u8> = block.ingress.iter().map(|m| m.request_id.0[0]).collect();
@@ -209,7 +209,7 @@ mod tests {
         let started = std::time::Instant::now();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            submitter.submit(message(1, 100, 10)).unwrap();
+            submitter.submit_message(message(1, 100, 10)).unwrap();
         });
         let wake = maker
             .wait_for_work(&pool, Duration::from_secs(30), false)
@@ -236,7 +236,7 @@ mod tests {
         assert_eq!(wake, Wake::PendingWork);
 
         // Ingress submitted while nobody waited is found at once.
-        pool.submit(message(1, 100, 10)).unwrap();
+        pool.submit_message(message(1, 100, 10)).unwrap();
         let wake = maker
             .wait_for_work(&pool, Duration::from_secs(30), false)
             .await;

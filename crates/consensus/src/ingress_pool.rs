@@ -1,7 +1,7 @@
 //! [`IngressPoolImpl`]: validated update calls waiting to go into a block.
 
 use openic_interfaces::{IngressPool, IngressPoolError};
-use openic_types::{RequestId, SignedIngress, Time};
+use openic_types::{IngressEnvelope, RequestId, SignedIngress, Time};
 use parking_lot::Mutex;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -42,10 +42,16 @@ pub fn message_bytes(message: &SignedIngress) -> u64 {
     message.size_bytes.max(payload)
 }
 
+/// A waiting message with the envelope it came in.
+struct Queued {
+    message: SignedIngress,
+    envelope: IngressEnvelope,
+}
+
 #[derive(Default)]
 struct Inner {
     /// Waiting messages, oldest first.
-    queue: VecDeque<SignedIngress>,
+    queue: VecDeque<Queued>,
     /// Request ids of `queue`.
     queued_ids: HashSet<RequestId>,
     /// Sum of [`message_bytes`] over `queue`.
@@ -75,7 +81,7 @@ impl Inner {
         let before = self.queue.len();
         let mut dropped_bytes = 0;
         let queued_ids = &mut self.queued_ids;
-        self.queue.retain(|message| {
+        self.queue.retain(|Queued { message, .. }| {
             let keep = message.ingress_expiry >= now;
             if !keep {
                 queued_ids.remove(&message.request_id);
@@ -185,11 +191,11 @@ impl IngressPoolImpl {
             let Some(next) = inner.queue.front() else {
                 break;
             };
-            let size = message_bytes(next);
+            let size = message_bytes(&next.message);
             if !taken.is_empty() && taken_bytes.saturating_add(size) > max_bytes {
                 break;
             }
-            let message = inner.queue.pop_front().expect("front exists");
+            let Queued { message, .. } = inner.queue.pop_front().expect("front exists");
             inner.queued_ids.remove(&message.request_id);
             inner.queued_bytes -= size;
             inner
@@ -202,6 +208,44 @@ impl IngressPoolImpl {
             taken.push(message);
         }
         taken
+    }
+
+    /// Envelopes for a block proposed at time `now` on a multi-replica subnet, oldest first, within
+    /// the same limits as [`IngressPoolImpl::take_for_block`], skipping messages for which
+    /// `exclude` is true (those already in a proposed block the new one extends) and messages
+    /// that expired before `now`.
+    ///
+    /// Unlike `take_for_block` this leaves the messages in the pool: a proposal may never be
+    /// finalized (its view can time out), and its messages must then go into a later block. They
+    /// leave the pool when a finalized block includes them ([`IngressPoolImpl::note_included`]) or
+    /// when they expire.
+    pub fn select_for_proposal(
+        &self,
+        max_messages: usize,
+        max_bytes: u64,
+        now: Time,
+        exclude: &dyn Fn(&RequestId) -> bool,
+    ) -> Vec<IngressEnvelope> {
+        let mut inner = self.inner.lock();
+        inner.prune_in_flight(now);
+        inner.drop_expired(now);
+        let mut selected = Vec::new();
+        let mut selected_bytes = 0u64;
+        for Queued { message, envelope } in &inner.queue {
+            if selected.len() >= max_messages {
+                break;
+            }
+            if exclude(&message.request_id) {
+                continue;
+            }
+            let size = message_bytes(message);
+            if !selected.is_empty() && selected_bytes.saturating_add(size) > max_bytes {
+                break;
+            }
+            selected_bytes += size;
+            selected.push(envelope.clone());
+        }
+        selected
     }
 
     /// Records that `ingress` is in a finalized block that did not come from
@@ -218,7 +262,7 @@ impl IngressPoolImpl {
         if included.iter().any(|id| inner.queued_ids.contains(id)) {
             let mut removed_bytes = 0;
             let queued_ids = &mut inner.queued_ids;
-            inner.queue.retain(|message| {
+            inner.queue.retain(|Queued { message, .. }| {
                 let keep = !included.contains(&message.request_id);
                 if !keep {
                     queued_ids.remove(&message.request_id);
@@ -266,7 +310,11 @@ impl IngressPoolImpl {
 }
 
 impl IngressPool for IngressPoolImpl {
-    fn submit(&self, message: SignedIngress) -> Result<(), IngressPoolError> {
+    fn submit(
+        &self,
+        message: SignedIngress,
+        envelope: IngressEnvelope,
+    ) -> Result<(), IngressPoolError> {
         let id = message.request_id;
         // Outside the lock: the predicate may lock the certified state.
         if (self.known)(&id) {
@@ -288,7 +336,7 @@ impl IngressPool for IngressPoolImpl {
             }
             inner.queued_ids.insert(id);
             inner.queued_bytes += size;
-            inner.queue.push_back(message);
+            inner.queue.push_back(Queued { message, envelope });
         }
         self.arrived.notify_one();
         Ok(())
@@ -314,6 +362,21 @@ pub(crate) mod tests {
         }
     }
 
+    /// Submits a test message with a one-byte stand-in envelope (its tag).
+    pub(crate) trait SubmitMessage {
+        fn submit_message(&self, message: SignedIngress) -> Result<(), IngressPoolError>;
+    }
+
+    impl SubmitMessage for IngressPoolImpl {
+        fn submit_message(&self, message: SignedIngress) -> Result<(), IngressPoolError> {
+            let envelope = IngressEnvelope {
+                effective_canister_id: message.effective_canister_id,
+                bytes: Arc::from(vec![message.request_id.0[0]]),
+            };
+            self.submit(message, envelope)
+        }
+    }
+
     pub(crate) fn pool(config: IngressPoolConfig) -> IngressPoolImpl {
         IngressPoolImpl::new(config, Arc::new(|_: &RequestId| false))
     }
@@ -329,24 +392,24 @@ pub(crate) mod tests {
             max_bytes: 1_000,
             ..IngressPoolConfig::default()
         });
-        pool.submit(message(1, 100, 100)).unwrap();
-        pool.submit(message(2, 100, 100)).unwrap();
+        pool.submit_message(message(1, 100, 100)).unwrap();
+        pool.submit_message(message(2, 100, 100)).unwrap();
         assert_eq!(
-            pool.submit(message(3, 100, 900)),
+            pool.submit_message(message(3, 100, 900)),
             Err(IngressPoolError::Full {
                 messages: 2,
                 bytes: 200
             })
         );
-        pool.submit(message(3, 100, 800)).unwrap();
+        pool.submit_message(message(3, 100, 800)).unwrap();
         assert_eq!(pool.bytes(), 1_000);
         assert!(matches!(
-            pool.submit(message(4, 100, 1)),
+            pool.submit_message(message(4, 100, 1)),
             Err(IngressPoolError::Full { messages: 3, .. })
         ));
         // Taking frees room.
         assert_eq!(pool.take_for_block(1, u64::MAX, Time(0)).len(), 1);
-        pool.submit(message(4, 100, 1)).unwrap();
+        pool.submit_message(message(4, 100, 1)).unwrap();
         assert_eq!(pool.len(), 3);
     }
 
@@ -359,28 +422,28 @@ pub(crate) mod tests {
             Arc::new(move |id: &RequestId| id.0[0] == 9 || flag.load(Ordering::SeqCst)),
         );
         let duplicate = |tag| Err(IngressPoolError::Duplicate(RequestId([tag; 32])));
-        pool.submit(message(1, 100, 10)).unwrap();
-        assert_eq!(pool.submit(message(1, 100, 10)), duplicate(1));
-        assert_eq!(pool.submit(message(9, 100, 10)), duplicate(9));
+        pool.submit_message(message(1, 100, 10)).unwrap();
+        assert_eq!(pool.submit_message(message(1, 100, 10)), duplicate(1));
+        assert_eq!(pool.submit_message(message(9, 100, 10)), duplicate(9));
 
         // Taken into a block: still refused until the node releases it.
         assert_eq!(tags(&pool.take_for_block(10, u64::MAX, Time(0))), vec![1]);
         assert_eq!(pool.in_flight_len(), 1);
-        assert_eq!(pool.submit(message(1, 100, 10)), duplicate(1));
+        assert_eq!(pool.submit_message(message(1, 100, 10)), duplicate(1));
         // Executed and certified: the ingress history (the predicate) now answers for it.
         known_flag.store(true, Ordering::SeqCst);
         pool.release_executed([&RequestId([1; 32])]);
         assert_eq!(pool.in_flight_len(), 0);
-        assert_eq!(pool.submit(message(1, 100, 10)), duplicate(1));
+        assert_eq!(pool.submit_message(message(1, 100, 10)), duplicate(1));
         known_flag.store(false, Ordering::SeqCst);
-        pool.submit(message(1, 100, 10)).unwrap();
+        pool.submit_message(message(1, 100, 10)).unwrap();
     }
 
     #[test]
     fn fifo_with_block_limits() {
         let pool = pool(IngressPoolConfig::default());
         for tag in 1..=6 {
-            pool.submit(message(tag, 100, 100)).unwrap();
+            pool.submit_message(message(tag, 100, 100)).unwrap();
         }
         assert_eq!(tags(&pool.take_for_block(2, u64::MAX, Time(0))), vec![1, 2]);
         assert_eq!(tags(&pool.take_for_block(10, 250, Time(0))), vec![3, 4]);
@@ -393,10 +456,10 @@ pub(crate) mod tests {
     #[test]
     fn expired_messages_are_dropped_not_taken() {
         let pool = pool(IngressPoolConfig::default());
-        pool.submit(message(1, 50, 10)).unwrap();
-        pool.submit(message(2, 200, 10)).unwrap();
-        pool.submit(message(3, 99, 10)).unwrap();
-        pool.submit(message(4, 100, 10)).unwrap();
+        pool.submit_message(message(1, 50, 10)).unwrap();
+        pool.submit_message(message(2, 200, 10)).unwrap();
+        pool.submit_message(message(3, 99, 10)).unwrap();
+        pool.submit_message(message(4, 100, 10)).unwrap();
         // Expiry 100 may still start at time 100; 50 and 99 may not.
         let taken = pool.take_for_block(1, u64::MAX, Time(100));
         assert_eq!(tags(&taken), vec![2]);
@@ -404,21 +467,21 @@ pub(crate) mod tests {
         assert_eq!(pool.bytes(), 10);
         assert_eq!(tags(&pool.take_for_block(10, u64::MAX, Time(100))), vec![4]);
         // The expired messages' ids are free again (the HTTP layer refuses expired messages anyway).
-        pool.submit(message(1, 500, 10)).unwrap();
+        pool.submit_message(message(1, 500, 10)).unwrap();
     }
 
     #[test]
     fn messages_included_by_other_blocks_leave_the_pool() {
         let pool = pool(IngressPoolConfig::default());
         for tag in 1..=3 {
-            pool.submit(message(tag, 100, 10)).unwrap();
+            pool.submit_message(message(tag, 100, 10)).unwrap();
         }
         pool.note_included(&[message(2, 100, 10), message(7, 100, 10)]);
         assert_eq!(pool.len(), 2);
         assert_eq!(pool.bytes(), 20);
         assert_eq!(pool.in_flight_len(), 2);
         assert_eq!(
-            pool.submit(message(7, 100, 10)),
+            pool.submit_message(message(7, 100, 10)),
             Err(IngressPoolError::Duplicate(RequestId([7; 32])))
         );
         assert_eq!(
@@ -434,7 +497,8 @@ pub(crate) mod tests {
             ..IngressPoolConfig::default()
         });
         for tag in 1..=3 {
-            pool.submit(message(tag, 100 * u64::from(tag), 10)).unwrap();
+            pool.submit_message(message(tag, 100 * u64::from(tag), 10))
+                .unwrap();
         }
         assert_eq!(
             tags(&pool.take_for_block(10, u64::MAX, Time(0))),
@@ -447,6 +511,46 @@ pub(crate) mod tests {
         assert_eq!(pool.in_flight_len(), 2);
         pool.take_for_block(10, u64::MAX, Time(201));
         assert_eq!(pool.in_flight_len(), 1);
-        pool.submit(message(2, 900, 10)).unwrap();
+        pool.submit_message(message(2, 900, 10)).unwrap();
+    }
+
+    /// Selecting for a proposal leaves messages in the pool (a proposal may never finalize),
+    /// skips excluded and expired ones, and keeps to the limits; a finalized block removes them.
+    #[test]
+    fn proposals_select_without_taking() {
+        let pool = pool(IngressPoolConfig::default());
+        for tag in 1..=5 {
+            pool.submit_message(message(tag, 100, 10)).unwrap();
+        }
+        pool.submit_message(message(6, 50, 10)).unwrap();
+        let envelope_tags = |envelopes: &[IngressEnvelope]| -> Vec<u8> {
+            envelopes.iter().map(|e| e.bytes[0]).collect()
+        };
+        let none = |_: &RequestId| false;
+        assert_eq!(
+            envelope_tags(&pool.select_for_proposal(3, 1_000, Time(60), &none)),
+            vec![1, 2, 3]
+        );
+        assert_eq!(
+            pool.len(),
+            5,
+            "the expired message 6 is dropped, the others stay"
+        );
+        let in_parent = |id: &RequestId| id.0[0] == 2;
+        assert_eq!(
+            envelope_tags(&pool.select_for_proposal(10, 25, Time(60), &in_parent)),
+            vec![1, 3],
+            "excluded ids are skipped and the byte limit holds"
+        );
+        pool.note_included(&[message(1, 100, 10), message(2, 100, 10)]);
+        assert_eq!(
+            envelope_tags(&pool.select_for_proposal(10, 1_000, Time(60), &none)),
+            vec![3, 4, 5]
+        );
+        assert_eq!(
+            pool.submit_message(message(1, 100, 10)),
+            Err(IngressPoolError::Duplicate(RequestId([1; 32]))),
+            "included ids are refused until executed"
+        );
     }
 }

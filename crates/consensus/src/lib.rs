@@ -19,8 +19,17 @@
 //! from this pool and delivers finalized blocks at increasing heights with increasing times, which
 //! the node logs and executes exactly as it does the blocks made here.
 
+pub mod bft;
 pub mod block_maker;
+pub mod certifier;
+pub mod dkg;
 pub mod ingress_pool;
+pub mod subnet;
 
 pub use block_maker::{BlockMaker, BlockMakerConfig, Clock, Wake, system_clock};
+pub use certifier::{
+    CertificationPool, CertificationPoolConfig, KeyShare, PartialSignature, PoolEvent,
+    PublicSharing, SignerIndex, sign_partial, verify_partial,
+};
+pub use dkg::{DkgOutput, DkgSession, DkgStatus, Outgoing, Recipient};
 pub use ingress_pool::{IngressPoolConfig, IngressPoolImpl, KnownRequestIds, message_bytes};

@@ -8,7 +8,8 @@
 use ic_verify_bls_signature::{PrivateKey, PublicKey};
 
 /// The IC's domain separation tag for hashing a message to G1.
-const SIGNATURE_DST: &[u8] = b"BLS_SIG_BLS12381G1_XMD:SHA-256_SSWU_RO_NUL_";
+/// The domain separation tag of the IC's BLS signatures (G1 signatures, basic scheme).
+pub const SIGNATURE_DST: &[u8] = b"BLS_SIG_BLS12381G1_XMD:SHA-256_SSWU_RO_NUL_";
 
 /// The 37-byte DER prefix of an IC BLS12-381 G2 public key (algorithm OID 1.3.6.1.4.1.44668.5.3.1.2.1,
 /// curve OID 1.3.6.1.4.1.44668.5.3.2.1). ic-agent and the JS agent check it byte for byte.

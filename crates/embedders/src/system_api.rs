@@ -1456,6 +1456,10 @@ mod tests {
     }
 
     #[test]
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "measures that hostile input is refused quickly"
+    )]
     fn cost_http_request_v2_refuses_hostile_candid_fast() {
         let api = update(0);
         let small = http_params_with_huge_vec(3);

@@ -236,6 +236,7 @@ fn block(height: u64, ingress: Vec<SignedIngress>) -> Block {
         height: Height(height),
         time: Time(height * 1_000_000_000),
         ingress,
+        randomness: [0; 32],
     }
 }
 
@@ -1581,6 +1582,7 @@ fn block_time_never_goes_backwards() {
         height: Height(6),
         time: Time(1_000_000_000),
         ingress: vec![],
+        randomness: [0; 32],
     };
     scheduler.execute_block(&mut state, &earlier);
     assert_eq!(state.metadata.time, Time(5_000_000_000));

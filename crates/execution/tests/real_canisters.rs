@@ -157,6 +157,7 @@ impl Harness {
             height: Height(self.height),
             time: self.now(),
             ingress,
+            randomness: [0; 32],
         };
         self.scheduler.execute_block(&mut self.state, &block);
     }

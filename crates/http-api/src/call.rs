@@ -2,14 +2,14 @@
 //! and answer with a certificate, or 202 on timeout so the client polls `read_state`).
 
 use crate::cbor::{self, map, nat, text};
-use crate::envelope::{self, EffectiveId, RequestKind};
+use crate::envelope::{self, EffectiveId};
 use crate::{ApiError, SharedState};
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use openic_interfaces::IngressPoolError;
-use openic_types::{RequestId, SignedIngress, UserError};
+use openic_types::{IngressEnvelope, RequestId, UserError};
 use serde_cbor::Value;
 
 /// Which generation of the call endpoint.
@@ -76,24 +76,16 @@ async fn try_handle(
 ) -> Result<Response, ApiError> {
     let effective_id = effective_id?;
     state.check_making_blocks()?;
-    let body = envelope::read_body(body, &state).await?;
-    let request = envelope::decode(&body, RequestKind::Call, &state)?;
-    let call = envelope::canister_call(&request, effective_id, &state)?;
-    if !request.authenticated.allows_updates() {
-        return Err(ApiError::Forbidden(
-            "Invalid delegation: the sender's delegation only permits queries and read_state, not update calls".into(),
-        ));
-    }
-    let ingress = SignedIngress {
-        request_id: request.request_id,
-        sender: request.sender,
-        canister_id: call.canister_id,
+    let envelope = IngressEnvelope {
         effective_canister_id: effective_id.as_canister_id(),
-        method_name: call.method_name,
-        arg: call.arg,
-        ingress_expiry: request.ingress_expiry,
-        size_bytes: request.body_bytes as u64,
+        bytes: envelope::read_body(body, &state).await?.into(),
     };
+    let ingress = envelope::validate_ingress_envelope(
+        &envelope,
+        state.deps.subnet_id,
+        state.now(),
+        &state.config,
+    )?;
 
     // A request the certified state already knows is a re-submission (a client retry, or a
     // replay of a captured request): it ran or will run once, so answer like a duplicate without
@@ -129,7 +121,7 @@ async fn try_handle(
     }
 
     let request_id = ingress.request_id;
-    match state.deps.ingress_pool.submit(ingress) {
+    match state.deps.ingress_pool.submit(ingress, envelope) {
         // A duplicate is the same signed request sent again (e.g. a client retry): it runs once,
         // and the sender gets the outcome of that one run.
         Ok(()) | Err(IngressPoolError::Duplicate(_)) => {}
@@ -218,7 +210,10 @@ mod tests {
     use crate::test_support::{Sender, TestNode, call_content, field};
     use axum::http::StatusCode;
     use openic_interfaces::IngressPoolError;
-    use openic_types::{CanisterId, ErrorCode, Height, IngressState, IngressStatus, UserError};
+    use openic_types::{
+        CanisterId, ErrorCode, Height, IngressEnvelope, IngressState, IngressStatus, Time,
+        UserError,
+    };
     use serde_cbor::Value;
     use std::time::Duration;
 
@@ -340,6 +335,46 @@ mod tests {
         node.pool.fail_with(IngressPoolError::Duplicate(request_id));
         let (status, _) = node.post(&url("v2"), body).await;
         assert_eq!(status, StatusCode::ACCEPTED);
+    }
+
+    /// The envelope a replica forwards to its peers is the body as received: a peer that checks
+    /// it at the same time gets the same message, and refuses it once it has expired or when a
+    /// byte was changed.
+    #[tokio::test]
+    async fn forwarded_envelopes_validate_the_same_on_peers() {
+        let node = TestNode::new();
+        let sender = Sender::ed25519(7);
+        let (body, request_id) = sender.envelope(call_content(&node, &sender, CANISTER, "inc"));
+        let (status, _) = node.post(&url("v2"), body.clone()).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        let [envelope] = node.pool.envelopes().try_into().unwrap();
+        assert_eq!(&*envelope.bytes, &body[..]);
+        let subnet_id = node.subnet_id;
+        let at_peer =
+            crate::validate_ingress_envelope(&envelope, subnet_id, node.now(), &node.config)
+                .unwrap();
+        assert_eq!(at_peer, node.pool.submitted()[0]);
+        assert_eq!(at_peer.request_id, request_id);
+
+        let later = Time(at_peer.ingress_expiry.0 + 1);
+        let expired = crate::validate_ingress_envelope(&envelope, subnet_id, later, &node.config)
+            .unwrap_err();
+        assert!(
+            expired.to_string().contains("Invalid request expiry"),
+            "{expired}"
+        );
+
+        let mut tampered = body.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        let tampered = IngressEnvelope {
+            effective_canister_id: envelope.effective_canister_id,
+            bytes: tampered.into(),
+        };
+        assert!(
+            crate::validate_ingress_envelope(&tampered, subnet_id, node.now(), &node.config)
+                .is_err()
+        );
     }
 
     #[tokio::test]

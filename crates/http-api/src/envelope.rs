@@ -1,12 +1,14 @@
 //! Decoding and validating request envelopes: body size, CBOR, request id over the content map as
 //! received, typed content fields read from that same map, expiry window, authentication.
 
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, HttpApiConfig};
 use axum::body::Body;
 use openic_crypto::envelope::{Authenticated, EnvelopeAuthentication, authenticate};
 use openic_crypto::request_id::{decode_cbor_value, request_id};
 use openic_interfaces::LabelPath;
-use openic_types::{CanisterId, Principal, RequestId, SubnetId, Time};
+use openic_types::{
+    CanisterId, IngressEnvelope, Principal, RequestId, SignedIngress, SubnetId, Time,
+};
 use serde_cbor::Value;
 use std::collections::BTreeMap;
 
@@ -180,11 +182,22 @@ pub(crate) fn required_principal(
     Ok(Principal::from_slice(bytes))
 }
 
-/// Decodes and authenticates a request of `kind` from `body`.
+/// Decodes and authenticates a request of `kind` from `body`, at the node's current time.
 pub(crate) fn decode(
     body: &[u8],
     kind: RequestKind,
     state: &AppState,
+) -> Result<Request, ApiError> {
+    decode_at(body, kind, state.now(), &state.config)
+}
+
+/// Decodes and authenticates a request of `kind` from `body` as of time `now` (expiry window and
+/// delegation expiry). Deterministic: depends only on its arguments.
+fn decode_at(
+    body: &[u8],
+    kind: RequestKind,
+    now: Time,
+    config: &HttpApiConfig,
 ) -> Result<Request, ApiError> {
     let mut envelope = match decode_cbor_value(body) {
         Ok(Value::Map(map)) => map,
@@ -244,13 +257,12 @@ pub(crate) fn decode(
         ));
     }
 
-    let now = state.now();
     // Anonymous queries and read_state carry no replay risk, and the JS agent's clock
     // re-synchronisation reads `/time` anonymously with its possibly wrong clock; the interface
     // spec lets the replica accept any expiry for them.
     let anonymous_read = sender == Principal::anonymous() && kind != RequestKind::Call;
     if !anonymous_read {
-        check_expiry(ingress_expiry, now, state)?;
+        check_expiry(ingress_expiry, now, config)?;
     }
 
     let authenticated = authenticate(
@@ -285,8 +297,8 @@ pub(crate) fn decode(
 pub(crate) const EXPIRY_ERROR_PREFIX: &str =
     "Invalid request expiry: Specified ingress_expiry not within expected range: ";
 
-fn check_expiry(expiry: Time, now: Time, state: &AppState) -> Result<(), ApiError> {
-    let window = state.config.max_ingress_ttl + state.config.permitted_drift;
+fn check_expiry(expiry: Time, now: Time, config: &HttpApiConfig) -> Result<(), ApiError> {
+    let window = config.max_ingress_ttl + config.permitted_drift;
     let max = now.saturating_add_nanos(u64::try_from(window.as_nanos()).unwrap_or(u64::MAX));
     if expiry < now || expiry > max {
         return Err(ApiError::BadRequest(format!(
@@ -298,6 +310,51 @@ fn check_expiry(expiry: Time, now: Time, state: &AppState) -> Result<(), ApiErro
         )));
     }
     Ok(())
+}
+
+/// Checks an update call that another replica received, as this replica would have checked it
+/// itself at time `now` (a proposed block's time): the body size, the envelope, the request id,
+/// the sender's signature and delegations, the expiry window around `now`, the argument size, and
+/// that the effective canister id fits the call. Returns the decoded message.
+///
+/// Deterministic: every replica that checks the same envelope at the same time gets the same
+/// answer, so replicas can agree on whether a block is valid. What depends on the replica's own
+/// state (`canister_inspect_message`, the pool) is not checked here.
+pub fn validate_ingress_envelope(
+    envelope: &IngressEnvelope,
+    subnet_id: SubnetId,
+    now: Time,
+    config: &HttpApiConfig,
+) -> Result<SignedIngress, ApiError> {
+    if envelope.bytes.len() > config.max_body_bytes {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "the envelope is {} bytes; at most {} are allowed",
+            envelope.bytes.len(),
+            config.max_body_bytes
+        )));
+    }
+    let effective_id = if envelope.effective_canister_id.get() == subnet_id.0 {
+        EffectiveId::Subnet(subnet_id)
+    } else {
+        EffectiveId::Canister(envelope.effective_canister_id)
+    };
+    let request = decode_at(&envelope.bytes, RequestKind::Call, now, config)?;
+    let call = canister_call(&request, effective_id, config)?;
+    if !request.authenticated.allows_updates() {
+        return Err(ApiError::Forbidden(
+            "Invalid delegation: the sender's delegation only permits queries and read_state, not update calls".into(),
+        ));
+    }
+    Ok(SignedIngress {
+        request_id: request.request_id,
+        sender: request.sender,
+        canister_id: call.canister_id,
+        effective_canister_id: effective_id.as_canister_id(),
+        method_name: call.method_name,
+        arg: call.arg,
+        ingress_expiry: request.ingress_expiry,
+        size_bytes: request.body_bytes as u64,
+    })
 }
 
 /// The call/query fields: target canister, method, argument.
@@ -312,7 +369,7 @@ pub(crate) struct CanisterCall {
 pub(crate) fn canister_call(
     request: &Request,
     effective_id: EffectiveId,
-    state: &AppState,
+    config: &HttpApiConfig,
 ) -> Result<CanisterCall, ApiError> {
     let canister_id =
         CanisterId::unchecked_from_principal(required_principal(&request.content, "canister_id")?);
@@ -324,11 +381,11 @@ pub(crate) fn canister_call(
         )));
     }
     let arg = required_bytes(&request.content, "arg")?;
-    if arg.len() > state.config.max_ingress_bytes {
+    if arg.len() > config.max_ingress_bytes {
         return Err(ApiError::PayloadTooLarge(format!(
             "The argument is {} bytes; at most {} bytes are allowed. Split large data (e.g. upload wasm modules in chunks)",
             arg.len(),
-            state.config.max_ingress_bytes
+            config.max_ingress_bytes
         )));
     }
     // Calls to the management canister name the real target inside the Candid argument; the

@@ -39,6 +39,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_http::cors::{Any, CorsLayer};
 
+pub use envelope::validate_ingress_envelope;
 pub use error::ApiError;
 pub use metrics::HttpMetrics;
 

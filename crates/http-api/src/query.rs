@@ -50,7 +50,7 @@ async fn try_handle(
     let effective_id = effective_id?;
     let body = envelope::read_body(body, &state).await?;
     let request = envelope::decode(&body, RequestKind::Query, &state)?;
-    let call = envelope::canister_call(&request, effective_id, &state)?;
+    let call = envelope::canister_call(&request, effective_id, &state.config)?;
     let query = UserQuery {
         request_id: request.request_id,
         sender: request.sender,

@@ -11,8 +11,8 @@ use openic_interfaces::{
     IngressStatusMeta, LabelPath, MetadataVisibility, QueryExecutor,
 };
 use openic_types::{
-    CanisterId, Height, IngressStatus, Principal, QueryResult, RequestId, SignedIngress, SubnetId,
-    Time, UserError, UserQuery,
+    CanisterId, Height, IngressEnvelope, IngressStatus, Principal, QueryResult, RequestId,
+    SignedIngress, SubnetId, Time, UserError, UserQuery,
 };
 use serde_cbor::Value;
 use std::collections::BTreeMap;
@@ -160,6 +160,7 @@ impl CertifiedStateReader for FakeState {
 #[derive(Default)]
 pub(crate) struct FakePool {
     submitted: Mutex<Vec<SignedIngress>>,
+    envelopes: Mutex<Vec<IngressEnvelope>>,
     fail: Mutex<Option<IngressPoolError>>,
 }
 
@@ -167,17 +168,25 @@ impl FakePool {
     pub(crate) fn submitted(&self) -> Vec<SignedIngress> {
         self.submitted.lock().unwrap().clone()
     }
+    pub(crate) fn envelopes(&self) -> Vec<IngressEnvelope> {
+        self.envelopes.lock().unwrap().clone()
+    }
     pub(crate) fn fail_with(&self, error: IngressPoolError) {
         *self.fail.lock().unwrap() = Some(error);
     }
 }
 
 impl IngressPool for FakePool {
-    fn submit(&self, message: SignedIngress) -> Result<(), IngressPoolError> {
+    fn submit(
+        &self,
+        message: SignedIngress,
+        envelope: IngressEnvelope,
+    ) -> Result<(), IngressPoolError> {
         if let Some(error) = self.fail.lock().unwrap().clone() {
             return Err(error);
         }
         self.submitted.lock().unwrap().push(message);
+        self.envelopes.lock().unwrap().push(envelope);
         Ok(())
     }
 }

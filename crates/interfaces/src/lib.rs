@@ -9,8 +9,8 @@
 
 use openic_replicated_state::{CanisterState, ReplicatedState};
 use openic_types::{
-    Block, CanisterId, Height, IngressStatus, Principal, QueryResult, RequestId, SignedIngress,
-    Time, UserError, UserQuery,
+    Block, CanisterId, Height, IngressEnvelope, IngressStatus, Principal, QueryResult, RequestId,
+    SignedIngress, Time, UserError, UserQuery,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -37,9 +37,15 @@ pub enum IngressPoolError {
 
 /// The ingress pool: validated update calls waiting to be put into a block.
 pub trait IngressPool: Send + Sync {
-    /// Adds a validated message. Refuses duplicates (a request id that is in the pool or in the
-    /// ingress history) and refuses when the pool is at its limits. Never blocks.
-    fn submit(&self, message: SignedIngress) -> Result<(), IngressPoolError>;
+    /// Adds a validated message with the envelope it came in (which a replica of a multi-replica
+    /// subnet forwards to its peers and proposes in blocks, so that every replica checks the
+    /// signature itself). Refuses duplicates (a request id that is in the pool or in the ingress
+    /// history) and refuses when the pool is at its limits. Never blocks.
+    fn submit(
+        &self,
+        message: SignedIngress,
+        envelope: IngressEnvelope,
+    ) -> Result<(), IngressPoolError>;
 }
 
 /// Runs `canister_inspect_message` (and the other non-replicated checks: the canister exists, is

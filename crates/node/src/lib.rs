@@ -12,9 +12,13 @@
 
 mod block_thread;
 mod config;
+pub mod genesis;
 mod metrics;
+pub mod replica;
 
 pub use config::NodeConfig;
+pub use openic_state_manager::load_or_create_identity;
+pub use replica::{ReplicaConfig, start_replica};
 
 use openic_certification::{CertifiedStateStore, SubnetInfo};
 use openic_consensus::IngressPoolImpl;
@@ -61,6 +65,9 @@ pub enum NodeError {
     /// Another process uses the state directory.
     #[error("{0}")]
     Locked(String),
+    /// Joining the subnet failed (membership, key generation, consensus start-up).
+    #[error("subnet: {0}")]
+    Subnet(String),
 }
 
 /// The wall clock, in nanoseconds since the epoch. Only the block maker and the HTTP layer read it;
@@ -86,6 +93,8 @@ pub struct RunningNode {
     wake_block_thread: Arc<tokio::sync::Notify>,
     http_shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     http_task: Option<tokio::task::JoinHandle<()>>,
+    /// Networking and consensus of a multi-replica subnet's replica.
+    subnet: Option<replica::SubnetParts>,
 }
 
 impl RunningNode {
@@ -136,6 +145,9 @@ impl RunningNode {
         self.wake_block_thread.notify_one();
         if let Some(thread) = self.block_thread.take() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        if let Some(subnet) = self.subnet.take() {
+            subnet.shutdown().await;
         }
         info!("node stopped");
     }
@@ -199,6 +211,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             root_key_der: root_key_der.clone(),
             node_id,
             node_public_key_der: node_key.public_key_der().to_vec(),
+            peer_nodes: Vec::new(),
             canister_ranges: subnet_canister_ranges(),
         },
         signing_key.clone(),
@@ -209,6 +222,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         height: state.metadata.height.increment(),
         time: wall_clock().max(state.metadata.time.saturating_add_nanos(1)),
         ingress: Vec::new(),
+        randomness: [0; 32],
     };
     block_log.append(&fresh)?;
     scheduler.execute_block(&mut state, &fresh);
@@ -248,6 +262,81 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         halted: halted.clone(),
     });
 
+    let (local_addr, http_shutdown, http_task) = serve_http(
+        &config,
+        HttpParts {
+            embedder,
+            certified: certified.clone(),
+            subnet_context,
+            ingress_pool: pool.clone(),
+            node_key: node_key.clone(),
+            root_key_der: root_key_der.clone(),
+            clock,
+            halted: halted.clone(),
+            registry,
+            subnet_height_hint: None,
+        },
+    )
+    .await?;
+    let url = format!("http://{local_addr}");
+    info!(%url, subnet_id = %subnet_id.0, "openic node ready");
+    Ok(RunningNode {
+        url,
+        local_addr,
+        root_key_der,
+        subnet_id,
+        node_id,
+        stop,
+        block_thread: Some(block_thread),
+        wake_block_thread,
+        http_shutdown: Some(http_shutdown),
+        http_task: Some(http_task),
+        subnet: None,
+    })
+}
+
+/// What the HTTP server needs from a started node.
+pub(crate) struct HttpParts {
+    pub(crate) embedder: Arc<dyn Embedder>,
+    pub(crate) certified: Arc<CertifiedStateStore>,
+    pub(crate) subnet_context: SubnetContext,
+    pub(crate) ingress_pool: Arc<dyn openic_interfaces::IngressPool>,
+    pub(crate) node_key: Arc<openic_crypto::NodeKey>,
+    pub(crate) root_key_der: Vec<u8>,
+    pub(crate) clock: Arc<dyn Fn() -> Time + Send + Sync>,
+    pub(crate) halted: Arc<parking_lot::Mutex<Option<String>>>,
+    pub(crate) registry: prometheus_client::registry::Registry,
+    /// On a replica of a multi-replica subnet: the highest height its peers have signed, so a call
+    /// refused on state that is only a moment behind theirs is checked again once it caught up.
+    pub(crate) subnet_height_hint: Option<Arc<std::sync::atomic::AtomicU64>>,
+}
+
+/// Binds the HTTP port and serves the public interface and `/metrics` until the returned sender
+/// fires.
+pub(crate) async fn serve_http(
+    config: &NodeConfig,
+    parts: HttpParts,
+) -> Result<
+    (
+        SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ),
+    NodeError,
+> {
+    let HttpParts {
+        embedder,
+        certified,
+        subnet_context,
+        ingress_pool,
+        node_key,
+        root_key_der,
+        clock,
+        halted,
+        mut registry,
+        subnet_height_hint,
+    } = parts;
+    let subnet_id = subnet_context.subnet_id;
     let query_executor = Arc::new(QueryExecution::new(
         embedder.clone(),
         certified.clone(),
@@ -255,17 +344,25 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         config.execution.clone(),
         subnet_context.clone(),
     ));
-    let inspector = Arc::new(IngressFilter::new(
+    let filter = Arc::new(IngressFilter::new(
         embedder.clone(),
         certified.clone(),
         config.execution.clone(),
         subnet_context,
     ));
+    let inspector: Arc<dyn openic_interfaces::IngressInspector> = match subnet_height_hint {
+        Some(hint) => Arc::new(replica::CatchUpInspector {
+            inner: filter,
+            certified: certified.clone(),
+            subnet_height_hint: hint,
+        }),
+        None => filter,
+    };
     let http_metrics = Arc::new(openic_http_api::HttpMetrics::register(&mut registry));
     let api = openic_http_api::router(
         config.http.clone(),
         openic_http_api::HttpApiDeps {
-            ingress_pool: pool.clone(),
+            ingress_pool,
             inspector,
             query_executor,
             certified_state: certified.clone(),
@@ -303,18 +400,5 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             tracing::error!(%error, "HTTP server failed");
         }
     });
-    let url = format!("http://{local_addr}");
-    info!(%url, subnet_id = %subnet_id.0, "openic node ready");
-    Ok(RunningNode {
-        url,
-        local_addr,
-        root_key_der,
-        subnet_id,
-        node_id,
-        stop,
-        block_thread: Some(block_thread),
-        wake_block_thread,
-        http_shutdown: Some(http_shutdown),
-        http_task: Some(http_task),
-    })
+    Ok((local_addr, http_shutdown, http_task))
 }

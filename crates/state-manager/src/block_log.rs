@@ -588,6 +588,7 @@ mod tests {
                     size_bytes: 200,
                 })
                 .collect(),
+            randomness: [height as u8; 32],
         }
     }
 

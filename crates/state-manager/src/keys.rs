@@ -90,6 +90,64 @@ pub fn load_or_create_genesis_seed(state_dir: &Path) -> Result<[u8; 32], Storage
     )
 }
 
+/// Loads a node identity (the Ed25519 key that names a replica to its peers and signs its query
+/// responses) from the file at `path`, creating the file with a new key if it does not exist.
+/// Operators make one per machine with `openic identity` and list its public key in the genesis
+/// file; it is stored raw (32 bytes), mode 0600.
+pub fn load_or_create_identity(path: &Path) -> Result<NodeKey, StorageError> {
+    let (dir, name) = split_file_path(path)?;
+    create_dir_durably(dir)?;
+    // The identity file lives outside any state directory: `dir` stands in for one, and holds no
+    // blocks, so a missing file is simply created.
+    load_or_create(
+        dir,
+        dir,
+        name,
+        || NodeKey::generate().secret_bytes(),
+        |bytes| NodeKey::from_secret_bytes(bytes).map_err(|e| e.to_string()),
+    )
+}
+
+/// Reads a secret file written by [`store_secret`], or `None` if it does not exist.
+pub fn load_secret(state_dir: &Path, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
+    let path = state_dir.join(KEYS_DIR).join(name);
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            warn_if_readable_by_others(&path);
+            Ok(Some(bytes))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_error(&path)(e)),
+    }
+}
+
+/// Stores `bytes` as secret file `name` in `<state_dir>/keys/`, atomically and durably, mode 0600
+/// (a replica's share of the subnet key, once the key generation at genesis has finished).
+pub fn store_secret(state_dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StorageError> {
+    let dir = state_dir.join(KEYS_DIR);
+    create_dir_durably(state_dir)?;
+    create_keys_dir(&dir)?;
+    write_file_atomically(&dir, name, bytes, Some(SECRET_FILE_MODE)).map(|_| ())
+}
+
+fn split_file_path(path: &Path) -> Result<(&Path, &str), StorageError> {
+    let name = path.file_name().and_then(|name| name.to_str());
+    match (path.parent(), name) {
+        (Some(dir), Some(name)) => Ok((
+            if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            },
+            name,
+        )),
+        _ => Err(corrupt(
+            path,
+            "not a file path with a UTF-8 file name".to_string(),
+        )),
+    }
+}
+
 fn create_keys_dir(dir: &Path) -> Result<(), StorageError> {
     if !dir.is_dir() {
         create_dir_durably(dir)?;

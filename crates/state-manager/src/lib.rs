@@ -26,7 +26,10 @@ pub mod lock;
 
 pub use block_log::{BlockLogConfig, FileBlockLog};
 pub use checkpoint::{CheckpointConfig, CheckpointWriteStats, FileCheckpointStore};
-pub use keys::{NodeKeys, load_or_create_genesis_seed, load_or_create_keys};
+pub use keys::{
+    NodeKeys, load_or_create_genesis_seed, load_or_create_identity, load_or_create_keys,
+    load_secret, store_secret,
+};
 pub use lock::{StateDirLock, StateDirLockError};
 
 #[cfg(test)]
@@ -95,6 +98,7 @@ mod tests {
                     height: Height(height),
                     time: Time(height * 10),
                     ingress: Vec::new(),
+                    randomness: [0; 32],
                 };
                 log.append(&block).unwrap();
                 execute(&mut state, &block);
@@ -141,6 +145,7 @@ mod tests {
             height: Height(24),
             time: Time(240),
             ingress: Vec::new(),
+            randomness: [0; 32],
         })
         .unwrap();
     }

@@ -28,6 +28,19 @@ pub struct SignedIngress {
     pub size_bytes: u64,
 }
 
+/// An update call as the client sent it: the CBOR envelope bytes and the effective canister id of
+/// the URL it was sent to. Replicas of a subnet forward this, not the decoded [`SignedIngress`],
+/// so each replica checks the sender's signature itself instead of trusting the one that received
+/// the call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IngressEnvelope {
+    /// The effective canister id of the URL (`/api/v*/canister/<id>/call`), or the subnet's
+    /// principal for subnet endpoints.
+    pub effective_canister_id: CanisterId,
+    /// The request body, exactly as received.
+    pub bytes: std::sync::Arc<[u8]>,
+}
+
 /// A finalized block: the unit that is persisted before it is executed and replayed after a crash.
 ///
 /// Invariant: executing the same blocks in order from the same state gives the same state, so a
@@ -40,6 +53,12 @@ pub struct Block {
     pub time: Time,
     /// Ingress messages to induct, in order.
     pub ingress: Vec<SignedIngress>,
+    /// Randomness for this block's execution (`raw_rand`, the state's seed), unknown to anyone
+    /// when the block's contents were fixed: on a multi-replica subnet, the subnet's random beacon
+    /// revealed after the block was proposed. All zero on a one-replica subnet, whose state seed
+    /// alone feeds `raw_rand`.
+    #[serde(default)]
+    pub randomness: [u8; 32],
 }
 
 /// The status of an update call in the ingress history, as certified under `/request_status`.

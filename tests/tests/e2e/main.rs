@@ -11,6 +11,7 @@
 //! - `identities`: anonymous, Ed25519, secp256k1 and P-256 senders, and controller checks;
 //! - `durability`: state survives a clean shutdown, SIGTERM and SIGKILL of the `openic` process;
 //! - `raw_http`: hand-made envelopes over raw HTTP/1.1 (bad signature, expiry, oversized body);
+//! - `subnet`: four replicas agreeing by BFT consensus, each call to another replica;
 //! - `js`: @icp-sdk/core (node:test) and a Motoko (wasm64, enhanced orthogonal persistence) canister.
 
 mod canisters;
@@ -18,4 +19,5 @@ mod durability;
 mod identities;
 mod js;
 mod raw_http;
+mod subnet;
 mod support;

@@ -386,6 +386,10 @@ mod tests {
     }
 
     #[test]
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "measures that hostile input is refused quickly"
+    )]
     fn huge_null_vector_is_stopped_by_the_quota() {
         // `vec null` with 2^32-1 elements costs no memory and only a few bytes on the wire, but
         // billions of decoding steps without a quota.

@@ -1,0 +1,183 @@
+//! Hands finalized blocks to the node in height order, each with its execution seed.
+
+use super::block::Block;
+use commonware_actor::Feedback;
+use commonware_codec::Encode as _;
+use commonware_consensus::{Reporter, marshal::Update};
+use commonware_cryptography::{Digested, Digestible as _};
+use commonware_utils::{
+    Acknowledgement as _,
+    acknowledgement::Exact,
+    sync::{Mutex, Notify},
+};
+use std::{collections::VecDeque, sync::Arc};
+use tracing::error;
+
+/// How many heights after `h` a finalized block must exist before `h` is delivered.
+///
+/// # Seed rule (commit, then reveal)
+///
+/// Height `h` executes with the seed of the round in which its child `h + 1` was proposed. That
+/// seed is read from block `h + 2`, which carries its parent's seed and is checked against the
+/// subnet key by every replica before it votes, so all replicas (also ones catching up from
+/// storage or peers) read the same 48 bytes from the finalized chain.
+///
+/// Why not an earlier seed: the seed of round `v` is a threshold signature any `2f+1` votes of
+/// round `v` reveal, and a Byzantine leader of `v` can gather them from `f+1` honest replicas it
+/// showed different blocks before any block of `v` is notarized, then pick the block it prefers
+/// (Commonware's `bls12381_threshold::vrf` docs). So the seed of the round that proposed `h`
+/// must not drive `h`. Honest replicas vote in the child's round only after leaving round `h`'s,
+/// that is after `h` was notarized (its content fixed) or its round nullified, so the child's
+/// seed is unknown while `h`'s content can still change. The cost is latency: `h` is delivered
+/// once `h + 2` is final, and the last two final heights wait for more blocks (the chain makes
+/// blocks even without ingress, so this is two block times).
+pub const SEED_LAG_HEIGHTS: u64 = 2;
+
+/// A finalized block with the randomness it executes with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FinalizedBlock {
+    /// Height (the first delivered block is 1; genesis is not delivered).
+    pub height: u64,
+    /// Block time in nanoseconds since the Unix epoch; strictly increases with height.
+    pub time_nanos: u64,
+    /// Opaque ingress messages, in block order.
+    pub ingress: Vec<Vec<u8>>,
+    /// SHA-256 digest of the block's canonical encoding.
+    pub digest: [u8; 32],
+    /// Compressed BLS12-381 G1 threshold signature over the seed round (see [`SEED_LAG_HEIGHTS`]).
+    pub seed: [u8; 48],
+}
+
+/// The acknowledgement of one delivered height.
+///
+/// Acknowledge only after the height's effects are durable: unacknowledged heights are
+/// delivered again after a restart. Dropping it without acknowledging stops delivery until
+/// the engine restarts, as a crash would.
+#[derive(Debug)]
+pub struct DeliveryAck {
+    ack: Exact,
+}
+
+impl DeliveryAck {
+    /// Marks the height as durably executed.
+    pub fn acknowledge(self) {
+        self.ack.acknowledge();
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    blocks: VecDeque<(Digested<Block>, Exact)>,
+    closed: bool,
+}
+
+/// The receiving end of finalized-block delivery.
+pub struct Deliveries {
+    queue: Arc<Mutex<Queue>>,
+    notify: Arc<Notify>,
+}
+
+/// The reporter marshal delivers finalized blocks to.
+#[derive(Clone)]
+pub(crate) struct DeliverySink {
+    queue: Arc<Mutex<Queue>>,
+    notify: Arc<Notify>,
+}
+
+/// A connected delivery sink and its consumer.
+pub(crate) fn channel() -> (DeliverySink, Deliveries) {
+    let queue = Arc::new(Mutex::new(Queue::default()));
+    let notify = Arc::new(Notify::new());
+    (
+        DeliverySink {
+            queue: queue.clone(),
+            notify: notify.clone(),
+        },
+        Deliveries { queue, notify },
+    )
+}
+
+impl Reporter for DeliverySink {
+    type Activity = Update<Block, Exact>;
+
+    fn report(&mut self, activity: Self::Activity) -> Feedback {
+        if let Update::Block(block, ack) = activity {
+            let mut queue = self.queue.lock();
+            if queue.closed {
+                return Feedback::Closed;
+            }
+            queue.blocks.push_back((block, ack));
+            drop(queue);
+            self.notify.notify_one();
+        }
+        Feedback::Ok
+    }
+}
+
+impl Deliveries {
+    /// The next finalized height, in order and at least once, with its acknowledgement.
+    ///
+    /// Returns `None` only after the deliveries were closed with [`Deliveries::close`].
+    pub async fn next(&mut self) -> Option<(FinalizedBlock, DeliveryAck)> {
+        loop {
+            let notify = self.notify.clone();
+            let notified = notify.notified();
+            if let Some(ready) = self.try_next() {
+                return ready;
+            }
+            notified.await;
+        }
+    }
+
+    /// Stops delivery: pending heights stay unacknowledged (and are delivered after a restart).
+    pub fn close(&self) {
+        self.queue.lock().closed = true;
+        self.notify.notify_one();
+    }
+
+    /// The next height if its seed block is final, `Some(None)` if closed, `None` to wait.
+    #[allow(clippy::option_option)]
+    fn try_next(&mut self) -> Option<Option<(FinalizedBlock, DeliveryAck)>> {
+        let mut queue = self.queue.lock();
+        if queue.closed {
+            return Some(None);
+        }
+        let lag = SEED_LAG_HEIGHTS as usize;
+        let seed_block = queue.blocks.get(lag)?;
+        let (first, _) = queue.blocks.front()?;
+        let height = first.inner().height_u64();
+        let seed = seed_block
+            .0
+            .inner()
+            .parent_seed()
+            .map(|seed| seed.signature.encode());
+        let seed_height = seed_block.0.inner().height_u64();
+        let (block, ack) = queue.blocks.pop_front()?;
+        drop(queue);
+        let seed = match (seed_height == height + SEED_LAG_HEIGHTS, seed) {
+            (true, Some(bytes)) => <[u8; 48]>::try_from(bytes.as_ref()).ok(),
+            _ => None,
+        };
+        let Some(seed) = seed else {
+            // Marshal delivers contiguous heights and verified blocks above genesis carry a seed.
+            error!(
+                height,
+                seed_height, "critical: no seed for a finalized height; delivery stops"
+            );
+            self.close();
+            drop(ack);
+            return Some(None);
+        };
+        let block = block.inner();
+        Some(Some((
+            FinalizedBlock {
+                height,
+                time_nanos: block.time_nanos(),
+                ingress: block.ingress().to_vec(),
+                digest: block.digest().0,
+                seed,
+            },
+            DeliveryAck { ack },
+        )))
+    }
+}

@@ -1,0 +1,1020 @@
+//! A replica of a multi-replica subnet: the same execution, certification and HTTP interface as a
+//! one-replica node, with blocks from BFT consensus and certificates signed by the subnet's
+//! threshold key.
+//!
+//! Data flow, per replica:
+//! - an update call accepted over HTTP enters the local ingress pool and is gossiped to the peers
+//!   (each checks the signature itself and pools it too);
+//! - when this replica leads a view, [`ReplicaPolicy::propose`] fills a block from its pool; every
+//!   replica checks a proposed block with [`ReplicaPolicy::verify`] before voting;
+//! - finalized blocks arrive in height order on the execution thread, which logs each one
+//!   durably, acknowledges it to consensus, executes it, hashes the new state, signs the root
+//!   with its key share and gossips the share;
+//! - the certification task collects shares; once `2f + 1` agree with this replica's own root the
+//!   height is published to readers with the recovered subnet signature. If `2f + 1` others agree
+//!   on a different root, this replica's state diverged: it stops serving certified answers and
+//!   says so (recovery by state sync is future work, see docs/ARCHITECTURE.md).
+//!
+//! Invariant: readers only ever see heights certified by the subnet's key; queries run on exactly
+//! that state (the store publishes tree and canisters together).
+
+use crate::config::NodeConfig;
+use crate::genesis::Genesis;
+use crate::metrics::NodeMetrics;
+use crate::{HttpParts, NodeError, RunningNode, serve_http, wall_clock};
+use openic_certification::{CertifiedStateStore, SubnetInfo};
+use openic_consensus::bft::{BlockContent, BlockHeader, BlockPolicy, BlockView, FinalizedBlock};
+use openic_consensus::certifier::{
+    CertificationPool, CertificationPoolConfig, KeyShare, PoolEvent, PublicSharing, sign_partial,
+};
+use openic_consensus::subnet::{
+    Inbound, SubnetKey, SubnetKeyStore, SubnetMember, SubnetService, SubnetServiceConfig,
+};
+use openic_consensus::{IngressPoolImpl, message_bytes};
+use openic_crypto::{NodeKey, self_authenticating_principal};
+use openic_embedders::{Embedder, WasmtimeEmbedder};
+use openic_execution::{Scheduler, SubnetContext};
+use openic_interfaces::{
+    BlockExecutor, BlockLog, CertifiedStateReader, CheckpointStore, IngressPool, IngressPoolError,
+    StorageError,
+};
+use openic_replicated_state::ReplicatedState;
+use openic_state_manager::{FileBlockLog, FileCheckpointStore};
+use openic_types::ids::{FIRST_USER_CANISTER_INDEX, subnet_canister_ranges};
+use openic_types::{
+    Block, CanisterId, Height, IngressEnvelope, NodeId, RequestId, SignedIngress, SubnetId, Time,
+};
+use parking_lot::Mutex;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tracing::{error, info, warn};
+
+/// File (in the keys directory) holding this replica's share of the subnet key and the key's
+/// public side, written once when the key generation at genesis finishes.
+pub const SUBNET_KEY_SHARE_FILE: &str = "subnet_key_share";
+
+/// Version byte of [`SUBNET_KEY_SHARE_FILE`].
+const SUBNET_KEY_SHARE_FORMAT: u8 = 1;
+
+/// Version byte of an ingress entry in a block (effective canister id and envelope).
+const INGRESS_ENTRY_FORMAT: u8 = 1;
+
+/// A leader proposes no sooner than this after its parent: at most 40 blocks a second under load.
+const MIN_BLOCK_INTERVAL: Duration = Duration::from_millis(25);
+
+/// With nothing to do a leader proposes an empty block this long after its parent: keeps the
+/// certified time fresh and runs timers, without spending CPU on empty heights.
+const IDLE_BLOCK_INTERVAL: Duration = Duration::from_millis(250);
+
+/// How far a proposed block's time may be ahead of this replica's clock.
+const MAX_BLOCK_TIME_AHEAD: Duration = Duration::from_secs(2);
+
+/// Settings of one replica of a multi-replica subnet.
+#[derive(Clone, Debug)]
+pub struct ReplicaConfig {
+    /// State directory, HTTP address and every limit, as for a one-replica node.
+    pub node: NodeConfig,
+    /// This replica's identity file (`openic identity`).
+    pub identity: PathBuf,
+    /// The subnet's members.
+    pub genesis: Genesis,
+    /// Where to accept peers; by default this member's address in the genesis file.
+    pub p2p_listen: Option<SocketAddr>,
+}
+
+/// Stores the share in `<state_dir>/keys/` (both halves in one file, so a crash never leaves one
+/// without the other).
+struct StateDirKeyStore {
+    state_dir: PathBuf,
+}
+
+impl SubnetKeyStore for StateDirKeyStore {
+    fn load(&self) -> Result<Option<SubnetKey>, String> {
+        let Some(bytes) = openic_state_manager::load_secret(&self.state_dir, SUBNET_KEY_SHARE_FILE)
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(None);
+        };
+        let corrupt = |reason: &str| {
+            format!(
+                "{SUBNET_KEY_SHARE_FILE} is corrupt ({reason}); restore it from a backup: a \
+                 replica cannot sign for its subnet without it"
+            )
+        };
+        let (&version, rest) = bytes.split_first().ok_or_else(|| corrupt("empty"))?;
+        if version != SUBNET_KEY_SHARE_FORMAT {
+            return Err(corrupt(&format!("unknown format {version}")));
+        }
+        if rest.len() < 4 {
+            return Err(corrupt("truncated"));
+        }
+        let (length, rest) = rest.split_at(4);
+        let length = u32::from_be_bytes([length[0], length[1], length[2], length[3]]) as usize;
+        if rest.len() < length {
+            return Err(corrupt("truncated"));
+        }
+        let (sharing, share) = rest.split_at(length);
+        let sharing = PublicSharing::from_bytes(sharing).map_err(|e| corrupt(&e.to_string()))?;
+        let share = KeyShare::from_bytes(share).map_err(|e| corrupt(&e.to_string()))?;
+        Ok(Some(SubnetKey { sharing, share }))
+    }
+
+    fn store(&self, key: &SubnetKey) -> Result<(), String> {
+        let sharing = key.sharing.to_bytes();
+        let mut bytes = vec![SUBNET_KEY_SHARE_FORMAT];
+        bytes.extend_from_slice(&(sharing.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(&sharing);
+        bytes.extend_from_slice(&key.share.to_bytes());
+        openic_state_manager::store_secret(&self.state_dir, SUBNET_KEY_SHARE_FILE, &bytes)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Encodes an ingress message for a block or for gossip: format byte, effective canister id
+/// (length-prefixed), then the envelope as the client sent it.
+pub fn encode_ingress_entry(envelope: &IngressEnvelope) -> Vec<u8> {
+    let id = envelope.effective_canister_id.get();
+    let id = id.as_slice();
+    let mut bytes = Vec::with_capacity(2 + id.len() + envelope.bytes.len());
+    bytes.push(INGRESS_ENTRY_FORMAT);
+    bytes.push(id.len() as u8);
+    bytes.extend_from_slice(id);
+    bytes.extend_from_slice(&envelope.bytes);
+    bytes
+}
+
+/// Decodes [`encode_ingress_entry`]'s bytes (from a peer: untrusted).
+pub fn decode_ingress_entry(bytes: &[u8]) -> Result<IngressEnvelope, String> {
+    let [format, length, rest @ ..] = bytes else {
+        return Err("an ingress entry is at least 2 bytes".into());
+    };
+    if *format != INGRESS_ENTRY_FORMAT {
+        return Err(format!("unknown ingress entry format {format}"));
+    }
+    let length = usize::from(*length);
+    if length > 29 || rest.len() < length {
+        return Err("malformed effective canister id in an ingress entry".into());
+    }
+    let (id, envelope) = rest.split_at(length);
+    Ok(IngressEnvelope {
+        effective_canister_id: CanisterId::unchecked_from_principal(
+            openic_types::Principal::from_slice(id),
+        ),
+        bytes: envelope.into(),
+    })
+}
+
+/// Request ids in blocks this replica proposed or checked and that may not be finalized yet, with
+/// the height of that block: a new proposal leaves them out, since its parent chain may already
+/// hold them. Entries at or below the executed height are dropped (finalized ones left the pool;
+/// ones from a losing fork may be proposed again).
+#[derive(Default)]
+struct RecentIngress {
+    by_id: BTreeMap<RequestId, u64>,
+    by_height: BTreeSet<(u64, RequestId)>,
+}
+
+impl RecentIngress {
+    const MAX_ENTRIES: usize = 1_000_000;
+
+    fn record(&mut self, height: u64, ids: impl IntoIterator<Item = RequestId>) {
+        for id in ids {
+            if self.by_id.len() >= Self::MAX_ENTRIES {
+                break;
+            }
+            if let Some(previous) = self.by_id.insert(id, height) {
+                self.by_height.remove(&(previous, id));
+            }
+            self.by_height.insert((height, id));
+        }
+    }
+
+    fn prune_through(&mut self, height: u64) {
+        let keep = self.by_height.split_off(&(height + 1, RequestId([0; 32])));
+        for (_, id) in std::mem::replace(&mut self.by_height, keep) {
+            self.by_id.remove(&id);
+        }
+    }
+
+    fn contains(&self, id: &RequestId) -> bool {
+        self.by_id.contains_key(id)
+    }
+}
+
+/// What this replica proposes and accepts.
+#[derive(Clone)]
+pub(crate) struct ReplicaPolicy {
+    pool: Arc<IngressPoolImpl>,
+    http: openic_http_api::HttpApiConfig,
+    subnet_id: SubnetId,
+    clock: Arc<dyn Fn() -> Time + Send + Sync>,
+    max_messages: usize,
+    max_bytes: u64,
+    recent: Arc<Mutex<RecentIngress>>,
+    /// Whether the state has queued messages, timers or heartbeats (set after each block).
+    pending_work: Arc<AtomicBool>,
+}
+
+impl ReplicaPolicy {
+    fn validate(&self, entry: &[u8], time: Time) -> Result<SignedIngress, String> {
+        let envelope = decode_ingress_entry(entry)?;
+        openic_http_api::validate_ingress_envelope(&envelope, self.subnet_id, time, &self.http)
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl BlockPolicy for ReplicaPolicy {
+    fn propose(&mut self, parent: &BlockHeader) -> BlockContent {
+        let time = (self.clock)().max(Time(parent.time_nanos.saturating_add(1)));
+        let recent = self.recent.lock();
+        let envelopes =
+            self.pool
+                .select_for_proposal(self.max_messages, self.max_bytes, time, &|id| {
+                    recent.contains(id)
+                });
+        drop(recent);
+        let mut ingress = Vec::with_capacity(envelopes.len());
+        let mut ids = Vec::with_capacity(envelopes.len());
+        for envelope in &envelopes {
+            // The pool holds only envelopes this replica checked; an expired one was dropped.
+            match openic_http_api::validate_ingress_envelope(
+                envelope,
+                self.subnet_id,
+                time,
+                &self.http,
+            ) {
+                Ok(message) => {
+                    ids.push(message.request_id);
+                    ingress.push(encode_ingress_entry(envelope));
+                }
+                Err(error) => warn!(%error, "left a pooled message out of a proposal"),
+            }
+        }
+        self.recent.lock().record(parent.height + 1, ids);
+        BlockContent {
+            time_nanos: time.0,
+            ingress,
+        }
+    }
+
+    fn verify(&mut self, _parent: &BlockHeader, block: &BlockView<'_>) -> Result<(), String> {
+        let now = (self.clock)();
+        let limit = now.saturating_add_nanos(MAX_BLOCK_TIME_AHEAD.as_nanos() as u64);
+        if block.time_nanos > limit.0 {
+            return Err(format!(
+                "block time {} is more than {MAX_BLOCK_TIME_AHEAD:?} ahead of this replica's clock ({})",
+                block.time_nanos, now.0
+            ));
+        }
+        let time = Time(block.time_nanos);
+        let mut ids = BTreeSet::new();
+        for entry in block.ingress {
+            let message = self
+                .validate(entry, time)
+                .map_err(|error| format!("invalid ingress in block {}: {error}", block.height))?;
+            if !ids.insert(message.request_id) {
+                return Err(format!(
+                    "block {} holds request {} twice",
+                    block.height, message.request_id
+                ));
+            }
+        }
+        self.recent.lock().record(block.height, ids);
+        Ok(())
+    }
+
+    fn has_work(&self) -> bool {
+        !self.pool.is_empty() || self.pending_work.load(Ordering::Relaxed)
+    }
+}
+
+/// The ingress pool the HTTP interface submits to: pools the call locally and gossips it.
+struct GossipingPool {
+    pool: Arc<IngressPoolImpl>,
+    service: Arc<SubnetService>,
+}
+
+impl IngressPool for GossipingPool {
+    fn submit(
+        &self,
+        message: SignedIngress,
+        envelope: IngressEnvelope,
+    ) -> Result<(), IngressPoolError> {
+        let entry = encode_ingress_entry(&envelope);
+        self.pool.submit(message, envelope)?;
+        if !self.service.broadcast_ingress(entry) {
+            warn!("gossip queue full; the call reaches the subnet when this replica proposes");
+        }
+        Ok(())
+    }
+}
+
+/// What the execution thread tells the certification task.
+enum Certify {
+    /// This replica's root at a height and its share of the signature over it.
+    Own {
+        height: Height,
+        root: [u8; 32],
+        partial: openic_consensus::certifier::PartialSignature,
+    },
+}
+
+/// The genesis state's seed: the same on every replica, and unknown before the subnet key
+/// existed.
+fn genesis_seed(genesis: &Genesis, sharing: &PublicSharing) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(b"openic-genesis-seed");
+    hasher.update(genesis.hash());
+    hasher.update(sharing.public_key());
+    hasher.finalize().into()
+}
+
+/// The randomness a block executes with, from the subnet's random beacon.
+fn block_randomness(seed: &[u8; 48]) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(b"openic-random-beacon");
+    hasher.update(seed);
+    hasher.finalize().into()
+}
+
+/// Starts a replica: joins the subnet (at genesis, generates the subnet key with the other
+/// members), loads its state, and serves HTTP once it follows consensus.
+pub async fn start_replica(config: ReplicaConfig) -> Result<RunningNode, NodeError> {
+    let node_config = config.node.clone();
+    let state_dir = node_config.state_dir.clone();
+    std::fs::create_dir_all(&state_dir).map_err(|source| StorageError::Io {
+        path: state_dir.clone(),
+        source,
+    })?;
+    let state_dir_lock = openic_state_manager::StateDirLock::acquire(&state_dir)
+        .map_err(|e| NodeError::Locked(e.to_string()))?;
+    let node_key = Arc::new(openic_state_manager::load_or_create_identity(
+        &config.identity,
+    )?);
+    let public_key = raw_public_key(&node_key);
+    let genesis = config.genesis.clone();
+    let Some(my_index) = genesis.index_of(&public_key) else {
+        return Err(NodeError::Subnet(format!(
+            "this identity ({}) is not a member in the genesis file",
+            hex::encode(public_key)
+        )));
+    };
+    let members: Vec<SubnetMember> = genesis
+        .members
+        .iter()
+        .map(|member| {
+            Ok(SubnetMember {
+                public_key: member
+                    .public_key_bytes()
+                    .map_err(|e| NodeError::Subnet(e.to_string()))?,
+                p2p_address: member.p2p_address,
+            })
+        })
+        .collect::<Result<_, NodeError>>()?;
+    let listen = config
+        .p2p_listen
+        .unwrap_or(genesis.members[my_index].p2p_address);
+
+    let pool = Arc::new(IngressPoolImpl::new(
+        node_config.ingress_pool.clone(),
+        Arc::new(|_: &RequestId| false),
+    ));
+    let clock: Arc<dyn Fn() -> Time + Send + Sync> = Arc::new(wall_clock);
+    let recent = Arc::new(Mutex::new(RecentIngress::default()));
+    let pending_work = Arc::new(AtomicBool::new(true));
+    let executed_height = Arc::new(AtomicU64::new(0));
+
+    let mut service_config = SubnetServiceConfig::new(
+        node_key.secret_bytes(),
+        members,
+        listen,
+        genesis.hash().to_vec(),
+        state_dir.join("consensus"),
+    );
+    service_config.bft.min_block_interval = MIN_BLOCK_INTERVAL;
+    service_config.bft.idle_block_interval = IDLE_BLOCK_INTERVAL;
+    service_config.bft.block_limits.ingress_messages_max =
+        node_config.block_maker.max_ingress_messages_per_block;
+    service_config.bft.block_limits.ingress_bytes_max =
+        node_config.block_maker.max_ingress_bytes_per_block as usize;
+    let policy_parts = (
+        pool.clone(),
+        node_config.http.clone(),
+        clock.clone(),
+        recent.clone(),
+        node_config.block_maker.clone(),
+        pending_work.clone(),
+    );
+    info!(
+        members = genesis.members.len(),
+        index = my_index,
+        %listen,
+        "joining the subnet"
+    );
+    let key_store = Box::new(StateDirKeyStore {
+        state_dir: state_dir.clone(),
+    });
+    let service = tokio::task::spawn_blocking(move || {
+        SubnetService::start(service_config, key_store, move |key: &SubnetKey| {
+            let (pool, http, clock, recent, limits, pending_work) = policy_parts;
+            let root_key_der = key.sharing.root_key_der();
+            ReplicaPolicy {
+                pool,
+                http,
+                subnet_id: SubnetId(self_authenticating_principal(&root_key_der)),
+                clock,
+                max_messages: limits.max_ingress_messages_per_block,
+                max_bytes: limits.max_ingress_bytes_per_block,
+                recent,
+                pending_work,
+            }
+        })
+    })
+    .await
+    .map_err(|e| NodeError::Subnet(format!("the subnet start-up task failed: {e}")))?
+    .map_err(|e| NodeError::Subnet(e.to_string()))?;
+    let service = Arc::new(service);
+    let key = service.key().clone();
+    let root_key_der = key.sharing.root_key_der();
+    let subnet_id = SubnetId(self_authenticating_principal(&root_key_der));
+    let node_id = NodeId(node_key.node_id());
+    info!(subnet_id = %subnet_id.0, "subnet key ready");
+
+    let embedder: Arc<dyn Embedder> = Arc::new(
+        WasmtimeEmbedder::new(node_config.embedder.clone())
+            .map_err(|e| NodeError::Embedder(e.to_string()))?,
+    );
+    let subnet_context = SubnetContext {
+        subnet_id,
+        root_key_der: root_key_der.clone(),
+        node_count: genesis.members.len() as u32,
+    };
+    let mut scheduler = Scheduler::new(
+        embedder.clone(),
+        node_config.execution.clone(),
+        subnet_context.clone(),
+    );
+    let mut checkpoints = FileCheckpointStore::open(&state_dir, node_config.checkpoints.clone())?;
+    let mut block_log = FileBlockLog::open(&state_dir, node_config.block_log.clone())?;
+    let mut state = match checkpoints.load_latest()? {
+        Some(state) => state,
+        None => ReplicatedState::new(
+            subnet_id,
+            FIRST_USER_CANISTER_INDEX,
+            genesis_seed(&genesis, &key.sharing),
+        ),
+    };
+    let blocks = block_log.read_after(state.metadata.height)?;
+    for block in &blocks {
+        if block.height != state.metadata.height.increment() {
+            return Err(NodeError::Replay(format!(
+                "block log has height {} after state height {}",
+                block.height, state.metadata.height
+            )));
+        }
+        scheduler.execute_block(&mut state, block);
+    }
+    executed_height.store(state.metadata.height.0, Ordering::SeqCst);
+    info!(height = %state.metadata.height, replayed = blocks.len(), "state loaded");
+
+    let peer_nodes = genesis
+        .members
+        .iter()
+        .filter_map(|member| member.public_key_bytes().ok())
+        .filter(|key| *key != public_key)
+        .map(|key| {
+            let der = ic_ed25519::PublicKey::convert_raw32_to_der(key);
+            (NodeId(self_authenticating_principal(&der)), der)
+        })
+        .collect();
+    let certified = Arc::new(CertifiedStateStore::new_threshold(SubnetInfo {
+        subnet_id,
+        root_key_der: root_key_der.clone(),
+        node_id,
+        node_public_key_der: node_key.public_key_der().to_vec(),
+        peer_nodes,
+        canister_ranges: subnet_canister_ranges(),
+    }));
+
+    let mut registry = prometheus_client::registry::Registry::with_prefix("openic");
+    let node_metrics = Arc::new(NodeMetrics::register(&mut registry));
+    node_metrics.height.set(state.metadata.height.0 as i64);
+    let halted = Arc::new(Mutex::new(None::<String>));
+    let stop = Arc::new(AtomicBool::new(false));
+    let wake = Arc::new(tokio::sync::Notify::new());
+
+    // Certification and inbound gossip.
+    let (certify_tx, certify_rx) = tokio::sync::mpsc::channel::<Certify>(1_024);
+    let inbound = service
+        .take_inbound()
+        .ok_or_else(|| NodeError::Subnet("inbound messages already taken".into()))?;
+    let subnet_height_hint = Arc::new(AtomicU64::new(0));
+    let certification_task = tokio::spawn(certification_loop(CertificationLoop {
+        subnet_height_hint: subnet_height_hint.clone(),
+        pool: CertificationPool::new(
+            key.sharing.clone(),
+            CertificationPoolConfig::default(),
+            state.metadata.height,
+        ),
+        certified: certified.clone(),
+        ingress_pool: pool.clone(),
+        http: node_config.http.clone(),
+        subnet_id,
+        clock: clock.clone(),
+        halted: halted.clone(),
+        metrics: node_metrics.clone(),
+        own: certify_rx,
+        inbound,
+    }));
+
+    let deliveries = service
+        .take_deliveries()
+        .ok_or_else(|| NodeError::Subnet("deliveries already taken".into()))?;
+    let execution = ExecutionThread {
+        config: node_config.clone(),
+        state,
+        scheduler,
+        block_log,
+        checkpoints,
+        certified: certified.clone(),
+        pool: pool.clone(),
+        share: key.share.clone(),
+        service: service.clone(),
+        certify: certify_tx,
+        recent,
+        executed_height,
+        pending_work,
+        http: node_config.http.clone(),
+        subnet_id,
+        stop: stop.clone(),
+        wake: wake.clone(),
+        halted: halted.clone(),
+        metrics: node_metrics.clone(),
+        _state_dir_lock: state_dir_lock,
+    };
+    let execution_thread = std::thread::Builder::new()
+        .name("openic-execution".into())
+        .spawn(move || execution.run(deliveries))
+        .map_err(|e| NodeError::Subnet(format!("cannot start the execution thread: {e}")))?;
+
+    let (local_addr, http_shutdown, http_task) = serve_http(
+        &node_config,
+        HttpParts {
+            embedder,
+            certified: certified.clone(),
+            subnet_context,
+            ingress_pool: Arc::new(GossipingPool {
+                pool,
+                service: service.clone(),
+            }),
+            node_key: node_key.clone(),
+            root_key_der: root_key_der.clone(),
+            clock,
+            halted,
+            registry,
+            subnet_height_hint: Some(subnet_height_hint),
+        },
+    )
+    .await?;
+    let url = format!("http://{local_addr}");
+    info!(%url, subnet_id = %subnet_id.0, "openic replica ready");
+    Ok(RunningNode {
+        url,
+        local_addr,
+        root_key_der,
+        subnet_id,
+        node_id,
+        stop,
+        block_thread: Some(execution_thread),
+        wake_block_thread: wake,
+        http_shutdown: Some(http_shutdown),
+        http_task: Some(http_task),
+        subnet: Some(SubnetParts {
+            service,
+            certification_task,
+        }),
+    })
+}
+
+/// How long a call refused on this replica's certified state waits for the state its peers
+/// already signed before it is checked again.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
+
+/// Checks calls on this replica's latest certified state and, when that refuses a call while the
+/// replica is behind the height its peers have signed (a canister just installed through another
+/// replica, say), checks again once it caught up. A client that sends each call to another replica
+/// thus sees the effects of its earlier calls, as it would on one replica.
+pub(crate) struct CatchUpInspector {
+    pub(crate) inner: Arc<dyn openic_interfaces::IngressInspector>,
+    pub(crate) certified: Arc<CertifiedStateStore>,
+    pub(crate) subnet_height_hint: Arc<AtomicU64>,
+}
+
+impl openic_interfaces::IngressInspector for CatchUpInspector {
+    fn inspect(&self, message: &SignedIngress) -> Result<(), openic_types::UserError> {
+        let refused = match self.inner.inspect(message) {
+            Ok(()) => return Ok(()),
+            Err(refused) => refused,
+        };
+        let target = self.subnet_height_hint.load(Ordering::Relaxed);
+        if self.certified.certified_height().0 >= target {
+            return Err(refused);
+        }
+        // Called on a blocking thread (the HTTP layer's execution slots).
+        let deadline = Instant::now() + CATCH_UP_WAIT;
+        while self.certified.certified_height().0 < target && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.inner.inspect(message)
+    }
+}
+
+/// The parts of a replica that a one-replica node does not have, for shutting them down.
+pub(crate) struct SubnetParts {
+    service: Arc<SubnetService>,
+    certification_task: tokio::task::JoinHandle<()>,
+}
+
+impl SubnetParts {
+    /// Stops networking and consensus (after the execution thread stopped).
+    pub(crate) async fn shutdown(self) {
+        self.certification_task.abort();
+        let service = self.service;
+        let _ = tokio::task::spawn_blocking(move || service.shutdown()).await;
+    }
+}
+
+fn raw_public_key(node_key: &NodeKey) -> [u8; 32] {
+    let der = node_key.public_key_der();
+    let mut key = [0; 32];
+    key.copy_from_slice(&der[der.len() - 32..]);
+    key
+}
+
+struct CertificationLoop {
+    subnet_height_hint: Arc<AtomicU64>,
+    pool: CertificationPool,
+    certified: Arc<CertifiedStateStore>,
+    ingress_pool: Arc<IngressPoolImpl>,
+    http: openic_http_api::HttpApiConfig,
+    subnet_id: SubnetId,
+    clock: Arc<dyn Fn() -> Time + Send + Sync>,
+    halted: Arc<Mutex<Option<String>>>,
+    metrics: Arc<NodeMetrics>,
+    own: tokio::sync::mpsc::Receiver<Certify>,
+    inbound: tokio::sync::mpsc::Receiver<Inbound>,
+}
+
+/// Collects certification shares and publishes certified heights; checks and pools ingress
+/// gossiped by peers.
+async fn certification_loop(mut task: CertificationLoop) {
+    loop {
+        let event = tokio::select! {
+            own = task.own.recv() => match own {
+                Some(Certify::Own { height, root, partial }) => {
+                    let mut events = Vec::new();
+                    match task.pool.set_own_root(height, root) {
+                        Ok(event) => events.extend(event),
+                        Err(conflict) => {
+                            error!(%conflict, "critical: two roots for one height");
+                            task.metrics.critical_errors.inc();
+                        }
+                    }
+                    if let Ok(event) = task.pool.add_partial(&partial) {
+                        events.extend(event);
+                    }
+                    events
+                }
+                None => return,
+            },
+            inbound = task.inbound.recv() => match inbound {
+                Some(Inbound::Partial(partial)) => match task.pool.add_partial(&partial) {
+                    Ok(event) => {
+                        task.subnet_height_hint.fetch_max(partial.height.0, Ordering::Relaxed);
+                        event.into_iter().collect()
+                    }
+                    Err(error) => {
+                        if error.is_misbehaviour() {
+                            warn!(%error, "refused a certification share");
+                        }
+                        Vec::new()
+                    }
+                },
+                Some(Inbound::Ingress(bytes)) => {
+                    accept_gossiped_ingress(&task, &bytes);
+                    Vec::new()
+                }
+                None => return,
+            },
+        };
+        for event in event {
+            match event {
+                PoolEvent::Certified {
+                    height, signature, ..
+                } => {
+                    if let Err(error) = task.certified.publish(height, signature) {
+                        // A later height was already published, or the state was replaced.
+                        tracing::debug!(%error, "certified height not published");
+                    }
+                }
+                PoolEvent::Diverged {
+                    height,
+                    own_root,
+                    subnet_root,
+                } => {
+                    let reason = format!(
+                        "this replica's state at height {height} (root {}) differs from the \
+                         subnet's (root {}); it stops serving certified answers",
+                        hex::encode(own_root),
+                        hex::encode(subnet_root)
+                    );
+                    error!(%reason, "critical: state diverged from the subnet");
+                    task.metrics.critical_errors.inc();
+                    *task.halted.lock() = Some(reason);
+                }
+            }
+        }
+    }
+}
+
+fn accept_gossiped_ingress(task: &CertificationLoop, bytes: &[u8]) {
+    let Ok(envelope) = decode_ingress_entry(bytes) else {
+        return;
+    };
+    let now = (task.clock)();
+    match openic_http_api::validate_ingress_envelope(&envelope, task.subnet_id, now, &task.http) {
+        Ok(message) => {
+            if task
+                .certified
+                .ingress_status_meta(&message.request_id)
+                .is_some()
+            {
+                return;
+            }
+            let _ = task.ingress_pool.submit(message, envelope);
+        }
+        Err(error) => tracing::debug!(%error, "refused gossiped ingress"),
+    }
+}
+
+/// The single writer of a replica's state.
+struct ExecutionThread {
+    config: NodeConfig,
+    state: ReplicatedState,
+    scheduler: Scheduler,
+    block_log: FileBlockLog,
+    checkpoints: FileCheckpointStore,
+    certified: Arc<CertifiedStateStore>,
+    pool: Arc<IngressPoolImpl>,
+    share: KeyShare,
+    service: Arc<SubnetService>,
+    certify: tokio::sync::mpsc::Sender<Certify>,
+    recent: Arc<Mutex<RecentIngress>>,
+    executed_height: Arc<AtomicU64>,
+    pending_work: Arc<AtomicBool>,
+    http: openic_http_api::HttpApiConfig,
+    subnet_id: SubnetId,
+    stop: Arc<AtomicBool>,
+    wake: Arc<tokio::sync::Notify>,
+    halted: Arc<Mutex<Option<String>>>,
+    metrics: Arc<NodeMetrics>,
+    _state_dir_lock: openic_state_manager::StateDirLock,
+}
+
+impl ExecutionThread {
+    fn run(mut self, mut deliveries: openic_consensus::bft::Deliveries) {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                error!(%error, "cannot start the execution thread's runtime");
+                self.metrics.critical_errors.inc();
+                return;
+            }
+        };
+        let mut last_checkpoint_height = self.state.metadata.height;
+        let mut last_checkpoint_at = Instant::now();
+        let mut busy_heights = 0u64;
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let next = runtime.block_on(async {
+                tokio::select! {
+                    next = deliveries.next() => next,
+                    _ = self.wake.notified() => None,
+                }
+            });
+            let Some((finalized, ack)) = next else {
+                continue;
+            };
+            if finalized.height <= self.state.metadata.height.0 {
+                // Delivered again after a restart: already executed and logged.
+                ack.acknowledge();
+                continue;
+            }
+            let block = match self.to_block(&finalized) {
+                Ok(block) => block,
+                Err(reason) => {
+                    error!(%reason, "critical: the replica stops executing");
+                    self.metrics.critical_errors.inc();
+                    *self.halted.lock() = Some(reason);
+                    break;
+                }
+            };
+            if let Err(error) = self.block_log.append(&block) {
+                let reason = format!(
+                    "cannot append block {} to the block log: {error}",
+                    block.height
+                );
+                error!(%reason, "the replica stops executing");
+                self.metrics.critical_errors.inc();
+                *self.halted.lock() = Some(reason);
+                break;
+            }
+            ack.acknowledge();
+            let started = Instant::now();
+            let summary = self.scheduler.execute_block(&mut self.state, &block);
+            self.metrics
+                .block_execution_duration_seconds
+                .observe(started.elapsed().as_secs_f64());
+            self.metrics
+                .ingress_inducted
+                .inc_by(summary.ingress_inducted);
+            self.metrics
+                .messages_executed
+                .inc_by(summary.messages_executed);
+            self.metrics
+                .instructions_executed
+                .inc_by(summary.instructions_executed);
+            if summary.messages_executed > 0 || summary.ingress_inducted > 0 {
+                busy_heights += 1;
+            }
+            self.pool.note_included(&block.ingress);
+            self.pool
+                .release_executed(block.ingress.iter().map(|m| &m.request_id));
+            self.recent.lock().prune_through(block.height.0);
+            self.executed_height.store(block.height.0, Ordering::SeqCst);
+            self.pending_work.store(
+                summary.work_pending || self.scheduler.has_pending_work(&self.state),
+                Ordering::Relaxed,
+            );
+
+            let started = Instant::now();
+            match self.certified.prepare(&mut self.state) {
+                Ok(root) => {
+                    let partial = sign_partial(&self.share, block.height, &root);
+                    if !self.service.broadcast_partial(partial.clone()) {
+                        warn!(height = %block.height, "gossip queue full; certification share not sent");
+                    }
+                    let _ = self.certify.blocking_send(Certify::Own {
+                        height: block.height,
+                        root,
+                        partial,
+                    });
+                }
+                Err(error) => {
+                    error!(%error, "critical: cannot prepare a height for certification");
+                    self.metrics.critical_errors.inc();
+                }
+            }
+            self.metrics
+                .certification_duration_seconds
+                .observe(started.elapsed().as_secs_f64());
+            self.metrics.height.set(block.height.0 as i64);
+            self.metrics
+                .canisters
+                .set(self.state.canisters.len() as i64);
+
+            let since = last_checkpoint_at.elapsed();
+            if busy_heights >= self.config.checkpoint_interval_heights
+                || (busy_heights > 0 && since >= self.config.checkpoint_interval)
+                || (block.height != last_checkpoint_height
+                    && since >= self.config.idle_checkpoint_interval)
+            {
+                if self.checkpoint() {
+                    last_checkpoint_height = block.height;
+                    busy_heights = 0;
+                }
+                last_checkpoint_at = Instant::now();
+            }
+        }
+        deliveries.close();
+        if self.state.metadata.height != last_checkpoint_height {
+            self.checkpoint();
+        }
+        info!(height = %self.state.metadata.height, "execution thread stopped");
+    }
+
+    /// The block execution sees: the ingress decoded (every replica checked each message before
+    /// voting for the block; a message that no longer checks out at the block's time, which
+    /// cannot happen between honest replicas, is left out the same way on every replica).
+    fn to_block(&self, finalized: &FinalizedBlock) -> Result<Block, String> {
+        let expected = self.state.metadata.height.increment();
+        if finalized.height != expected.0 {
+            return Err(format!(
+                "consensus delivered height {} but the state is at height {}",
+                finalized.height, self.state.metadata.height
+            ));
+        }
+        let time = Time(finalized.time_nanos);
+        let mut ingress = Vec::with_capacity(finalized.ingress.len());
+        for entry in &finalized.ingress {
+            let checked = decode_ingress_entry(entry).and_then(|envelope| {
+                openic_http_api::validate_ingress_envelope(
+                    &envelope,
+                    self.subnet_id,
+                    time,
+                    &self.http,
+                )
+                .map_err(|e| e.to_string())
+            });
+            match checked {
+                Ok(message) => ingress.push(message),
+                Err(error) => {
+                    warn!(height = finalized.height, %error, "finalized block holds an invalid message; it is skipped")
+                }
+            }
+        }
+        let bytes: u64 = ingress.iter().map(message_bytes).sum();
+        tracing::trace!(
+            height = finalized.height,
+            messages = ingress.len(),
+            bytes,
+            "executing"
+        );
+        Ok(Block {
+            height: expected,
+            time,
+            ingress,
+            randomness: block_randomness(&finalized.seed),
+        })
+    }
+
+    fn checkpoint(&mut self) -> bool {
+        let started = Instant::now();
+        let height = self.state.metadata.height;
+        match self.checkpoints.write_checkpoint(&self.state) {
+            Ok(()) => {
+                self.metrics
+                    .checkpoint_duration_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                let oldest = match self.checkpoints.oldest_checkpoint_height() {
+                    Ok(oldest) => oldest.unwrap_or(Height(0)),
+                    Err(error) => {
+                        warn!(%error, "cannot list checkpoints; keeping the whole block log");
+                        Height(0)
+                    }
+                };
+                if let Err(error) = self.block_log.truncate_through(oldest) {
+                    warn!(%error, %height, "checkpoint written but the block log could not be truncated");
+                }
+                true
+            }
+            Err(error) => {
+                error!(%error, %height, "writing a checkpoint failed; will retry at the next interval");
+                self.metrics.critical_errors.inc();
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ingress_entries_round_trip_and_refuse_garbage() {
+        let envelope = IngressEnvelope {
+            effective_canister_id: CanisterId::from_u64(42),
+            bytes: vec![1, 2, 3].into(),
+        };
+        let bytes = encode_ingress_entry(&envelope);
+        assert_eq!(decode_ingress_entry(&bytes).unwrap(), envelope);
+        assert!(decode_ingress_entry(&[]).is_err());
+        assert!(decode_ingress_entry(&[2, 0]).is_err());
+        assert!(decode_ingress_entry(&[1, 30, 0]).is_err());
+        assert!(decode_ingress_entry(&[1, 5, 0]).is_err());
+    }
+
+    #[test]
+    fn recent_ingress_forgets_executed_heights() {
+        let mut recent = RecentIngress::default();
+        recent.record(5, [RequestId([1; 32]), RequestId([2; 32])]);
+        recent.record(7, [RequestId([2; 32]), RequestId([3; 32])]);
+        assert!(recent.contains(&RequestId([1; 32])));
+        recent.prune_through(5);
+        assert!(!recent.contains(&RequestId([1; 32])));
+        assert!(recent.contains(&RequestId([2; 32])), "re-recorded at 7");
+        recent.prune_through(7);
+        assert!(!recent.contains(&RequestId([3; 32])));
+    }
+}
