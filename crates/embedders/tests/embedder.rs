@@ -1,6 +1,11 @@
 //! End-to-end tests of the embedder on small WAT canisters, each in a wasm32 and a memory64
 //! variant.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests drive the embedder from several threads and measure elapsed time; what they test stays deterministic"
+)]
+
 use candid::Principal;
 use openic_embedders::{
     ApiType, Embedder, EmbedderConfig, EntryPoint, ExecutionError, InvalidWasm, SystemStateView,

@@ -1217,6 +1217,11 @@ impl BlockExecutor for Scheduler {
         let mut hasher = Sha256::new();
         hasher.update(state.metadata.random_seed);
         hasher.update(block.height.0.to_be_bytes());
+        // A subnet's random beacon (all zero on a one-replica subnet, whose blocks logged before
+        // the beacon existed must replay to the same seeds, so zero adds nothing).
+        if block.randomness != [0; 32] {
+            hasher.update(block.randomness);
+        }
         state.metadata.random_seed = hasher.finalize().into();
 
         let now = state.metadata.time;

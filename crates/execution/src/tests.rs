@@ -20,6 +20,7 @@ use openic_types::{
     Block, CanisterId, Cycles, ErrorCode, Height, IngressState, IngressStatus, Principal,
     QueryResult, RejectCode, RequestId, SignedIngress, SubnetId, Time, UserQuery,
 };
+use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
@@ -999,6 +1000,27 @@ fn management_calls_from_canisters_get_responses() {
     };
     let random: Vec<u8> = candid::decode_one(&bytes).unwrap();
     assert_eq!(random.len(), 32);
+}
+
+/// The subnet's beacon randomness feeds the state's seed; an all-zero value (a one-replica
+/// subnet, or a block logged before the beacon existed) leaves the seed chain as it was.
+#[test]
+fn beacon_randomness_feeds_the_seed_and_zero_keeps_the_old_chain() {
+    let embedder = Arc::new(FakeEmbedder::default());
+    let run = |randomness: [u8; 32]| {
+        let mut state = new_state(Vec::new());
+        let mut block = block(1, Vec::new());
+        block.randomness = randomness;
+        scheduler(&embedder).execute_block(&mut state, &block);
+        state.metadata.random_seed
+    };
+    let mut legacy = Sha256::new();
+    legacy.update(new_state(Vec::new()).metadata.random_seed);
+    legacy.update(1u64.to_be_bytes());
+    let legacy: [u8; 32] = legacy.finalize().into();
+    assert_eq!(run([0; 32]), legacy);
+    assert_ne!(run([1; 32]), legacy);
+    assert_ne!(run([1; 32]), run([2; 32]));
 }
 
 /// Runs the same blocks on two fresh states and checks they end equal.

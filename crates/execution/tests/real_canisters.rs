@@ -1,6 +1,11 @@
 //! Block execution with the real wasmtime embedder and the real management canister: canisters
 //! written in WAT are created and installed through ingress to `aaaaa-aa`, then called.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests drive the embedder from several threads and measure elapsed time; what they test stays deterministic"
+)]
+
 use candid::{Encode, Nat};
 use ic_management_canister_types::{
     CanisterIdRecord, CanisterInstallMode, InstallCodeArgs, ProvisionalCreateCanisterWithCyclesArgs,
