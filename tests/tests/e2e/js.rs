@@ -61,6 +61,32 @@ async fn js_agent_flow() {
     node.shutdown().await;
 }
 
+/// The same flow against a subnet of four replicas, each of the flow's agents talking to another
+/// replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn js_agent_flow_against_a_subnet() {
+    openic_tests::require_node();
+    let mut subnet = crate::subnet::TestSubnet::start(4).await;
+    let urls: Vec<String> = subnet.replicas.iter().map(|r| r.url()).collect();
+    let agent = connect(&urls[0], None).await;
+    let counter = deploy(&agent, "counter", args(())).await;
+    let environment = [
+        ("OPENIC_URL", urls[1].clone()),
+        ("OPENIC_URLS", urls[1..].join(",")),
+        ("CANISTER_ID", counter.to_text()),
+    ];
+    let output =
+        tokio::task::spawn_blocking(move || run_node(&["--test", "flow.test.mjs"], &environment))
+            .await
+            .expect("the node:test thread");
+    println!("{output}");
+    wait_until("the JS agent's updates to reach replica 0", || async {
+        counter_value(&agent, counter).await == 2
+    })
+    .await;
+    subnet.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn motoko_canister_runs() {
     openic_tests::require_node();
