@@ -5,8 +5,8 @@
 //! Data flow, per replica:
 //! - an update call accepted over HTTP enters the local ingress pool and is gossiped to the peers
 //!   (each checks the signature itself and pools it too);
-//! - when this replica leads a view, [`ReplicaPolicy::propose`] fills a block from its pool; every
-//!   replica checks a proposed block with [`ReplicaPolicy::verify`] before voting;
+//! - when this replica leads a view, `ReplicaPolicy::propose` fills a block from its pool; every
+//!   replica checks a proposed block with `ReplicaPolicy::verify` before voting;
 //! - finalized blocks arrive in height order on the execution thread, which logs each one
 //!   durably, acknowledges it to consensus, executes it, hashes the new state, signs the root
 //!   with its key share and gossips the share;
@@ -871,7 +871,7 @@ impl ExecutionThread {
             match self.certified.prepare(&mut self.state) {
                 Ok(root) => {
                     let partial = sign_partial(&self.share, block.height, &root);
-                    if !self.service.broadcast_partial(partial.clone()) {
+                    if !self.service.broadcast_partial(partial) {
                         warn!(height = %block.height, "gossip queue full; certification share not sent");
                     }
                     let _ = self.certify.blocking_send(Certify::Own {

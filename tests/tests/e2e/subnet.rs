@@ -21,8 +21,8 @@ fn free_port() -> u16 {
 pub struct TestSubnet {
     /// The replicas (taken by `shutdown`).
     pub replicas: Vec<RunningNode>,
-    /// Their state directories and identities.
-    pub dirs: Vec<tempfile::TempDir>,
+    /// Their state directories and identities, removed when the subnet is dropped.
+    _dirs: Vec<tempfile::TempDir>,
 }
 
 impl TestSubnet {
@@ -62,7 +62,10 @@ impl TestSubnet {
                     .unwrap_or_else(|error| panic!("a replica failed to start: {error}")),
             );
         }
-        TestSubnet { replicas, dirs }
+        TestSubnet {
+            replicas,
+            _dirs: dirs,
+        }
     }
 
     /// Stops every replica.
