@@ -141,6 +141,7 @@ impl BlockThread {
             self.pool
                 .release_executed(block.ingress.iter().map(|m| &m.request_id));
             self.metrics.height.set(block.height.0 as i64);
+            self.metrics.certified_height.set(block.height.0 as i64);
             self.metrics
                 .canisters
                 .set(self.state.canisters.len() as i64);

@@ -33,6 +33,14 @@ pub struct NodeMetrics {
     pub checkpoint_duration_seconds: Histogram,
     /// States that should be impossible but were survived (each has a matching error log line).
     pub critical_errors: Counter,
+    /// Latest height whose state readers see (certified by the subnet's key).
+    pub certified_height: Gauge,
+    /// 1 while this replica's state differs from the one its subnet certified (it then serves no
+    /// certified answers), else 0.
+    pub state_diverged: Gauge,
+    /// Certification shares from peers refused as invalid (bad signature, unknown signer,
+    /// equivocation, malformed).
+    pub certification_shares_refused: Counter,
 }
 
 impl NodeMetrics {
@@ -50,6 +58,9 @@ impl NodeMetrics {
             certification_duration_seconds: seconds(),
             checkpoint_duration_seconds: seconds(),
             critical_errors: Counter::default(),
+            certified_height: Gauge::default(),
+            state_diverged: Gauge::default(),
+            certification_shares_refused: Counter::default(),
         };
         registry.register(
             "height",
@@ -100,6 +111,21 @@ impl NodeMetrics {
             "critical_errors",
             "Impossible but survived states; see the error log",
             metrics.critical_errors.clone(),
+        );
+        registry.register(
+            "certified_height",
+            "Latest height certified by the subnet's key and served to readers",
+            metrics.certified_height.clone(),
+        );
+        registry.register(
+            "state_diverged",
+            "1 while this replica's state differs from the subnet's certified state",
+            metrics.state_diverged.clone(),
+        );
+        registry.register(
+            "certification_shares_refused",
+            "Invalid certification shares received from peers",
+            metrics.certification_shares_refused.clone(),
         );
         metrics
     }

@@ -700,6 +700,7 @@ async fn certification_loop(mut task: CertificationLoop) {
                     }
                     Err(error) => {
                         if error.is_misbehaviour() {
+                            task.metrics.certification_shares_refused.inc();
                             warn!(%error, "refused a certification share");
                         }
                         Vec::new()
@@ -717,9 +718,10 @@ async fn certification_loop(mut task: CertificationLoop) {
                 PoolEvent::Certified {
                     height, signature, ..
                 } => {
-                    if let Err(error) = task.certified.publish(height, signature) {
+                    match task.certified.publish(height, signature) {
+                        Ok(()) => task.metrics.certified_height.set(height.0 as i64),
                         // A later height was already published, or the state was replaced.
-                        tracing::debug!(%error, "certified height not published");
+                        Err(error) => tracing::debug!(%error, "certified height not published"),
                     }
                 }
                 PoolEvent::Diverged {
@@ -735,6 +737,7 @@ async fn certification_loop(mut task: CertificationLoop) {
                     );
                     error!(%reason, "critical: state diverged from the subnet");
                     task.metrics.critical_errors.inc();
+                    task.metrics.state_diverged.set(1);
                     *task.halted.lock() = Some(reason);
                 }
             }
