@@ -719,7 +719,9 @@ async fn certification_loop(mut task: CertificationLoop) {
                     height, signature, ..
                 } => {
                     match task.certified.publish(height, signature) {
-                        Ok(()) => task.metrics.certified_height.set(height.0 as i64),
+                        Ok(()) => {
+                            task.metrics.certified_height.set(height.0 as i64);
+                        }
                         // A later height was already published, or the state was replaced.
                         Err(error) => tracing::debug!(%error, "certified height not published"),
                     }
