@@ -24,6 +24,7 @@ pub mod block_maker;
 pub mod certifier;
 pub mod dkg;
 pub mod ingress_pool;
+pub mod simulation;
 pub mod subnet;
 
 pub use block_maker::{BlockMaker, BlockMakerConfig, Clock, Wake, system_clock};
