@@ -12,6 +12,8 @@
 //! - `durability`: state survives a clean shutdown, SIGTERM and SIGKILL of the `openic` process;
 //! - `raw_http`: hand-made envelopes over raw HTTP/1.1 (bad signature, expiry, oversized body);
 //! - `subnet`: four replicas agreeing by BFT consensus, each call to another replica;
+//! - `subnet_faults`: four `openic replica` processes (and `openic start --replicas 4`) under crashes,
+//!   lost finality, catch-up after a restart and a restart of the whole subnet;
 //! - `subnet_netns`: four replicas on four network namespaces, one partitioned and healed;
 //! - `js`: @icp-sdk/core (node:test) and a Motoko (wasm64, enhanced orthogonal persistence) canister.
 
@@ -21,5 +23,6 @@ mod identities;
 mod js;
 mod raw_http;
 mod subnet;
+mod subnet_faults;
 mod subnet_netns;
 mod support;

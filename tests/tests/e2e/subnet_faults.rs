@@ -1,0 +1,633 @@
+//! Faults in a four-replica subnet (n = 4, f = 1) of real `openic` processes, driven by the unmodified
+//! ic-agent with its default verification: the CLI's `openic start --replicas 4`, a replica crashing under
+//! load, two replicas down (finality stops, and resumes when one returns), a crashed replica catching up
+//! from its checkpoint, and the whole subnet restarting with the same root key.
+//!
+//! Every test ends by asking each running replica for the counter's value: they must all answer the same.
+//! Timeouts are generous (the machine may be busy with other test binaries); no test relies on timing to
+//! pass, only to fail in bounded time.
+
+use crate::support::*;
+use candid::Principal;
+use ic_agent::agent::{CallResponse, RequestStatusResponse};
+use ic_agent::{Agent, AgentError, RequestId};
+use openic_tests::{OpenicProcess, SubnetProcesses, free_loopback_ports, is_process_alive};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Members of every subnet here: tolerates one faulty replica.
+const REPLICAS: u16 = 4;
+/// How long a replica may take to reach the subnet's state (a restart, a catch-up, a resumed finality).
+const CONVERGENCE_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long an update call may take to be answered once the subnet can finalize again.
+const RESUMED_UPDATE_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long finality is watched to show that it stopped.
+const STALLED_WATCH: Duration = Duration::from_secs(10);
+
+/// An agent for `url` (default verification) that must serve `root_key`.
+async fn agent_for(url: &str, root_key: &[u8]) -> Agent {
+    let agent = connect(url, None).await;
+    assert_eq!(
+        agent.read_root_key(),
+        root_key,
+        "{url} serves another root key than the subnet's"
+    );
+    agent
+}
+
+/// Agents for every running member of `subnet` (`None` for the others), indexed by member.
+async fn agents_for(subnet: &SubnetProcesses) -> Vec<Option<Agent>> {
+    let mut agents = Vec::new();
+    for index in 0..subnet.replica_count() {
+        agents.push(if subnet.is_running(index) {
+            Some(agent_for(subnet.url(index), subnet.root_key_der()).await)
+        } else {
+            None
+        });
+    }
+    agents
+}
+
+/// The height the replica behind `agent` last certified (from `/api/v2/status`), if it says.
+async fn certified_height(agent: &Agent) -> Option<u64> {
+    let status = agent.status().await.ok()?;
+    match status.values.get("certified_height").map(|value| &**value) {
+        Some(ic_agent::agent::status::Value::Integer(height)) => u64::try_from(*height).ok(),
+        _ => None,
+    }
+}
+
+/// Polls `condition` every 250 ms until it holds; panics after `timeout` with `what` and the last
+/// observation it returned.
+async fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut condition: impl AsyncFnMut() -> Result<(), String>,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = match condition().await {
+            Ok(()) => return,
+            Err(last) => last,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}; last observation: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The counter's value at the replica behind `agent`, or why it did not answer.
+async fn counter_at(agent: &Agent, counter: Principal) -> Result<u64, String> {
+    try_query::<(u64,)>(agent, counter, "get", args(()))
+        .await
+        .map(|(value,)| value)
+        .map_err(|error| error.to_string())
+}
+
+/// Waits until every URL answers `expected` for the counter (each a fresh agent checking `root_key`).
+async fn assert_converged(urls: &[String], root_key: &[u8], counter: Principal, expected: u64) {
+    for url in urls {
+        let agent = agent_for(url, root_key).await;
+        wait_for(
+            &format!("{url} to answer counter = {expected}"),
+            CONVERGENCE_TIMEOUT,
+            async || match counter_at(&agent, counter).await {
+                Ok(value) if value == expected => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
+        )
+        .await;
+    }
+}
+
+/// The URLs of the running members.
+fn running_urls(subnet: &SubnetProcesses) -> Vec<String> {
+    subnet
+        .running()
+        .into_iter()
+        .map(|index| subnet.url(index).to_string())
+        .collect()
+}
+
+/// `inc` through `agent`, which must succeed; returns the new value.
+async fn inc(agent: &Agent, counter: Principal) -> u64 {
+    let (value,): (u64,) = update(agent, counter, "inc", args(())).await;
+    value
+}
+
+/// Signs an `inc` call with `agent`'s identity (anonymous): the same bytes can be sent to any replica.
+fn sign_inc(agent: &Agent, counter: Principal) -> (RequestId, Vec<u8>) {
+    let signed = agent
+        .update(&counter, "inc")
+        .with_arg(args(()))
+        .sign()
+        .expect("signing an update");
+    (signed.request_id, signed.signed_update)
+}
+
+/// Decodes the reply of `inc`.
+fn decode_inc(reply: &[u8]) -> u64 {
+    let (value,): (u64,) = candid::decode_args(reply).expect("the reply of inc is a Candid nat64");
+    value
+}
+
+/// Sends the signed call to the replica behind `agent` and waits for its certified reply there.
+async fn submit_signed(
+    agent: &Agent,
+    counter: Principal,
+    request_id: RequestId,
+    signed: &[u8],
+) -> Result<u64, AgentError> {
+    match agent.update_signed(counter, signed.to_vec()).await? {
+        CallResponse::Response(reply) => Ok(decode_inc(&reply)),
+        CallResponse::Poll(polled) => {
+            assert_eq!(polled, request_id, "the agent polls the request it sent");
+            let (reply, _certificate) = agent.wait(&request_id, counter).await?;
+            Ok(decode_inc(&reply))
+        }
+    }
+}
+
+/// Polls the status of `request_id` at the replica behind `agent` until it is replied; panics after
+/// `timeout` or on a reject.
+async fn wait_for_reply(
+    agent: &Agent,
+    counter: Principal,
+    request_id: RequestId,
+    timeout: Duration,
+) -> u64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = agent.request_status_raw(&request_id, counter).await;
+        match status {
+            Ok((RequestStatusResponse::Replied(reply), _)) => return decode_inc(&reply.arg),
+            Ok((RequestStatusResponse::Rejected(reject), _)) => {
+                panic!("request {request_id} was rejected: {reject:?}")
+            }
+            other => assert!(
+                Instant::now() < deadline,
+                "request {request_id} got no reply within {timeout:?}; last status {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Runs `blocking` (process start, restart or stop) without stalling the runtime's other tasks.
+fn blocking<T>(blocking: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(blocking)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openic_start_replicas_serves_a_subnet() {
+    let state_dir = tempfile::tempdir().expect("a temporary state directory");
+    let p2p_port = free_loopback_ports(REPLICAS);
+    let process = blocking(|| OpenicProcess::start_subnet(state_dir.path(), REPLICAS, p2p_port));
+    let urls = process.urls().to_vec();
+    assert_eq!(
+        urls.len(),
+        usize::from(REPLICAS),
+        "one url line per replica"
+    );
+    assert_eq!(
+        urls.iter().collect::<BTreeSet<_>>().len(),
+        urls.len(),
+        "every replica has its own URL: {urls:?}"
+    );
+    let root_key = process.root_key_der().to_vec();
+    let replicas = process.child_pids();
+    assert_eq!(
+        replicas.len(),
+        usize::from(REPLICAS),
+        "openic start runs one child process per replica"
+    );
+
+    let mut agents = Vec::new();
+    for url in &urls {
+        agents.push(agent_for(url, &root_key).await);
+    }
+    let counter = deploy(&agents[0], "counter", args((Some(5u64),))).await;
+    assert_eq!(inc(&agents[1], counter).await, 6);
+    wait_for(
+        "the third replica to answer 6",
+        CONVERGENCE_TIMEOUT,
+        async || match counter_at(&agents[2], counter).await {
+            Ok(6) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
+    assert_converged(&urls, &root_key, counter, 6).await;
+    drop(agents);
+
+    let output = process.output();
+    let exit = blocking(|| process.terminate());
+    assert!(
+        exit.success(),
+        "openic start should exit 0 on SIGTERM, got {exit}.\n--- output ---\n{output}"
+    );
+    // It waited for its children, so they are gone (not orphaned).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while replicas.iter().any(|pid| is_process_alive(*pid)) {
+        assert!(
+            Instant::now() < deadline,
+            "replica processes {replicas:?} outlived openic start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Concurrent clients in the crash test.
+const CLIENTS: usize = 2;
+/// Acknowledged updates before the replica is killed, and after.
+const UPDATES_BEFORE_KILL: usize = 10;
+const UPDATES_AFTER_KILL: usize = 20;
+
+/// Locks `mutex`, ignoring poisoning (a panicking client must not hide what the others recorded).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What the load clients saw.
+#[derive(Default)]
+struct LoadRecord {
+    /// The value of every acknowledged `inc` reply.
+    acknowledged: Vec<u64>,
+    /// Calls that failed at a replica that was never killed (there must be none).
+    failures_at_live_replicas: Vec<String>,
+    /// Calls that failed at the killed replica and were sent again to a live one.
+    resent: usize,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_killed_under_load_the_subnet_keeps_serving() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut subnet = blocking(|| SubnetProcesses::start(dir.path(), REPLICAS));
+    let agents: Arc<Vec<Agent>> = Arc::new(
+        agents_for(&subnet)
+            .await
+            .into_iter()
+            .map(|agent| agent.expect("every replica runs"))
+            .collect(),
+    );
+    let counter = deploy(&agents[0], "counter", args(())).await;
+    const VICTIM: usize = 3;
+
+    // Each client sends each call to the next replica in turn (skipping a killed one). A call that fails
+    // at the victim (in flight when it was killed) is sent again, the same signed bytes, to a live replica
+    // and waited for there: it runs at most once, so afterwards every executed `inc` is acknowledged.
+    let victim_killed = Arc::new(AtomicBool::new(false));
+    let in_flight_at_victim = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let record = Arc::new(Mutex::new(LoadRecord::default()));
+    let mut clients = Vec::new();
+    for client in 0..CLIENTS {
+        let (agents, victim_killed, in_flight_at_victim, stop, record) = (
+            agents.clone(),
+            victim_killed.clone(),
+            in_flight_at_victim.clone(),
+            stop.clone(),
+            record.clone(),
+        );
+        clients.push(tokio::spawn(async move {
+            let mut turn = client;
+            while !stop.load(Ordering::SeqCst) {
+                let mut target = turn % agents.len();
+                turn += 1;
+                if target == VICTIM && victim_killed.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let (request_id, signed) = sign_inc(&agents[target], counter);
+                let mut attempts = 0;
+                let value = loop {
+                    attempts += 1;
+                    let at_victim = target == VICTIM;
+                    if at_victim {
+                        in_flight_at_victim.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let sent = submit_signed(&agents[target], counter, request_id, &signed).await;
+                    if at_victim {
+                        in_flight_at_victim.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    match sent {
+                        Ok(value) => break value,
+                        Err(error) => {
+                            let mut record = lock(&record);
+                            if target == VICTIM {
+                                record.resent += 1;
+                            } else {
+                                record.failures_at_live_replicas.push(format!(
+                                    "replica {target}, request {request_id}: {error}"
+                                ));
+                            }
+                            drop(record);
+                            assert!(
+                                attempts < 10,
+                                "request {request_id} failed {attempts} times, last at replica {target}: {error}"
+                            );
+                            // The victim: it only fails once killed. Another live replica then.
+                            target = (target + 1) % agents.len();
+                            if target == VICTIM {
+                                target = (target + 1) % agents.len();
+                            }
+                        }
+                    }
+                };
+                lock(&record).acknowledged.push(value);
+            }
+        }));
+    }
+    let acknowledged = || lock(&record).acknowledged.len();
+    wait_for(
+        "the first updates under load",
+        CONVERGENCE_TIMEOUT,
+        async || match acknowledged() {
+            count if count >= UPDATES_BEFORE_KILL => Ok(()),
+            count => Err(format!("{count} acknowledged")),
+        },
+    )
+    .await;
+    // Kill it while it has a call in flight if that happens soon (it usually does: one call in four goes
+    // there), so the clients also meet calls cut off by the crash.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while in_flight_at_victim.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    blocking(|| subnet.kill(VICTIM));
+    victim_killed.store(true, Ordering::SeqCst);
+    let at_kill = acknowledged();
+    wait_for(
+        "updates through the three live replicas",
+        CONVERGENCE_TIMEOUT,
+        async || match acknowledged() {
+            count if count >= at_kill + UPDATES_AFTER_KILL => Ok(()),
+            count => Err(format!(
+                "{count} acknowledged, {at_kill} when the replica was killed"
+            )),
+        },
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for client in clients {
+        client.await.expect("a load client panicked");
+    }
+
+    let record = std::mem::take(&mut *lock(&record));
+    assert!(
+        record.failures_at_live_replicas.is_empty(),
+        "calls failed at replicas that were never killed: {:#?}",
+        record.failures_at_live_replicas
+    );
+    // Every `inc` returns the value it made: exactly once each, no gaps, none lost.
+    let total = record.acknowledged.len() as u64;
+    eprintln!(
+        "{total} updates acknowledged ({at_kill} before the kill); {} sent again after failing at the \
+         killed replica",
+        record.resent
+    );
+    let values: BTreeSet<u64> = record.acknowledged.iter().copied().collect();
+    assert_eq!(
+        values.len() as u64,
+        total,
+        "two acknowledged replies carry the same value: an update ran twice or a reply was wrong"
+    );
+    assert_eq!(
+        values,
+        (1..=total).collect::<BTreeSet<u64>>(),
+        "acknowledged values are not 1..={total}"
+    );
+    assert_converged(
+        &running_urls(&subnet),
+        subnet.root_key_der(),
+        counter,
+        total,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_killed_finality_stops_and_resumes() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut subnet = blocking(|| SubnetProcesses::start(dir.path(), REPLICAS));
+    let agents = agents_for(&subnet).await;
+    let live = |index: usize| agents[index].as_ref().expect("replica runs");
+    let counter = deploy(live(0), "counter", args(())).await;
+    assert_eq!(inc(live(1), counter).await, 1);
+
+    // Two of four down: 2f + 1 = 3 votes (and certification shares) can no longer be had.
+    blocking(|| {
+        subnet.kill(2);
+        subnet.kill(3);
+    });
+    // Let what was in flight settle: the certified height stops moving.
+    let mut previous = None;
+    let settle_deadline = Instant::now() + CONVERGENCE_TIMEOUT;
+    let stalled_at = loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = (
+            certified_height(live(0)).await,
+            certified_height(live(1)).await,
+        );
+        if previous == Some(now) && now.0.is_some() {
+            break now;
+        }
+        assert!(
+            Instant::now() < settle_deadline,
+            "the certified height kept moving with two of four replicas down: {previous:?} -> {now:?}"
+        );
+        previous = Some(now);
+    };
+
+    let (request_id, signed) = sign_inc(live(0), counter);
+    let sent = tokio::time::timeout(
+        STALLED_WATCH,
+        submit_signed(live(0), counter, request_id, &signed),
+    )
+    .await;
+    match sent {
+        Ok(Ok(value)) => {
+            panic!("an update completed ({value}) with only two of four replicas running")
+        }
+        Ok(Err(error)) => eprintln!("the update sent while finality stopped failed: {error}"),
+        Err(_elapsed) => {
+            eprintln!("the update sent while finality stopped got no reply in {STALLED_WATCH:?}")
+        }
+    }
+    for index in [0, 1] {
+        let status = live(index).request_status_raw(&request_id, counter).await;
+        assert!(
+            !matches!(status, Ok((RequestStatusResponse::Replied(_), _))),
+            "replica {index} certified a reply with only two of four replicas running"
+        );
+    }
+    assert_eq!(
+        (
+            certified_height(live(0)).await,
+            certified_height(live(1)).await
+        ),
+        stalled_at,
+        "the certified height moved with only two of four replicas running"
+    );
+
+    // One back: three of four can finalize and certify again; the waiting call completes.
+    blocking(|| subnet.restart(2));
+    assert_eq!(
+        wait_for_reply(live(0), counter, request_id, RESUMED_UPDATE_TIMEOUT).await,
+        2,
+        "the call sent while finality stopped runs once it resumes"
+    );
+    let restarted = agent_for(subnet.url(2), subnet.root_key_der()).await;
+    wait_for(
+        "the restarted replica to catch up",
+        CONVERGENCE_TIMEOUT,
+        async || match counter_at(&restarted, counter).await {
+            Ok(2) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
+    assert_eq!(inc(&restarted, counter).await, 3);
+
+    blocking(|| subnet.restart(3));
+    assert_converged(&running_urls(&subnet), subnet.root_key_der(), counter, 3).await;
+}
+
+/// The height in the last `state loaded height=<h>` line of a replica's log.
+fn last_loaded_height(log: &str) -> Option<u64> {
+    let line = log
+        .lines()
+        .rev()
+        .find(|line| line.contains("state loaded"))?;
+    let value = line.split("height=").nth(1)?;
+    value
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_replica_restarts_from_its_checkpoint_and_catches_up() {
+    const UPDATES_BEFORE_KILL: u64 = 5;
+    const UPDATES_WHILE_DOWN: u64 = 20;
+    const VICTIM: usize = 3;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut subnet = blocking(|| SubnetProcesses::start(dir.path(), REPLICAS));
+    let agents = agents_for(&subnet).await;
+    let live = |index: usize| agents[index].as_ref().expect("replica runs");
+    let counter = deploy(live(0), "counter", args(())).await;
+    for expected in 1..=UPDATES_BEFORE_KILL {
+        let via = expected as usize % usize::from(REPLICAS);
+        assert_eq!(inc(live(via), counter).await, expected);
+    }
+    // The victim has the state the subnet certified: it crashes with something to restart from.
+    wait_for(
+        "the victim to hold the certified state",
+        CONVERGENCE_TIMEOUT,
+        async || match counter_at(live(VICTIM), counter).await {
+            Ok(UPDATES_BEFORE_KILL) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
+    let victim_height = certified_height(live(VICTIM))
+        .await
+        .expect("the victim reports its certified height");
+
+    blocking(|| subnet.kill(VICTIM));
+    let expected = UPDATES_BEFORE_KILL + UPDATES_WHILE_DOWN;
+    for update in 0..UPDATES_WHILE_DOWN {
+        let via = update as usize % 3;
+        assert_eq!(
+            inc(live(via), counter).await,
+            UPDATES_BEFORE_KILL + update + 1
+        );
+    }
+    let mut subnet_height = 0;
+    for index in 0..3 {
+        subnet_height = subnet_height.max(certified_height(live(index)).await.unwrap_or(0));
+    }
+
+    blocking(|| subnet.restart(VICTIM));
+    let loaded = last_loaded_height(&subnet.output(VICTIM));
+    assert!(
+        loaded.is_some_and(|height| height > 0),
+        "the restarted replica should load its state from its checkpoint and block log, not from \
+         genesis (logged height {loaded:?}; it had certified height {victim_height} before the crash)"
+    );
+    let restarted = agent_for(subnet.url(VICTIM), subnet.root_key_der()).await;
+    wait_for(
+        "the restarted replica to catch up",
+        CONVERGENCE_TIMEOUT,
+        async || {
+            let value = counter_at(&restarted, counter).await;
+            let height = certified_height(&restarted).await;
+            match (&value, height) {
+                (Ok(value), Some(height)) if *value == expected && height >= subnet_height => {
+                    Ok(())
+                }
+                _ => Err(format!(
+                    "counter {value:?}, certified height {height:?} (the others had {subnet_height})"
+                )),
+            }
+        },
+    )
+    .await;
+    // It takes part again: an update through it.
+    assert_eq!(inc(&restarted, counter).await, expected + 1);
+    assert_converged(
+        &running_urls(&subnet),
+        subnet.root_key_der(),
+        counter,
+        expected + 1,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_subnet_restarts_with_the_same_root_key() {
+    const UPDATES_BEFORE: u64 = 3;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut subnet = blocking(|| SubnetProcesses::start(dir.path(), REPLICAS));
+    let root_key = subnet.root_key_der().to_vec();
+    let agents = agents_for(&subnet).await;
+    let live = |index: usize| agents[index].as_ref().expect("replica runs");
+    let counter = deploy(live(0), "counter", args(())).await;
+    for expected in 1..=UPDATES_BEFORE {
+        assert_eq!(inc(live(expected as usize), counter).await, expected);
+    }
+    // Every replica holds the certified state before it stops (each then writes a checkpoint).
+    assert_converged(&running_urls(&subnet), &root_key, counter, UPDATES_BEFORE).await;
+    drop(agents);
+
+    for index in 0..usize::from(REPLICAS) {
+        let exit = blocking(|| subnet.terminate(index));
+        assert!(
+            exit.success(),
+            "replica {index} should exit 0 on SIGTERM, got {exit}"
+        );
+    }
+    for index in 0..usize::from(REPLICAS) {
+        // `restart` checks the root key each prints against the one the subnet generated.
+        blocking(|| subnet.restart(index));
+    }
+    assert_eq!(subnet.root_key_der(), root_key.as_slice());
+    let agents = agents_for(&subnet).await;
+    let live = |index: usize| agents[index].as_ref().expect("replica runs");
+    assert_converged(&running_urls(&subnet), &root_key, counter, UPDATES_BEFORE).await;
+    assert_eq!(inc(live(1), counter).await, UPDATES_BEFORE + 1);
+    assert_eq!(inc(live(3), counter).await, UPDATES_BEFORE + 2);
+    assert_converged(
+        &running_urls(&subnet),
+        &root_key,
+        counter,
+        UPDATES_BEFORE + 2,
+    )
+    .await;
+}
