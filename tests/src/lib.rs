@@ -547,6 +547,13 @@ impl OpenicProcess {
         kill_with_children(&mut self.child);
     }
 
+    /// Kills only this process with SIGKILL, not its children (they are expected to notice and
+    /// stop by themselves), and waits for it to be gone.
+    pub fn kill_parent_only(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and waits up to [`PROCESS_TERMINATE_TIMEOUT`] ([`SUBNET_TERMINATE_TIMEOUT`] for a
     /// subnet) for the process to exit.
     ///

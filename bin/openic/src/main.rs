@@ -84,6 +84,10 @@ enum Command {
         /// Address to accept peers on (default: this member's address in the genesis file).
         #[arg(long)]
         p2p_listen: Option<SocketAddr>,
+        /// Shut down (cleanly) when standard input closes: `openic start --replicas` passes it, so
+        /// its replicas stop with it even when it is killed with SIGKILL.
+        #[arg(long, hide = true)]
+        exit_with_parent: bool,
     },
     /// Create a canister (unless --canister is given) and install a wasm module (plain or gzip) in it.
     Deploy {
@@ -173,6 +177,7 @@ fn run(cli: Cli) -> Result<()> {
                 port,
                 bind,
                 p2p_listen,
+                exit_with_parent,
             } => {
                 replica(
                     identity,
@@ -180,6 +185,7 @@ fn run(cli: Cli) -> Result<()> {
                     state_dir,
                     SocketAddr::new(bind, port),
                     p2p_listen,
+                    exit_with_parent,
                 )
                 .await
             }
@@ -292,6 +298,7 @@ async fn replica(
     state_dir: PathBuf,
     listen_addr: SocketAddr,
     p2p_listen: Option<SocketAddr>,
+    exit_with_parent: bool,
 ) -> Result<()> {
     init_logging();
     let genesis = openic_node::genesis::Genesis::load(genesis)?;
@@ -307,7 +314,14 @@ async fn replica(
     .with_context(|| format!("starting a replica with state in {}", state_dir.display()))?;
     println!("url: {}", replica.url());
     println!("root_key: {}", hex::encode(replica.root_key_der()));
-    wait_for_termination().await;
+    if exit_with_parent {
+        tokio::select! {
+            _ = wait_for_termination() => {}
+            _ = stdin_closed() => eprintln!("the parent process is gone"),
+        }
+    } else {
+        wait_for_termination().await;
+    }
     eprintln!("shutting down (finishing the current block and writing a checkpoint)…");
     replica.shutdown().await;
     Ok(())
@@ -377,6 +391,10 @@ async fn start_local_subnet(
             .arg(bind.to_string())
             .arg("--port")
             .arg(http_port.to_string())
+            .arg("--exit-with-parent")
+            // Held open by this process: when it dies, however it dies, the replica sees the end
+            // of its input and shuts down.
+            .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -432,6 +450,19 @@ async fn start_local_subnet(
         let _ = child.wait().await;
     }
     Ok(())
+}
+
+/// Completes when standard input reaches its end (the writing process exited or closed it).
+async fn stdin_closed() {
+    use tokio::io::AsyncReadExt as _;
+    let mut stdin = tokio::io::stdin();
+    let mut buffer = [0u8; 64];
+    loop {
+        match stdin.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
 }
 
 async fn wait_for_termination() {

@@ -241,6 +241,30 @@ async fn openic_start_replicas_serves_a_subnet() {
     }
 }
 
+/// Replicas started by `openic start --replicas` stop (cleanly) when it dies, even by SIGKILL,
+/// instead of holding their ports and state directories.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_stop_when_openic_start_is_killed() {
+    let state_dir = tempfile::tempdir().expect("a temporary state directory");
+    let p2p_port = free_loopback_ports(REPLICAS);
+    let process = blocking(|| OpenicProcess::start_subnet(state_dir.path(), REPLICAS, p2p_port));
+    let replicas = process.child_pids();
+    assert_eq!(replicas.len(), usize::from(REPLICAS));
+    blocking(|| process.kill_parent_only());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while replicas.iter().any(|pid| is_process_alive(*pid)) {
+        if Instant::now() >= deadline {
+            for pid in &replicas {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+            panic!("replica processes {replicas:?} outlived a killed openic start");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Concurrent clients in the crash test.
 const CLIENTS: usize = 2;
 /// Acknowledged updates before the replica is killed, and after.
