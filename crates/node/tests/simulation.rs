@@ -7,8 +7,8 @@
 //! executes signed `inc` calls; every certificate a replica publishes is checked with ic-agent's
 //! `Agent::verify` (freshness window widened, since simulated time starts at the Unix epoch).
 //!
-//! Seeds: 200 by default; `OPENIC_SIM_SEEDS=<n>` runs seeds `0..n`, `OPENIC_SIM_SEED=<n>`
-//! replays one. A failing seed is printed with the command that replays it.
+//! Seeds: 200 by default; `OPENIC_SIM_SEEDS=<n>` runs `n` seeds from `OPENIC_SIM_FIRST_SEED`
+//! (default 0), `OPENIC_SIM_SEED=<n>` replays one. A failing seed is printed with the command that replays it.
 
 #![allow(
     clippy::disallowed_methods,
@@ -510,7 +510,10 @@ fn seeds(part: u64) -> Vec<u64> {
         return if part == 0 { vec![seed] } else { Vec::new() };
     }
     let count = env_u64("OPENIC_SIM_SEEDS").unwrap_or(DEFAULT_SEEDS);
-    (part..count).step_by(PARTS as usize).collect()
+    let first = env_u64("OPENIC_SIM_FIRST_SEED").unwrap_or(0);
+    (first + part..first.saturating_add(count))
+        .step_by(PARTS as usize)
+        .collect()
 }
 
 /// Runs this part's seeds, every one even after a failure, and fails listing the failing ones.
@@ -518,7 +521,14 @@ fn run_part(part: u64) {
     let started = Instant::now();
     let mut failures = Vec::new();
     let seeds = seeds(part);
-    for &seed in &seeds {
+    for (done, &seed) in seeds.iter().enumerate() {
+        if done > 0 && done % 100 == 0 {
+            eprintln!(
+                "simulation part {part}: {done} seeds, {} failed, {:?}",
+                failures.len(),
+                started.elapsed()
+            );
+        }
         let outcome = std::panic::catch_unwind(|| run_seed(seed));
         let error = match outcome {
             Ok(Ok(_)) => continue,
