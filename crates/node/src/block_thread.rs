@@ -5,18 +5,19 @@
 //! effects obvious and keeps wasm execution off the async runtime.
 
 use crate::NodeConfig;
+use crate::checkpointing::CheckpointSchedule;
 use crate::metrics::NodeMetrics;
 use openic_certification::CertifiedStateStore;
 use openic_consensus::{BlockMaker, IngressPoolImpl};
 use openic_execution::Scheduler;
-use openic_interfaces::{BlockExecutor, BlockLog, CheckpointStore};
+use openic_interfaces::{BlockExecutor, BlockLog};
 use openic_replicated_state::ReplicatedState;
 use openic_state_manager::{FileBlockLog, FileCheckpointStore};
-use openic_types::{Height, Time};
+use openic_types::Time;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 /// Everything the block thread owns.
 pub(crate) struct BlockThread {
@@ -59,9 +60,7 @@ impl BlockThread {
             }
         };
         let maker = BlockMaker::new(self.config.block_maker.clone(), self.clock.clone());
-        let mut last_checkpoint_height = self.state.metadata.height;
-        let mut last_checkpoint_at = Instant::now();
-        let mut busy_heights_since_checkpoint = 0u64;
+        let mut schedule = CheckpointSchedule::new(self.state.metadata.height);
         loop {
             if self.stop.load(Ordering::SeqCst) {
                 break;
@@ -129,9 +128,6 @@ impl BlockThread {
             self.metrics
                 .instructions_executed
                 .inc_by(summary.instructions_executed);
-            if summary.messages_executed > 0 || summary.ingress_inducted > 0 {
-                busy_heights_since_checkpoint += 1;
-            }
 
             let started = Instant::now();
             self.certified.certify(&mut self.state);
@@ -146,22 +142,13 @@ impl BlockThread {
                 .canisters
                 .set(self.state.canisters.len() as i64);
 
-            // Checkpoint after enough busy heights or time; idle blocks (which keep /time fresh)
-            // only force one now and then, to bound the replay on restart.
-            let since = last_checkpoint_at.elapsed();
-            let idle_heights_since = block.height.0 - last_checkpoint_height.0;
-            if busy_heights_since_checkpoint >= self.config.checkpoint_interval_heights
-                || (busy_heights_since_checkpoint > 0 && since >= self.config.checkpoint_interval)
-                || (idle_heights_since > 0 && since >= self.config.idle_checkpoint_interval)
-            {
-                if self.checkpoint() {
-                    last_checkpoint_height = block.height;
-                    busy_heights_since_checkpoint = 0;
-                }
-                last_checkpoint_at = Instant::now();
+            let busy = summary.messages_executed > 0 || summary.ingress_inducted > 0;
+            if schedule.after_height(&self.config, block.height, busy) {
+                let written = self.checkpoint();
+                schedule.attempted(block.height, written);
             }
         }
-        if self.state.metadata.height != last_checkpoint_height {
+        if schedule.behind(self.state.metadata.height) {
             self.checkpoint();
         }
         info!(height = %self.state.metadata.height, "block thread stopped");
@@ -172,36 +159,13 @@ impl BlockThread {
         *self.halted.lock() = Some(reason);
     }
 
-    /// Writes a checkpoint and drops the blocks it covers. A failure is logged and survived: the
-    /// block log still holds everything since the previous checkpoint.
     fn checkpoint(&mut self) -> bool {
-        let started = Instant::now();
-        let height: Height = self.state.metadata.height;
-        match self.checkpoints.write_checkpoint(&self.state) {
-            Ok(()) => {
-                self.metrics
-                    .checkpoint_duration_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                // Keep the blocks after the *oldest* kept checkpoint: if the latest turns out
-                // corrupt on load, the previous one is used and needs them.
-                let oldest = match self.checkpoints.oldest_checkpoint_height() {
-                    Ok(oldest) => oldest.unwrap_or(Height(0)),
-                    Err(err) => {
-                        warn!(%err, "cannot list checkpoints; keeping the whole block log");
-                        Height(0)
-                    }
-                };
-                if let Err(err) = self.block_log.truncate_through(oldest) {
-                    warn!(%err, %height, "checkpoint written but the block log could not be truncated");
-                }
-                true
-            }
-            Err(err) => {
-                error!(%err, %height, "writing a checkpoint failed; will retry at the next interval");
-                self.metrics.critical_errors.inc();
-                false
-            }
-        }
+        crate::checkpointing::write_checkpoint(
+            &self.state,
+            &mut self.checkpoints,
+            &mut self.block_log,
+            &self.metrics,
+        )
     }
 }
 

@@ -11,6 +11,7 @@
 //! certificate said `replied` survives a crash at any point (it is replayed from the log).
 
 mod block_thread;
+mod checkpointing;
 mod config;
 pub mod genesis;
 mod metrics;
@@ -25,9 +26,7 @@ use openic_consensus::IngressPoolImpl;
 use openic_crypto::self_authenticating_principal;
 use openic_embedders::{Embedder, WasmtimeEmbedder};
 use openic_execution::{IngressFilter, QueryExecution, Scheduler, SubnetContext};
-use openic_interfaces::{
-    BlockExecutor, BlockLog, CertifiedStateReader, CheckpointStore, StorageError,
-};
+use openic_interfaces::{BlockExecutor, BlockLog, CertifiedStateReader, StorageError};
 use openic_replicated_state::ReplicatedState;
 use openic_state_manager::{FileBlockLog, FileCheckpointStore};
 use openic_types::ids::{FIRST_USER_CANISTER_INDEX, subnet_canister_ranges};
@@ -187,23 +186,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
 
     let mut checkpoints = FileCheckpointStore::open(&config.state_dir, config.checkpoints.clone())?;
     let mut block_log = FileBlockLog::open(&config.state_dir, config.block_log.clone())?;
-    let mut state = match checkpoints.load_latest()? {
-        Some(state) => state,
-        None => ReplicatedState::new(subnet_id, FIRST_USER_CANISTER_INDEX, genesis_seed),
-    };
-    let checkpoint_height = state.metadata.height;
-    let blocks = block_log.read_after(checkpoint_height)?;
-    let replayed = blocks.len();
-    for block in &blocks {
-        if block.height != state.metadata.height.increment() {
-            return Err(NodeError::Replay(format!(
-                "block log has height {} after state height {}",
-                block.height, state.metadata.height
-            )));
-        }
-        scheduler.execute_block(&mut state, block);
-    }
-    info!(%checkpoint_height, replayed, height = %state.metadata.height, "state loaded");
+    let mut state =
+        checkpointing::load_state(&mut checkpoints, &mut block_log, &mut scheduler, || {
+            ReplicatedState::new(subnet_id, FIRST_USER_CANISTER_INDEX, genesis_seed)
+        })?;
 
     let certified = Arc::new(CertifiedStateStore::new(
         SubnetInfo {

@@ -18,6 +18,7 @@
 //! Invariant: readers only ever see heights certified by the subnet's key; queries run on exactly
 //! that state (the store publishes tree and canisters together).
 
+use crate::checkpointing::{CheckpointSchedule, load_state};
 use crate::config::NodeConfig;
 use crate::genesis::Genesis;
 use crate::metrics::NodeMetrics;
@@ -35,8 +36,7 @@ use openic_crypto::{NodeKey, self_authenticating_principal};
 use openic_embedders::{Embedder, WasmtimeEmbedder};
 use openic_execution::{Scheduler, SubnetContext};
 use openic_interfaces::{
-    BlockExecutor, BlockLog, CertifiedStateReader, CheckpointStore, IngressPool, IngressPoolError,
-    StorageError,
+    BlockExecutor, BlockLog, CertifiedStateReader, IngressPool, IngressPoolError, StorageError,
 };
 use openic_replicated_state::ReplicatedState;
 use openic_state_manager::{FileBlockLog, FileCheckpointStore};
@@ -461,26 +461,14 @@ pub async fn start_replica(config: ReplicaConfig) -> Result<RunningNode, NodeErr
     );
     let mut checkpoints = FileCheckpointStore::open(&state_dir, node_config.checkpoints.clone())?;
     let mut block_log = FileBlockLog::open(&state_dir, node_config.block_log.clone())?;
-    let mut state = match checkpoints.load_latest()? {
-        Some(state) => state,
-        None => ReplicatedState::new(
+    let state = load_state(&mut checkpoints, &mut block_log, &mut scheduler, || {
+        ReplicatedState::new(
             subnet_id,
             FIRST_USER_CANISTER_INDEX,
             genesis_seed(&genesis, &key.sharing),
-        ),
-    };
-    let blocks = block_log.read_after(state.metadata.height)?;
-    for block in &blocks {
-        if block.height != state.metadata.height.increment() {
-            return Err(NodeError::Replay(format!(
-                "block log has height {} after state height {}",
-                block.height, state.metadata.height
-            )));
-        }
-        scheduler.execute_block(&mut state, block);
-    }
+        )
+    })?;
     executed_height.store(state.metadata.height.0, Ordering::SeqCst);
-    info!(height = %state.metadata.height, replayed = blocks.len(), "state loaded");
 
     let peer_nodes = genesis
         .members
@@ -804,9 +792,7 @@ impl ExecutionThread {
                 return;
             }
         };
-        let mut last_checkpoint_height = self.state.metadata.height;
-        let mut last_checkpoint_at = Instant::now();
-        let mut busy_heights = 0u64;
+        let mut schedule = CheckpointSchedule::new(self.state.metadata.height);
         loop {
             if self.stop.load(Ordering::SeqCst) {
                 break;
@@ -859,9 +845,6 @@ impl ExecutionThread {
             self.metrics
                 .instructions_executed
                 .inc_by(summary.instructions_executed);
-            if summary.messages_executed > 0 || summary.ingress_inducted > 0 {
-                busy_heights += 1;
-            }
             self.pool.note_included(&block.ingress);
             self.pool
                 .release_executed(block.ingress.iter().map(|m| &m.request_id));
@@ -898,21 +881,14 @@ impl ExecutionThread {
                 .canisters
                 .set(self.state.canisters.len() as i64);
 
-            let since = last_checkpoint_at.elapsed();
-            if busy_heights >= self.config.checkpoint_interval_heights
-                || (busy_heights > 0 && since >= self.config.checkpoint_interval)
-                || (block.height != last_checkpoint_height
-                    && since >= self.config.idle_checkpoint_interval)
-            {
-                if self.checkpoint() {
-                    last_checkpoint_height = block.height;
-                    busy_heights = 0;
-                }
-                last_checkpoint_at = Instant::now();
+            let busy = summary.messages_executed > 0 || summary.ingress_inducted > 0;
+            if schedule.after_height(&self.config, block.height, busy) {
+                let written = self.checkpoint();
+                schedule.attempted(block.height, written);
             }
         }
         deliveries.close();
-        if self.state.metadata.height != last_checkpoint_height {
+        if schedule.behind(self.state.metadata.height) {
             self.checkpoint();
         }
         info!(height = %self.state.metadata.height, "execution thread stopped");
@@ -964,31 +940,12 @@ impl ExecutionThread {
     }
 
     fn checkpoint(&mut self) -> bool {
-        let started = Instant::now();
-        let height = self.state.metadata.height;
-        match self.checkpoints.write_checkpoint(&self.state) {
-            Ok(()) => {
-                self.metrics
-                    .checkpoint_duration_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                let oldest = match self.checkpoints.oldest_checkpoint_height() {
-                    Ok(oldest) => oldest.unwrap_or(Height(0)),
-                    Err(error) => {
-                        warn!(%error, "cannot list checkpoints; keeping the whole block log");
-                        Height(0)
-                    }
-                };
-                if let Err(error) = self.block_log.truncate_through(oldest) {
-                    warn!(%error, %height, "checkpoint written but the block log could not be truncated");
-                }
-                true
-            }
-            Err(error) => {
-                error!(%error, %height, "writing a checkpoint failed; will retry at the next interval");
-                self.metrics.critical_errors.inc();
-                false
-            }
-        }
+        crate::checkpointing::write_checkpoint(
+            &self.state,
+            &mut self.checkpoints,
+            &mut self.block_log,
+            &self.metrics,
+        )
     }
 }
 
