@@ -732,6 +732,7 @@ impl CertificationPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::split_mix::SplitMix;
     use commonware_cryptography::bls12381::{
         dkg::feldman_desmedt::deal_anonymous, primitives::sharing::Mode,
     };
@@ -748,23 +749,6 @@ mod tests {
             PublicSharing::from_sharing(sharing).expect("dealt sharing is valid"),
             shares.into_iter().map(KeyShare::from_share).collect(),
         )
-    }
-
-    /// A small deterministic generator for test inputs (not for keys).
-    struct SplitMix(u64);
-
-    impl SplitMix {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-
-        fn bytes(&mut self, length: usize) -> Vec<u8> {
-            (0..length).map(|_| self.next() as u8).collect()
-        }
     }
 
     fn root(byte: u8) -> [u8; 32] {

@@ -658,25 +658,9 @@ mod tests {
         CertificationPool, CertificationPoolConfig, IC_STATE_ROOT_DOMAIN_SEPARATOR, PoolEvent,
         sign_partial, verify_partial,
     };
+    use crate::split_mix::SplitMix;
     use openic_types::Height;
     use std::collections::{BTreeSet, VecDeque};
-
-    /// A small deterministic generator for the router's shuffling and for garbage.
-    struct SplitMix(u64);
-
-    impl SplitMix {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-
-        fn below(&mut self, bound: usize) -> usize {
-            (self.next() % bound as u64) as usize
-        }
-    }
 
     const NAMESPACE: &[u8] = b"openic-test-subnet";
 
@@ -750,7 +734,7 @@ mod tests {
             while !self.queue.is_empty() {
                 steps += 1;
                 assert!(steps < 100_000, "the DKG does not converge");
-                let pick = self.rng.below(self.queue.len());
+                let pick = self.rng.below(self.queue.len() as u64) as usize;
                 let (from, to, mut bytes) = self.queue.remove(pick).expect("in range");
                 if !tamper(&from, &to, &mut bytes) {
                     continue;
@@ -869,7 +853,7 @@ mod tests {
         // Participant 3 sends garbage alongside its real messages; an outsider sends too.
         let outsider = ed25519::PrivateKey::from_seed(5).public_key();
         for _ in 0..300 {
-            let length = garbage_rng.below(400);
+            let length = garbage_rng.below(400) as usize;
             let mut bytes: Vec<u8> = (0..length).map(|_| garbage_rng.next() as u8).collect();
             if bytes.len() >= 2 && garbage_rng.below(2) == 0 {
                 // Valid header, garbage body: reaches the Commonware decoders.

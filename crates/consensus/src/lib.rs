@@ -25,6 +25,7 @@ pub mod certifier;
 pub mod dkg;
 pub mod ingress_pool;
 pub mod simulation;
+mod split_mix;
 pub mod subnet;
 
 pub use block_maker::{BlockMaker, BlockMakerConfig, Clock, Wake, system_clock};

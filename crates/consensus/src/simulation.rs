@@ -30,6 +30,7 @@ use crate::certifier::{
     PartialSignature, PoolEvent, PublicSharing, ROOT_LENGTH, SIGNATURE_LENGTH, SignerIndex,
     sign_partial,
 };
+use crate::split_mix::SplitMix;
 use crate::subnet::PARTIALS_CHANNEL;
 use commonware_actor::{Feedback, Unreliable};
 use commonware_codec::{Copying, DecodeExt as _, Encode as _};
@@ -360,23 +361,6 @@ pub enum SimulationFailure {
         /// Heights required.
         required: u64,
     },
-}
-
-/// A small deterministic generator for the harness's own choices (not for keys).
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound.max(1)
-    }
 }
 
 /// Shared between a replica's driver task and the checker.
