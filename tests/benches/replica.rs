@@ -14,6 +14,7 @@
 use candid::{Decode, Encode, Principal};
 use ic_agent::Agent;
 use ic_utils::interfaces::ManagementCanister;
+use openic_tests::measure::{cpu_time, ms, percentile, rss_kb, us};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -69,15 +70,6 @@ async fn post_all(url: String, bodies: Vec<Vec<u8>>, clients: usize) -> Duration
         task.await.expect("task");
     }
     started.elapsed()
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
 async fn agent_for(url: &str) -> Agent {
@@ -394,42 +386,10 @@ async fn main() {
     assert!(status.success(), "openic exited with {status}");
 }
 
-fn us(d: Duration) -> String {
-    format!("{:.0} µs", d.as_secs_f64() * 1e6)
-}
-
-/// CPU time (user + system) a process has used so far: `pid`, or this process for `None`.
-/// /proc reports it in USER_HZ ticks, which Linux fixes at 100 per second for user space.
-fn cpu_time(pid: Option<u32>) -> Duration {
-    let path = match pid {
-        Some(pid) => format!("/proc/{pid}/stat"),
-        None => "/proc/self/stat".to_string(),
-    };
-    let stat = std::fs::read_to_string(path).expect("read /proc stat");
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 =
-        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-    Duration::from_millis(ticks * 10)
-}
-
 /// CPU time the node and this process (the clients) used since `before`.
 fn cpu_since(node_pid: u32, before: (Duration, Duration)) -> (Duration, Duration) {
     (
         cpu_time(Some(node_pid)).saturating_sub(before.0),
         cpu_time(None).saturating_sub(before.1),
     )
-}
-
-/// Resident set size of a process in kB, from /proc.
-fn rss_kb(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(|v| v.to_string()))
-        })
-        .unwrap_or_else(|| "?".into())
 }

@@ -24,6 +24,8 @@
 use candid::{Decode, Encode, Principal};
 use ic_agent::Agent;
 use ic_utils::interfaces::ManagementCanister;
+use openic_tests::measure::{cpu_time, ms, percentile, rss_kb, us};
+use openic_tests::{child_pids, free_loopback_ports, is_process_alive};
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -108,7 +110,8 @@ impl Subnet {
     /// the `root_key:` line.
     fn start(state_dir: &Path) -> Subnet {
         let binary = openic_tests::openic_binary();
-        let (http_port, p2p_port) = free_port_block();
+        let http_port = free_loopback_ports(2 * REPLICAS as u16);
+        let p2p_port = http_port + REPLICAS as u16;
         let mut parent = Command::new(&binary)
             .arg("start")
             .args(["--replicas", &REPLICAS.to_string()])
@@ -198,7 +201,7 @@ impl Subnet {
             let replicas_alive = self
                 .replica_pids
                 .iter()
-                .filter(|pid| is_alive(**pid))
+                .filter(|pid| is_process_alive(**pid))
                 .count();
             if let Some(status) = parent_done
                 && replicas_alive == 0
@@ -228,7 +231,7 @@ impl Drop for Subnet {
             // A panic left the tree running: stop the replicas first (a killed parent cannot pass
             // a signal on), then the parent.
             for pid in &self.replica_pids {
-                if is_child_of(*pid, self.parent.id()) {
+                if child_pids(self.parent.id()).contains(pid) {
                     signal(*pid, "KILL");
                 }
             }
@@ -245,59 +248,6 @@ fn signal(pid: u32, signal: &str) {
         .arg(pid.to_string())
         .stderr(Stdio::null())
         .status();
-}
-
-/// The parent pid of `pid`, from /proc (None once it is gone).
-fn parent_pid(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    // Fields after the command name: state, then ppid.
-    rest.split_whitespace().nth(1)?.parse().ok()
-}
-
-fn is_child_of(pid: u32, parent: u32) -> bool {
-    parent_pid(pid) == Some(parent)
-}
-
-/// Whether `pid` exists and is not a zombie.
-fn is_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let rest = &stat[stat.rfind(')')? + 2..];
-            rest.split_whitespace().next().map(|state| state != "Z")
-        })
-        .unwrap_or(false)
-}
-
-/// The processes whose parent is `parent`, found by scanning /proc.
-fn child_pids(parent: u32) -> Vec<u32> {
-    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
-        .expect("/proc")
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|pid| is_child_of(*pid, parent))
-        .collect();
-    pids.sort_unstable();
-    pids
-}
-
-/// A base port `p` such that `p..p + 2 * REPLICAS` are free on loopback: HTTP ports first, then
-/// p2p ports. Probed below Linux's ephemeral range, so outgoing connections do not take them later.
-fn free_port_block() -> (u16, u16) {
-    let seed = std::process::id() as u64
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos() as u64)
-            .unwrap_or(0);
-    for attempt in 0..100u64 {
-        let base = 20_000 + ((seed.wrapping_mul(31) + attempt * 997) % 12_000) as u16;
-        let all_free = (0..2 * REPLICAS as u16)
-            .all(|offset| std::net::TcpListener::bind(("127.0.0.1", base + offset)).is_ok());
-        if all_free {
-            return (base, base + REPLICAS as u16);
-        }
-    }
-    panic!("found no {} consecutive free loopback ports", 2 * REPLICAS);
 }
 
 /// `openic_height` (executed and certified height) of each replica.
@@ -445,19 +395,6 @@ fn call_outcome(url: &str, request_id: &ic_agent::RequestId, bytes: &[u8]) -> Re
             String::from_utf8_lossy(other)
         ),
     }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
-}
-
-fn us(d: Duration) -> String {
-    format!("{:.0} µs", d.as_secs_f64() * 1e6)
 }
 
 /// An agent for one replica that trusts the root key the subnet printed (default verification).
@@ -836,34 +773,4 @@ async fn main() {
     if errors > 0 {
         eprintln!("--- subnet output ---\n{output}");
     }
-}
-
-/// CPU time (user + system) a process has used so far: `pid`, or this process for `None`.
-/// /proc reports it in USER_HZ ticks, which Linux fixes at 100 per second for user space.
-fn cpu_time(pid: Option<u32>) -> Duration {
-    let path = match pid {
-        Some(pid) => format!("/proc/{pid}/stat"),
-        None => "/proc/self/stat".to_string(),
-    };
-    let Ok(stat) = std::fs::read_to_string(path) else {
-        return Duration::ZERO;
-    };
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 =
-        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-    Duration::from_millis(ticks * 10)
-}
-
-/// Resident set size of a process in kB, from /proc.
-fn rss_kb(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(|v| v.to_string()))
-        })
-        .unwrap_or_else(|| "?".into())
 }

@@ -1125,3 +1125,56 @@ mod tests {
         assert!(test_canister_wasm("large").len() > 2 * 1024 * 1024);
     }
 }
+
+/// Figures the benchmarks (`tests/benches`) print: percentiles, durations, and a process's CPU
+/// time and memory from `/proc`.
+pub mod measure {
+    use std::time::Duration;
+
+    /// The `p` quantile (0.0 to 1.0) of `sorted`, which must not be empty.
+    pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+        let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+        sorted[index]
+    }
+
+    /// `d` in milliseconds, two decimals.
+    pub fn ms(d: Duration) -> String {
+        format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+    }
+
+    /// `d` in whole microseconds.
+    pub fn us(d: Duration) -> String {
+        format!("{:.0} µs", d.as_secs_f64() * 1e6)
+    }
+
+    /// CPU time (user + system) a process has used so far: `pid`, or this process for `None`;
+    /// zero once the process is gone. /proc reports it in USER_HZ ticks, which Linux fixes at 100
+    /// per second for user space.
+    pub fn cpu_time(pid: Option<u32>) -> Duration {
+        let path = match pid {
+            Some(pid) => format!("/proc/{pid}/stat"),
+            None => "/proc/self/stat".to_string(),
+        };
+        let Ok(stat) = std::fs::read_to_string(path) else {
+            return Duration::ZERO;
+        };
+        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+        let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 =
+            fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+        Duration::from_millis(ticks * 10)
+    }
+
+    /// Resident set size of a process in kB, from /proc (`?` if unknown).
+    pub fn rss_kb(pid: u32) -> String {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1).map(|v| v.to_string()))
+            })
+            .unwrap_or_else(|| "?".into())
+    }
+}
