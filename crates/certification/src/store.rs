@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Domain separator of the signed state root (`"\x0Dic-state-root"`).
-pub const STATE_ROOT_DOMAIN_SEPARATOR: &[u8] = b"\x0Dic-state-root";
+pub const STATE_ROOT_DOMAIN_SEPARATOR: &[u8] = openic_crypto::bls::STATE_ROOT_DOMAIN_SEPARATOR;
 
 /// The message a subnet signs to certify a state: `STATE_ROOT_DOMAIN_SEPARATOR || root_hash`.
 pub fn state_root_message(root_hash: &[u8; 32]) -> Vec<u8> {

@@ -42,7 +42,8 @@ use std::fmt;
 
 /// The IC's domain separator for certified state: ic-agent checks signatures over
 /// `IC_STATE_ROOT_DOMAIN_SEPARATOR · root` (`ic-agent-0.49.3/src/agent/mod.rs`).
-pub const IC_STATE_ROOT_DOMAIN_SEPARATOR: &[u8; 14] = b"\x0Dic-state-root";
+pub const IC_STATE_ROOT_DOMAIN_SEPARATOR: &[u8; 14] =
+    openic_crypto::bls::STATE_ROOT_DOMAIN_SEPARATOR;
 
 /// The IC's domain separation tag for hashing a message to G1 (see the note "IC signing").
 const IC_SIGNATURE_DST: &[u8] = openic_crypto::bls::SIGNATURE_DST;

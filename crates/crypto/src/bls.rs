@@ -8,6 +8,10 @@
 use ic_verify_bls_signature::{PrivateKey, PublicKey};
 
 /// The IC's domain separation tag for hashing a message to G1.
+/// The domain separator of a signed state root: a subnet signs `STATE_ROOT_DOMAIN_SEPARATOR ||
+/// root_hash` (what ic-agent verifies certificates against).
+pub const STATE_ROOT_DOMAIN_SEPARATOR: &[u8; 14] = b"\x0Dic-state-root";
+
 /// The domain separation tag of the IC's BLS signatures (G1 signatures, basic scheme).
 pub const SIGNATURE_DST: &[u8] = b"BLS_SIG_BLS12381G1_XMD:SHA-256_SSWU_RO_NUL_";
 
