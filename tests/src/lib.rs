@@ -775,6 +775,16 @@ impl SubnetProcesses {
     /// # Panics
     /// If a CLI step fails, a replica does not become ready, or the replicas report different root keys.
     pub fn start(dir: &Path, count: u16) -> SubnetProcesses {
+        Self::start_with_catch_up_interval(dir, count, None)
+    }
+
+    /// [`SubnetProcesses::start`] with the genesis file's catch-up interval (heights between the
+    /// checkpoints the subnet signs for state sync) set, or the default for `None`.
+    pub fn start_with_catch_up_interval(
+        dir: &Path,
+        count: u16,
+        catch_up_interval: Option<u64>,
+    ) -> SubnetProcesses {
         let genesis = dir.join("genesis.json");
         let p2p_base = free_loopback_ports(count);
         let mut files = Vec::new();
@@ -813,6 +823,10 @@ impl SubnetProcesses {
         }
         genesis_arguments.push("--out".into());
         genesis_arguments.push(genesis.clone().into());
+        if let Some(interval) = catch_up_interval {
+            genesis_arguments.push("--catch-up-interval".into());
+            genesis_arguments.push(interval.to_string().into());
+        }
         run_openic(&genesis_arguments);
 
         let outputs: Vec<CapturedOutput> =

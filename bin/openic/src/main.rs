@@ -62,6 +62,10 @@ enum Command {
         /// Where to write the file.
         #[arg(long, default_value = "genesis.json")]
         out: PathBuf,
+        /// Heights between the checkpoints the subnet signs for state sync (a replica that lost
+        /// its state fetches the latest one from its peers).
+        #[arg(long, default_value_t = openic_node::genesis::DEFAULT_CATCH_UP_INTERVAL_HEIGHTS)]
+        catch_up_interval: u64,
     },
     /// Run one replica of a subnet from its identity and the subnet's genesis file. At the first
     /// start the members generate the subnet key together: start every member.
@@ -169,7 +173,11 @@ fn run(cli: Cli) -> Result<()> {
                 p2p_port,
             } => start_local_subnet(state_dir, bind, port, p2p_port, replicas).await,
             Command::Identity { identity } => show_identity(&identity),
-            Command::Genesis { members, out } => write_genesis(&members, &out),
+            Command::Genesis {
+                members,
+                out,
+                catch_up_interval,
+            } => write_genesis(&members, &out, catch_up_interval),
             Command::Replica {
                 identity,
                 genesis,
@@ -269,12 +277,14 @@ fn parse_member(text: &str) -> Result<openic_node::genesis::GenesisMember> {
     })
 }
 
-fn write_genesis(members: &[String], out: &Path) -> Result<()> {
+fn write_genesis(members: &[String], out: &Path, catch_up_interval: u64) -> Result<()> {
     let members = members
         .iter()
         .map(|member| parse_member(member))
         .collect::<Result<Vec<_>>>()?;
-    let genesis = openic_node::genesis::Genesis::new(members)?;
+    let mut genesis = openic_node::genesis::Genesis::new(members)?;
+    genesis.catch_up_interval_heights = catch_up_interval;
+    genesis.validate()?;
     if out.exists() {
         bail!(
             "{} exists; a subnet's genesis file must not change once members use it (remove it \

@@ -68,6 +68,51 @@ pub const PARTIAL_SIGNATURE_ENCODED_LENGTH: usize = 1 + 8 + 4 + ROOT_LENGTH + SI
 /// refused with a clear error instead of being misread.
 const FORMAT_VERSION: u8 = 1;
 
+/// First byte of an encoded partial over a catch-up statement (a state root partial starts with
+/// [`FORMAT_VERSION`]).
+const CATCH_UP_TAG: u8 = 2;
+
+/// Domain separator of a catch-up statement: the subnet's signature over
+/// `CATCH_UP_DOMAIN_SEPARATOR · height (u64 big-endian) · manifest hash` says the state-sync
+/// manifest with that hash describes the replicated state at that height. Length-prefixed like the
+/// IC's separators, and distinct from `\x0Dic-state-root`, so neither statement can pass for the
+/// other.
+pub const CATCH_UP_DOMAIN_SEPARATOR: &[u8; 16] = b"\x0Fopenic-catch-up";
+
+/// What a partial signature signs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Statement {
+    /// The IC state root after executing a height: `\x0Dic-state-root · root`.
+    #[default]
+    StateRoot,
+    /// The hash of the state-sync manifest of the checkpoint at a height (see
+    /// [`CATCH_UP_DOMAIN_SEPARATOR`]).
+    CatchUp,
+}
+
+impl Statement {
+    /// The bytes signed for `root` at `height`.
+    fn message(self, height: Height, root: &[u8; ROOT_LENGTH]) -> Vec<u8> {
+        match self {
+            Statement::StateRoot => state_root_message(root).to_vec(),
+            Statement::CatchUp => {
+                let mut message = Vec::with_capacity(16 + 8 + ROOT_LENGTH);
+                message.extend_from_slice(CATCH_UP_DOMAIN_SEPARATOR);
+                message.extend_from_slice(&height.0.to_be_bytes());
+                message.extend_from_slice(root);
+                message
+            }
+        }
+    }
+
+    fn tag(self) -> u8 {
+        match self {
+            Statement::StateRoot => FORMAT_VERSION,
+            Statement::CatchUp => CATCH_UP_TAG,
+        }
+    }
+}
+
 /// A replica's position in the subnet's sorted member list, which is also the index of its key
 /// share (and of its partial public key in the [`PublicSharing`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -281,6 +326,8 @@ fn to_array<const N: usize>(bytes: &[u8]) -> [u8; N] {
 /// (which, from enough replicas, means this replica's state diverged).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PartialSignature {
+    /// What is signed: a state root or a catch-up manifest hash.
+    pub statement: Statement,
     /// The height whose state root is signed.
     pub height: Height,
     /// Who signed.
@@ -365,7 +412,7 @@ impl PartialSignature {
     /// signature; always [`PARTIAL_SIGNATURE_ENCODED_LENGTH`] bytes.
     pub fn to_bytes(&self) -> [u8; PARTIAL_SIGNATURE_ENCODED_LENGTH] {
         let mut bytes = [0u8; PARTIAL_SIGNATURE_ENCODED_LENGTH];
-        bytes[0] = FORMAT_VERSION;
+        bytes[0] = self.statement.tag();
         bytes[1..9].copy_from_slice(&self.height.0.to_be_bytes());
         bytes[9..13].copy_from_slice(&self.signer.0.to_be_bytes());
         bytes[13..45].copy_from_slice(&self.root);
@@ -380,10 +427,13 @@ impl PartialSignature {
         let bytes: &[u8; PARTIAL_SIGNATURE_ENCODED_LENGTH] = bytes
             .try_into()
             .map_err(|_| PartialError::Malformed("wrong length"))?;
-        if bytes[0] != FORMAT_VERSION {
-            return Err(PartialError::Malformed("unsupported version"));
-        }
+        let statement = match bytes[0] {
+            FORMAT_VERSION => Statement::StateRoot,
+            CATCH_UP_TAG => Statement::CatchUp,
+            _ => return Err(PartialError::Malformed("unsupported version")),
+        };
         let partial = PartialSignature {
+            statement,
             height: Height(u64::from_be_bytes(to_array(&bytes[1..9]))),
             signer: SignerIndex(u32::from_be_bytes(to_array(&bytes[9..13]))),
             root: to_array(&bytes[13..45]),
@@ -414,12 +464,23 @@ pub fn sign_partial(
     height: Height,
     root: &[u8; ROOT_LENGTH],
 ) -> PartialSignature {
+    sign_statement(share, Statement::StateRoot, height, root)
+}
+
+/// Signs `statement` about `root` at `height` with this replica's share. Deterministic.
+pub fn sign_statement(
+    share: &KeyShare,
+    statement: Statement,
+    height: Height,
+    root: &[u8; ROOT_LENGTH],
+) -> PartialSignature {
     let signature = ops::sign::<MinSig>(
         &share.share.private,
         IC_SIGNATURE_DST,
-        &state_root_message(root),
+        &statement.message(height, root),
     );
     PartialSignature {
+        statement,
         height,
         signer: share.signer(),
         root: *root,
@@ -451,7 +512,7 @@ fn verify_partial_point(
     ops::verify::<MinSig>(
         &public,
         IC_SIGNATURE_DST,
-        &state_root_message(&partial.root),
+        &partial.statement.message(partial.height, &partial.root),
         &signature,
     )
     .map_err(|_| PartialError::BadSignature {
@@ -459,6 +520,27 @@ fn verify_partial_point(
         height: partial.height,
     })?;
     Ok(signature)
+}
+
+/// Whether `signature` is the subnet's signature of `statement` about `root` at `height` (one
+/// pairing check under the group key). How a replica checks a catch-up statement a peer sends.
+pub fn verify_group_signature(
+    sharing: &PublicSharing,
+    statement: Statement,
+    height: Height,
+    root: &[u8; ROOT_LENGTH],
+    signature: &[u8; SIGNATURE_LENGTH],
+) -> bool {
+    let Ok(signature) = decode_signature(signature) else {
+        return false;
+    };
+    ops::verify::<MinSig>(
+        sharing.sharing().public(),
+        IC_SIGNATURE_DST,
+        &statement.message(height, root),
+        &signature,
+    )
+    .is_ok()
 }
 
 /// Limits of the [`CertificationPool`].
@@ -470,6 +552,8 @@ pub struct CertificationPoolConfig {
     /// Heights tracked at once, at most. When exceeded the lowest uncertified height is
     /// abandoned: a later certified height supersedes it (clients only read the latest).
     pub tracked_heights_max: usize,
+    /// The statement this pool certifies; partials of another statement are refused.
+    pub statement: Statement,
 }
 
 impl Default for CertificationPoolConfig {
@@ -477,6 +561,7 @@ impl Default for CertificationPoolConfig {
         CertificationPoolConfig {
             future_heights_max: 64,
             tracked_heights_max: 256,
+            statement: Statement::StateRoot,
         }
     }
 }
@@ -608,6 +693,11 @@ impl CertificationPool {
         &mut self,
         partial: &PartialSignature,
     ) -> Result<Option<PoolEvent>, PartialError> {
+        if partial.statement != self.config.statement {
+            return Err(PartialError::Malformed(
+                "the partial signs another statement than this pool certifies",
+            ));
+        }
         if partial.height <= self.floor {
             return Err(PartialError::Stale {
                 height: partial.height,
@@ -672,7 +762,7 @@ impl CertificationPool {
             }
         }
         if agreeing.len() >= threshold {
-            let signature = self.recover(&agreeing, &own_root)?;
+            let signature = self.recover(&agreeing, height, &own_root)?;
             self.close_through(height);
             self.certified_height = height;
             return Some(PoolEvent::Certified {
@@ -699,6 +789,7 @@ impl CertificationPool {
     fn recover(
         &self,
         partials: &[CommonwarePartial<MinSig>],
+        height: Height,
         root: &[u8; ROOT_LENGTH],
     ) -> Option<[u8; SIGNATURE_LENGTH]> {
         let sharing = self.sharing.sharing();
@@ -707,7 +798,7 @@ impl CertificationPool {
         ops::verify::<MinSig>(
             sharing.public(),
             IC_SIGNATURE_DST,
-            &state_root_message(root),
+            &self.config.statement.message(height, root),
             &signature,
         )
         .ok()?;
@@ -1008,6 +1099,7 @@ mod tests {
         let config = CertificationPoolConfig {
             future_heights_max: 2,
             tracked_heights_max: 3,
+            ..CertificationPoolConfig::default()
         };
         let mut pool = CertificationPool::new(sharing, config, Height(10));
         assert!(matches!(
@@ -1157,5 +1249,61 @@ mod tests {
             PartialSignature::from_bytes(&bad_point),
             Err(PartialError::Malformed("signature is not a G1 point"))
         );
+    }
+
+    #[test]
+    fn catch_up_statements_certify_apart_from_state_roots() {
+        let (sharing, shares) = dealt(4, 11);
+        let manifest_hash = root(9);
+        let mut pool = CertificationPool::new(
+            sharing.clone(),
+            CertificationPoolConfig {
+                statement: Statement::CatchUp,
+                ..CertificationPoolConfig::default()
+            },
+            Height(0),
+        );
+        // A state root partial over the same bytes is refused by a catch-up pool.
+        let wrong = sign_partial(&shares[0], Height(10), &manifest_hash);
+        assert!(pool.add_partial(&wrong).is_err());
+        assert_eq!(pool.set_own_root(Height(10), manifest_hash), Ok(None));
+        let mut event = None;
+        for share in &shares[..3] {
+            let partial = sign_statement(share, Statement::CatchUp, Height(10), &manifest_hash);
+            let decoded = PartialSignature::from_bytes(&partial.to_bytes()).unwrap();
+            assert_eq!(decoded, partial);
+            event = pool.add_partial(&decoded).unwrap();
+        }
+        let signature = certified_signature(event);
+        assert!(verify_group_signature(
+            &sharing,
+            Statement::CatchUp,
+            Height(10),
+            &manifest_hash,
+            &signature
+        ));
+        // It says nothing about another height, another hash, or a state root.
+        assert!(!verify_group_signature(
+            &sharing,
+            Statement::CatchUp,
+            Height(11),
+            &manifest_hash,
+            &signature
+        ));
+        assert!(!verify_group_signature(
+            &sharing,
+            Statement::CatchUp,
+            Height(10),
+            &root(8),
+            &signature
+        ));
+        assert!(!verify_group_signature(
+            &sharing,
+            Statement::StateRoot,
+            Height(10),
+            &manifest_hash,
+            &signature
+        ));
+        assert!(!ic_verify(&sharing, &manifest_hash, &signature));
     }
 }

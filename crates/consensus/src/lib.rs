@@ -31,7 +31,8 @@ pub mod subnet;
 pub use block_maker::{BlockMaker, BlockMakerConfig, Clock, Wake, system_clock};
 pub use certifier::{
     CertificationPool, CertificationPoolConfig, KeyShare, PartialSignature, PoolEvent,
-    PublicSharing, SignerIndex, sign_partial, verify_partial,
+    PublicSharing, SignerIndex, Statement, sign_partial, sign_statement, verify_group_signature,
+    verify_partial,
 };
 pub use dkg::{DkgOutput, DkgSession, DkgStatus, Outgoing, Recipient};
 pub use ingress_pool::{IngressPoolConfig, IngressPoolImpl, KnownRequestIds, message_bytes};

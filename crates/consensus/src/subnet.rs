@@ -14,7 +14,7 @@
 //! decoded by the node with its own limits; gossip queues are bounded and drop when full (a
 //! dropped ingress message still reaches the subnet through the replica that received it).
 
-use crate::bft::{self, BftConfig, BlockPolicy, Channels, Deliveries, SigningSetup};
+use crate::bft::{self, BftConfig, BlockPolicy, Channels, Deliveries, FloorControl, SigningSetup};
 use crate::certifier::{KeyShare, PartialSignature, PublicSharing};
 use crate::dkg::{DkgSession, DkgStatus, Recipient};
 use commonware_codec::{Copying, DecodeExt as _};
@@ -34,8 +34,19 @@ use tracing::{info, warn};
 pub const DKG_CHANNEL: u64 = 100;
 /// p2p channel of ingress gossip.
 pub const INGRESS_CHANNEL: u64 = 101;
-/// p2p channel of certification shares (partial signatures of state roots).
+/// p2p channel of certification shares (partial signatures of state roots and catch-up
+/// statements).
 pub const PARTIALS_CHANNEL: u64 = 102;
+/// p2p channel of state sync: adverts of certified checkpoints, manifest and chunk requests and
+/// their answers (encoded by the node).
+pub const STATE_SYNC_CHANNEL: u64 = 103;
+
+/// The largest state-sync message: a chunk of a little over 1 MiB plus its header.
+pub const STATE_SYNC_MESSAGE_BYTES_MAX: usize = 2 * 1024 * 1024;
+
+/// State-sync messages one peer may send per second (each request is answered by at most one
+/// chunk, so this also bounds what a peer can make this replica read and send).
+const STATE_SYNC_MESSAGES_PER_SECOND: u32 = 512;
 
 /// How often the DKG resends what peers may have missed (a peer that was still connecting).
 const DKG_RETRANSMIT_INTERVAL: Duration = Duration::from_secs(1);
@@ -151,11 +162,22 @@ pub enum Inbound {
     Ingress(Vec<u8>),
     /// A certification share.
     Partial(PartialSignature),
+    /// A state-sync message (opaque to this module) and the peer that sent it.
+    Sync {
+        /// The sender's Ed25519 public key.
+        from: [u8; 32],
+        /// The message.
+        bytes: Vec<u8>,
+    },
 }
 
 enum Outbound {
     Ingress(Vec<u8>),
     Partial(PartialSignature),
+    Sync {
+        to: Option<[u8; 32]>,
+        bytes: Vec<u8>,
+    },
 }
 
 /// A running link to the subnet.
@@ -165,6 +187,7 @@ pub struct SubnetService {
     deliveries: parking_lot::Mutex<Option<Deliveries>>,
     inbound: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<Inbound>>>,
     outbound: tokio::sync::mpsc::Sender<Outbound>,
+    floor: FloorControl,
     stop: parking_lot::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -184,6 +207,7 @@ fn hex_prefix(bytes: &[u8]) -> String {
 struct Ready {
     key: SubnetKey,
     deliveries: Deliveries,
+    floor: FloorControl,
 }
 
 impl SubnetService {
@@ -272,6 +296,7 @@ impl SubnetService {
             deliveries: parking_lot::Mutex::new(Some(ready.deliveries)),
             inbound: parking_lot::Mutex::new(Some(inbound)),
             outbound,
+            floor: ready.floor,
             stop: parking_lot::Mutex::new(Some(stop)),
             thread: parking_lot::Mutex::new(Some(thread)),
         })
@@ -308,6 +333,17 @@ impl SubnetService {
     /// full or the service stopped.
     pub fn broadcast_partial(&self, partial: PartialSignature) -> bool {
         self.outbound.try_send(Outbound::Partial(partial)).is_ok()
+    }
+
+    /// Sends a state-sync message to one peer (`Some(public key)`) or to every peer. `false` when
+    /// the outbound queue is full or the service stopped.
+    pub fn send_sync(&self, to: Option<[u8; 32]>, bytes: Vec<u8>) -> bool {
+        self.outbound.try_send(Outbound::Sync { to, bytes }).is_ok()
+    }
+
+    /// The engine's finalized history and delivery floor (for state sync).
+    pub fn floor_control(&self) -> FloorControl {
+        self.floor.clone()
     }
 
     /// Stops networking and consensus and waits for the runtime thread (storage keeps what was
@@ -355,6 +391,7 @@ where
     let dkg_message_bytes_max: u32 = 4 * 1024 * 1024;
     let max_message_bytes = largest_engine_message
         .max(INGRESS_GOSSIP_BYTES_MAX as u32)
+        .max(STATE_SYNC_MESSAGE_BYTES_MAX as u32)
         .max(dkg_message_bytes_max);
 
     let handshake = cups::Cups::<_, commonware_cryptography::ChaCha20Poly1305>::new(
@@ -404,6 +441,12 @@ where
         network.register(INGRESS_CHANNEL, gossip_quota);
     let (mut partial_sender, mut partial_receiver) =
         network.register(PARTIALS_CHANNEL, gossip_quota);
+    let (mut sync_sender, mut sync_receiver) = network.register(
+        STATE_SYNC_CHANNEL,
+        Quota::per_second(
+            NonZeroU32::new(STATE_SYNC_MESSAGES_PER_SECOND).unwrap_or(NonZeroU32::MIN),
+        ),
+    );
     network.start();
     info!(
         listen = %config.listen_address,
@@ -458,7 +501,7 @@ where
         blocks: next()?,
         block_fetch: next()?,
     };
-    let (_engine, deliveries) = bft::start(
+    let (engine, deliveries) = bft::start(
         context.child("bft"),
         &bft_config,
         signing,
@@ -469,6 +512,7 @@ where
     )
     .await
     .map_err(|e| SubnetError::Engine(e.to_string()))?;
+    let floor = engine.floor_control();
 
     // Outbound gossip.
     context.child("gossip_out").spawn(move |_| async move {
@@ -480,11 +524,38 @@ where
                 Outbound::Partial(partial) => {
                     partial_sender.send(Recipients::All, partial.to_bytes().to_vec(), true);
                 }
+                Outbound::Sync { to, bytes } => {
+                    let recipients = match to {
+                        None => Recipients::All,
+                        Some(key) => match ed25519::PublicKey::decode(Copying(key.as_slice())) {
+                            Ok(key) => Recipients::One(key),
+                            Err(_) => continue,
+                        },
+                    };
+                    sync_sender.send(recipients, bytes, false);
+                }
             }
         }
     });
     // Inbound gossip: bounded decoding here for shares, the node decodes ingress.
     let ingress_inbound = inbound.clone();
+    let sync_inbound = inbound.clone();
+    context.child("sync_in").spawn(move |_| async move {
+        while let Ok((peer, message)) = sync_receiver.recv().await {
+            let bytes = message.as_ref();
+            if bytes.len() > STATE_SYNC_MESSAGE_BYTES_MAX {
+                continue;
+            }
+            let Ok(from) = <[u8; 32]>::try_from(peer.as_ref()) else {
+                continue;
+            };
+            // Full: drop; requests are retried and adverts repeat.
+            let _ = sync_inbound.try_send(Inbound::Sync {
+                from,
+                bytes: bytes.to_vec(),
+            });
+        }
+    });
     context
         .child("gossip_in_ingress")
         .spawn(move |_| async move {
@@ -509,7 +580,11 @@ where
                 }
             }
         });
-    Ok(Ready { key, deliveries })
+    Ok(Ready {
+        key,
+        deliveries,
+        floor,
+    })
 }
 
 /// Runs the key generation with every member and returns this replica's key once all members

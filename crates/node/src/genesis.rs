@@ -24,6 +24,18 @@ pub const GENESIS_VERSION: u32 = 1;
 /// grow quadratically with members).
 pub const MAX_MEMBERS: usize = 64;
 
+/// Heights between two catch-up checkpoints, by default: every replica checkpoints at each
+/// multiple and the subnet signs the checkpoint's state-sync manifest, which a replica that lost
+/// its state or fell behind fetches from its peers.
+pub const DEFAULT_CATCH_UP_INTERVAL_HEIGHTS: u64 = 100;
+
+/// Bounds of [`Genesis::catch_up_interval_heights`].
+pub const CATCH_UP_INTERVAL_HEIGHTS_RANGE: std::ops::RangeInclusive<u64> = 4..=100_000;
+
+fn default_catch_up_interval() -> u64 {
+    DEFAULT_CATCH_UP_INTERVAL_HEIGHTS
+}
+
 /// Largest genesis file read, in bytes.
 pub const MAX_GENESIS_FILE_BYTES: u64 = 1024 * 1024;
 
@@ -45,6 +57,10 @@ pub struct Genesis {
     pub version: u32,
     /// The members, in the order that gives them their indices.
     pub members: Vec<GenesisMember>,
+    /// Heights between catch-up checkpoints (see [`DEFAULT_CATCH_UP_INTERVAL_HEIGHTS`]); every
+    /// member must use the same, so it is part of the genesis.
+    #[serde(default = "default_catch_up_interval")]
+    pub catch_up_interval_heights: u64,
 }
 
 /// What is wrong with a genesis file.
@@ -69,6 +85,7 @@ impl Genesis {
         let genesis = Genesis {
             version: GENESIS_VERSION,
             members,
+            catch_up_interval_heights: DEFAULT_CATCH_UP_INTERVAL_HEIGHTS,
         };
         genesis.validate()?;
         Ok(genesis)
@@ -114,6 +131,12 @@ impl Genesis {
                 self.members.len()
             )));
         }
+        if !CATCH_UP_INTERVAL_HEIGHTS_RANGE.contains(&self.catch_up_interval_heights) {
+            return Err(GenesisError::Invalid(format!(
+                "catch_up_interval_heights is {}; it must be in {CATCH_UP_INTERVAL_HEIGHTS_RANGE:?}",
+                self.catch_up_interval_heights
+            )));
+        }
         let mut keys = std::collections::BTreeSet::new();
         let mut addresses = std::collections::BTreeSet::new();
         for member in &self.members {
@@ -134,7 +157,7 @@ impl Genesis {
         Ok(())
     }
 
-    /// SHA-256 of the members in order (keys and addresses): names the subnet's consensus
+    /// SHA-256 of the members in order (keys and addresses) and the catch-up interval: names the subnet's consensus
     /// namespace, so two subnets made from different files never accept each other's messages.
     pub fn hash(&self) -> [u8; 32] {
         let mut hasher = Sha256::new();
@@ -147,6 +170,7 @@ impl Genesis {
             hasher.update((address.len() as u64).to_be_bytes());
             hasher.update(address.as_bytes());
         }
+        hasher.update(self.catch_up_interval_heights.to_be_bytes());
         hasher.finalize().into()
     }
 

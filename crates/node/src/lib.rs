@@ -16,6 +16,7 @@ mod config;
 pub mod genesis;
 mod metrics;
 pub mod replica;
+mod state_sync;
 
 pub use config::NodeConfig;
 pub use openic_state_manager::load_or_create_identity;

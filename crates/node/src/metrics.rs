@@ -41,6 +41,14 @@ pub struct NodeMetrics {
     /// Certification shares from peers refused as invalid (bad signature, unknown signer,
     /// equivocation, malformed).
     pub certification_shares_refused: Counter,
+    /// Height of the latest catch-up checkpoint the subnet signed that this replica serves.
+    pub catch_up_height: Gauge,
+    /// States installed by state sync.
+    pub state_syncs: Counter,
+    /// State-sync fetches that failed (each is retried or given up with a log line).
+    pub state_sync_failures: Counter,
+    /// Chunk bytes received by state sync.
+    pub state_sync_bytes: Counter,
 }
 
 impl NodeMetrics {
@@ -61,6 +69,10 @@ impl NodeMetrics {
             certified_height: Gauge::default(),
             state_diverged: Gauge::default(),
             certification_shares_refused: Counter::default(),
+            catch_up_height: Gauge::default(),
+            state_syncs: Counter::default(),
+            state_sync_failures: Counter::default(),
+            state_sync_bytes: Counter::default(),
         };
         registry.register(
             "height",
@@ -126,6 +138,26 @@ impl NodeMetrics {
             "certification_shares_refused",
             "Invalid certification shares received from peers",
             metrics.certification_shares_refused.clone(),
+        );
+        registry.register(
+            "catch_up_height",
+            "Latest catch-up checkpoint signed by the subnet and served to peers",
+            metrics.catch_up_height.clone(),
+        );
+        registry.register(
+            "state_syncs",
+            "States fetched from peers and installed by state sync",
+            metrics.state_syncs.clone(),
+        );
+        registry.register(
+            "state_sync_failures",
+            "State-sync fetches that failed",
+            metrics.state_sync_failures.clone(),
+        );
+        registry.register(
+            "state_sync_bytes",
+            "Chunk bytes received by state sync",
+            metrics.state_sync_bytes.clone(),
         );
         metrics
     }

@@ -12,8 +12,11 @@
 //!   with its key share and gossips the share;
 //! - the certification task collects shares; once `2f + 1` agree with this replica's own root the
 //!   height is published to readers with the recovered subnet signature. If `2f + 1` others agree
-//!   on a different root, this replica's state diverged: it stops serving certified answers and
-//!   says so (recovery by state sync is future work, see docs/ARCHITECTURE.md).
+//!   on a different root, this replica's state diverged: it stops serving certified answers, says
+//!   so, stops executing, and recovers by state sync;
+//! - at every multiple of the genesis file's catch-up interval the execution thread writes a
+//!   checkpoint and signs its state-sync manifest; a replica that lost its state or fell behind
+//!   fetches the latest one the subnet signed from its peers ([`crate::state_sync`]).
 //!
 //! Invariant: readers only ever see heights certified by the subnet's key; queries run on exactly
 //! that state (the store publishes tree and canisters together).
@@ -22,11 +25,14 @@ use crate::checkpointing::{CheckpointSchedule, load_state};
 use crate::config::NodeConfig;
 use crate::genesis::Genesis;
 use crate::metrics::NodeMetrics;
+use crate::state_sync::{CatchUpCandidate, StateSync, StateSyncParts, SyncHandoff, SyncedState};
 use crate::{HttpParts, NodeError, RunningNode, serve_http, wall_clock};
 use openic_certification::{CertifiedStateStore, SubnetInfo};
+use openic_consensus::bft::FloorControl;
 use openic_consensus::bft::{BlockContent, BlockHeader, BlockPolicy, BlockView, FinalizedBlock};
 use openic_consensus::certifier::{
-    CertificationPool, CertificationPoolConfig, KeyShare, PoolEvent, PublicSharing, sign_partial,
+    CertificationPool, CertificationPoolConfig, KeyShare, PoolEvent, PublicSharing, Statement,
+    sign_partial,
 };
 use openic_consensus::subnet::{
     Inbound, SubnetKey, SubnetKeyStore, SubnetMember, SubnetService, SubnetServiceConfig,
@@ -36,7 +42,8 @@ use openic_crypto::{NodeKey, self_authenticating_principal};
 use openic_embedders::{Embedder, WasmtimeEmbedder};
 use openic_execution::{Scheduler, SubnetContext};
 use openic_interfaces::{
-    BlockExecutor, BlockLog, CertifiedStateReader, IngressPool, IngressPoolError, StorageError,
+    BlockExecutor, BlockLog, CertifiedStateReader, CheckpointStore, IngressPool, IngressPoolError,
+    StorageError,
 };
 use openic_replicated_state::ReplicatedState;
 use openic_state_manager::{FileBlockLog, FileCheckpointStore};
@@ -87,17 +94,59 @@ pub struct ReplicaConfig {
     pub p2p_listen: Option<SocketAddr>,
 }
 
-/// Stores the share in `<state_dir>/keys/` (both halves in one file, so a crash never leaves one
-/// without the other).
-struct StateDirKeyStore {
-    state_dir: PathBuf,
+/// Stores the share beside the node's identity, in `<identity's directory>/keys/<identity file
+/// name>.subnet_key_share` (both halves in one file, so a crash never leaves one without the
+/// other). Not in the state directory: a replica whose state is wiped (or lost with its disk)
+/// fetches the state again from its peers, but its share exists nowhere else.
+struct IdentityKeyStore {
+    dir: PathBuf,
+    name: String,
+    /// Where versions before the move kept it (`<state_dir>/keys/subnet_key_share`); moved on
+    /// first load.
+    legacy_state_dir: PathBuf,
 }
 
-impl SubnetKeyStore for StateDirKeyStore {
+impl IdentityKeyStore {
+    fn beside(identity: &std::path::Path, state_dir: &std::path::Path) -> Self {
+        let dir = match identity.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let file = identity
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "identity".into());
+        IdentityKeyStore {
+            dir,
+            name: format!("{file}.{SUBNET_KEY_SHARE_FILE}"),
+            legacy_state_dir: state_dir.to_path_buf(),
+        }
+    }
+
+    fn read(&self) -> Result<Option<Vec<u8>>, String> {
+        if let Some(bytes) =
+            openic_state_manager::load_secret(&self.dir, &self.name).map_err(|e| e.to_string())?
+        {
+            return Ok(Some(bytes));
+        }
+        let legacy =
+            openic_state_manager::load_secret(&self.legacy_state_dir, SUBNET_KEY_SHARE_FILE)
+                .map_err(|e| e.to_string())?;
+        if let Some(bytes) = &legacy {
+            openic_state_manager::store_secret(&self.dir, &self.name, bytes)
+                .map_err(|e| e.to_string())?;
+            info!(
+                to = %self.dir.join("keys").join(&self.name).display(),
+                "moved the subnet key share out of the state directory"
+            );
+        }
+        Ok(legacy)
+    }
+}
+
+impl SubnetKeyStore for IdentityKeyStore {
     fn load(&self) -> Result<Option<SubnetKey>, String> {
-        let Some(bytes) = openic_state_manager::load_secret(&self.state_dir, SUBNET_KEY_SHARE_FILE)
-            .map_err(|e| e.to_string())?
-        else {
+        let Some(bytes) = self.read()? else {
             return Ok(None);
         };
         let corrupt = |reason: &str| {
@@ -130,8 +179,7 @@ impl SubnetKeyStore for StateDirKeyStore {
         bytes.extend_from_slice(&(sharing.len() as u32).to_be_bytes());
         bytes.extend_from_slice(&sharing);
         bytes.extend_from_slice(&key.share.to_bytes());
-        openic_state_manager::store_secret(&self.state_dir, SUBNET_KEY_SHARE_FILE, &bytes)
-            .map_err(|e| e.to_string())
+        openic_state_manager::store_secret(&self.dir, &self.name, &bytes).map_err(|e| e.to_string())
     }
 }
 
@@ -322,6 +370,11 @@ enum Certify {
         root: [u8; 32],
         partial: openic_consensus::certifier::PartialSignature,
     },
+    /// This replica's catch-up checkpoint and its share of the statement about it.
+    CatchUp {
+        candidate: CatchUpCandidate,
+        partial: openic_consensus::certifier::PartialSignature,
+    },
 }
 
 /// The genesis state's seed: the same on every replica, and unknown before the subnet key
@@ -416,9 +469,7 @@ pub async fn start_replica(config: ReplicaConfig) -> Result<RunningNode, NodeErr
         %listen,
         "joining the subnet"
     );
-    let key_store = Box::new(StateDirKeyStore {
-        state_dir: state_dir.clone(),
-    });
+    let key_store = Box::new(IdentityKeyStore::beside(&config.identity, &state_dir));
     let service = tokio::task::spawn_blocking(move || {
         SubnetService::start(service_config, key_store, move |key: &SubnetKey| {
             let (pool, http, clock, recent, limits, pending_work) = policy_parts;
@@ -502,7 +553,19 @@ pub async fn start_replica(config: ReplicaConfig) -> Result<RunningNode, NodeErr
         .take_inbound()
         .ok_or_else(|| NodeError::Subnet("inbound messages already taken".into()))?;
     let subnet_height_hint = Arc::new(AtomicU64::new(0));
+    let handoff = SyncHandoff::new(wake.clone());
+    let (state_sync, sync_finished) = StateSync::new(StateSyncParts {
+        sharing: key.sharing.clone(),
+        interval: genesis.catch_up_interval_heights,
+        service: service.clone(),
+        executed_height: executed_height.clone(),
+        handoff: handoff.clone(),
+        metrics: node_metrics.clone(),
+    });
     let certification_task = tokio::spawn(certification_loop(CertificationLoop {
+        state_sync,
+        sync_finished,
+        handoff: handoff.clone(),
         subnet_height_hint: subnet_height_hint.clone(),
         pool: CertificationPool::new(
             key.sharing.clone(),
@@ -524,7 +587,6 @@ pub async fn start_replica(config: ReplicaConfig) -> Result<RunningNode, NodeErr
         .take_deliveries()
         .ok_or_else(|| NodeError::Subnet("deliveries already taken".into()))?;
     let execution = ExecutionThread {
-        config: node_config.clone(),
         state,
         scheduler,
         block_log,
@@ -532,8 +594,12 @@ pub async fn start_replica(config: ReplicaConfig) -> Result<RunningNode, NodeErr
         certified: certified.clone(),
         pool: pool.clone(),
         share: key.share.clone(),
+        floor: service.floor_control(),
         service: service.clone(),
         certify: certify_tx,
+        handoff,
+        catch_up_interval: genesis.catch_up_interval_heights,
+        subnet_height_hint: subnet_height_hint.clone(),
         recent,
         executed_height,
         pending_work,
@@ -588,6 +654,10 @@ pub async fn start_replica(config: ReplicaConfig) -> Result<RunningNode, NodeErr
         }),
     })
 }
+
+/// How long a replica that finds itself at least one catch-up interval behind its peers waits for
+/// their signed catch-up checkpoint (state sync) before it replays the blocks instead.
+const CATCH_UP_ADVERT_WAIT: Duration = Duration::from_secs(6);
 
 /// How long a call refused on this replica's certified state waits for the state its peers
 /// already signed before it is checked again.
@@ -645,6 +715,9 @@ fn raw_public_key(node_key: &NodeKey) -> [u8; 32] {
 }
 
 struct CertificationLoop {
+    state_sync: StateSync,
+    sync_finished: crate::state_sync::FinishedReceiver,
+    handoff: SyncHandoff,
     subnet_height_hint: Arc<AtomicU64>,
     pool: CertificationPool,
     certified: Arc<CertifiedStateStore>,
@@ -661,8 +734,21 @@ struct CertificationLoop {
 /// Collects certification shares and publishes certified heights; checks and pools ingress
 /// gossiped by peers.
 async fn certification_loop(mut task: CertificationLoop) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let event = tokio::select! {
+            _ = tick.tick() => {
+                task.state_sync.note_executed();
+                task.state_sync.tick();
+                Vec::new()
+            },
+            finished = task.sync_finished.recv() => {
+                if let Some(result) = finished {
+                    task.state_sync.finished(result);
+                }
+                Vec::new()
+            },
             own = task.own.recv() => match own {
                 Some(Certify::Own { height, root, partial }) => {
                     let mut events = Vec::new();
@@ -678,13 +764,35 @@ async fn certification_loop(mut task: CertificationLoop) {
                     }
                     events
                 }
+                Some(Certify::CatchUp { candidate, partial }) => {
+                    task.state_sync.own_candidate(candidate, partial);
+                    Vec::new()
+                }
                 None => return,
             },
             inbound = task.inbound.recv() => match inbound {
+                Some(Inbound::Partial(partial)) if partial.statement == Statement::CatchUp => {
+                    task.state_sync.partial(&partial);
+                    Vec::new()
+                }
+                Some(Inbound::Sync { from, bytes }) => {
+                    task.state_sync.message(from, &bytes);
+                    Vec::new()
+                }
                 Some(Inbound::Partial(partial)) => match task.pool.add_partial(&partial) {
                     Ok(event) => {
                         task.subnet_height_hint.fetch_max(partial.height.0, Ordering::Relaxed);
                         event.into_iter().collect()
+                    }
+                    Err(openic_consensus::certifier::PartialError::TooFarAhead { .. }) => {
+                        // This replica is far behind (catching up, or wiped): the share still
+                        // tells it how far the subnet got, once its signature checks out.
+                        if partial.height.0 > task.subnet_height_hint.load(Ordering::Relaxed)
+                            && openic_consensus::certifier::verify_partial(task.pool.sharing(), &partial).is_ok()
+                        {
+                            task.subnet_height_hint.fetch_max(partial.height.0, Ordering::Relaxed);
+                        }
+                        Vec::new()
                     }
                     Err(error) => {
                         if error.is_misbehaviour() {
@@ -725,10 +833,16 @@ async fn certification_loop(mut task: CertificationLoop) {
                         hex::encode(own_root),
                         hex::encode(subnet_root)
                     );
-                    error!(%reason, "critical: state diverged from the subnet");
+                    error!(%reason, "critical: state diverged from the subnet; execution stops until state sync installs the subnet's state");
                     task.metrics.critical_errors.inc();
                     task.metrics.state_diverged.set(1);
                     *task.halted.lock() = Some(reason);
+                    let _ = task.handoff.diverged_at.compare_exchange(
+                        0,
+                        height.0,
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                    );
                 }
             }
         }
@@ -757,7 +871,6 @@ fn accept_gossiped_ingress(task: &CertificationLoop, bytes: &[u8]) {
 
 /// The single writer of a replica's state.
 struct ExecutionThread {
-    config: NodeConfig,
     state: ReplicatedState,
     scheduler: Scheduler,
     block_log: FileBlockLog,
@@ -766,7 +879,12 @@ struct ExecutionThread {
     pool: Arc<IngressPoolImpl>,
     share: KeyShare,
     service: Arc<SubnetService>,
+    floor: FloorControl,
     certify: tokio::sync::mpsc::Sender<Certify>,
+    handoff: SyncHandoff,
+    catch_up_interval: u64,
+    /// The highest height a peer signed a state root for.
+    subnet_height_hint: Arc<AtomicU64>,
     recent: Arc<Mutex<RecentIngress>>,
     executed_height: Arc<AtomicU64>,
     pending_work: Arc<AtomicBool>,
@@ -793,9 +911,39 @@ impl ExecutionThread {
             }
         };
         let mut schedule = CheckpointSchedule::new(self.state.metadata.height);
+        // Since when this replica has been at least one catch-up interval behind its peers.
+        let mut behind_since: Option<Instant> = None;
         loop {
             if self.stop.load(Ordering::SeqCst) {
                 break;
+            }
+            let synced = self.handoff.ready.lock().take();
+            if let Some(synced) = synced {
+                if self.install(synced, &deliveries) {
+                    schedule.attempted(self.state.metadata.height, true);
+                }
+                continue;
+            }
+            let target = self.handoff.target.load(Ordering::SeqCst);
+            let diverged = self.handoff.diverged_at.load(Ordering::SeqCst) != 0;
+            let height = self.state.metadata.height.0;
+            let far_behind = self.subnet_height_hint.load(Ordering::Relaxed)
+                >= height.saturating_add(self.catch_up_interval);
+            behind_since = match (far_behind, behind_since) {
+                (false, _) => None,
+                (true, None) => Some(Instant::now()),
+                (true, since) => since,
+            };
+            let awaiting_advert =
+                behind_since.is_some_and(|since| since.elapsed() < CATCH_UP_ADVERT_WAIT);
+            if diverged || target > height || awaiting_advert {
+                // A fetched state is on its way (or this state is known bad): replaying old
+                // blocks meanwhile is wasted work.
+                runtime.block_on(async {
+                    let _ = tokio::time::timeout(Duration::from_millis(200), self.wake.notified())
+                        .await;
+                });
+                continue;
             }
             let next = runtime.block_on(async {
                 tokio::select! {
@@ -881,10 +1029,12 @@ impl ExecutionThread {
                 .canisters
                 .set(self.state.canisters.len() as i64);
 
-            let busy = summary.messages_executed > 0 || summary.ingress_inducted > 0;
-            if schedule.after_height(&self.config, block.height, busy) {
+            if block.height.0.is_multiple_of(self.catch_up_interval) {
                 let written = self.checkpoint();
                 schedule.attempted(block.height, written);
+                if written {
+                    self.offer_catch_up(&finalized);
+                }
             }
         }
         deliveries.close();
@@ -937,6 +1087,109 @@ impl ExecutionThread {
             ingress,
             randomness: block_randomness(&finalized.seed),
         })
+    }
+
+    /// After the checkpoint at a catch-up height: builds its state-sync manifest, signs the
+    /// catch-up statement with this replica's share and hands both to the state-sync task.
+    fn offer_catch_up(&mut self, finalized: &FinalizedBlock) {
+        let snapshot = match self.checkpoints.sync_snapshot(&self.state) {
+            Ok(snapshot) => Arc::new(snapshot),
+            Err(error) => {
+                error!(%error, height = finalized.height, "critical: cannot build the state-sync manifest");
+                self.metrics.critical_errors.inc();
+                return;
+            }
+        };
+        let candidate = CatchUpCandidate {
+            height: finalized.height,
+            block_digest: finalized.digest,
+            snapshot,
+        };
+        let partial = candidate.sign(&self.share);
+        if !self.service.broadcast_partial(partial) {
+            warn!(
+                height = finalized.height,
+                "gossip queue full; catch-up share not sent"
+            );
+        }
+        let _ = self
+            .certify
+            .blocking_send(Certify::CatchUp { candidate, partial });
+    }
+
+    /// Installs a state fetched by state sync: checkpoints it, restarts the block log after it,
+    /// moves the engine's delivery floor to its block and resumes from the next height. Returns
+    /// whether it was installed.
+    fn install(
+        &mut self,
+        synced: SyncedState,
+        deliveries: &openic_consensus::bft::Deliveries,
+    ) -> bool {
+        let height = synced.state.metadata.height;
+        let diverged = self.handoff.diverged_at.load(Ordering::SeqCst) != 0;
+        let done = |this: &mut Self| {
+            this.handoff.target.store(0, Ordering::SeqCst);
+        };
+        if height <= self.state.metadata.height && !diverged {
+            info!(%height, executed = %self.state.metadata.height, "state sync: replay got there first; fetched state dropped");
+            done(self);
+            return false;
+        }
+        if let Err(error) = self.checkpoints.write_checkpoint(&synced.state) {
+            error!(%error, %height, "state sync: cannot checkpoint the fetched state; it is not installed");
+            self.metrics.critical_errors.inc();
+            done(self);
+            return false;
+        }
+        if let Err(error) = self.block_log.restart_after(height) {
+            error!(%error, %height, "state sync: cannot restart the block log; the replica stops executing");
+            self.metrics.critical_errors.inc();
+            *self.halted.lock() = Some(format!("block log: {error}"));
+            self.stop.store(true, Ordering::SeqCst);
+            return false;
+        }
+        self.state = synced.state;
+        self.certified.request_full_rebuild();
+        if let Err(error) = self
+            .floor
+            .set_floor(&synced.finalization, &synced.block_digest)
+        {
+            error!(%error, %height, "critical: state sync could not move the consensus floor");
+            self.metrics.critical_errors.inc();
+        }
+        deliveries.skip_through(height.0);
+        self.executed_height.store(height.0, Ordering::SeqCst);
+        self.recent.lock().prune_through(height.0);
+        match self.certified.prepare(&mut self.state) {
+            Ok(root) => {
+                let partial = sign_partial(&self.share, height, &root);
+                let _ = self.service.broadcast_partial(partial);
+                let _ = self.certify.blocking_send(Certify::Own {
+                    height,
+                    root,
+                    partial,
+                });
+            }
+            Err(error) => warn!(%error, %height, "state sync: installed height not prepared"),
+        }
+        if diverged {
+            self.handoff.diverged_at.store(0, Ordering::SeqCst);
+            *self.halted.lock() = None;
+            self.metrics.state_diverged.set(0);
+        }
+        self.metrics.state_syncs.inc();
+        self.metrics.height.set(height.0 as i64);
+        self.metrics
+            .canisters
+            .set(self.state.canisters.len() as i64);
+        info!(
+            %height,
+            bytes = synced.bytes,
+            seconds = synced.started.elapsed().as_secs_f64(),
+            "state sync: installed the subnet's state; following consensus from the next height"
+        );
+        done(self);
+        true
     }
 
     fn checkpoint(&mut self) -> bool {

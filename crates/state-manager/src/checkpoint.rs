@@ -36,6 +36,7 @@
 use crate::fs_util::{
     corrupt, create_dir_durably, io_error, remove_dir_if_exists, sync_dir, write_new_file,
 };
+use crate::state_sync::{StateSyncError, SyncSnapshot};
 use openic_interfaces::{CheckpointStore, StorageError};
 use openic_replicated_state::{PAGE_SIZE, Page, PageIndex, PageMap, ReplicatedState, WasmBinary};
 use openic_types::{CanisterId, Height};
@@ -112,13 +113,13 @@ pub struct CheckpointWriteStats {
 
 /// Which memory of a canister a page chain belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-enum MemoryKind {
+pub(crate) enum MemoryKind {
     Wasm,
     Stable,
 }
 
 impl MemoryKind {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             MemoryKind::Wasm => "wasm",
             MemoryKind::Stable => "stable",
@@ -126,8 +127,8 @@ impl MemoryKind {
     }
 }
 
-type MemoryKey = (CanisterId, MemoryKind);
-type Sha256Hash = [u8; 32];
+pub(crate) type MemoryKey = (CanisterId, MemoryKind);
+pub(crate) type Sha256Hash = [u8; 32];
 
 /// A file of a checkpoint, as recorded in the manifest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -258,6 +259,25 @@ impl FileCheckpointStore {
     /// The directory of the checkpoint at `height`.
     pub fn checkpoint_dir(&self, height: Height) -> PathBuf {
         self.root.join(checkpoint_name(height))
+    }
+
+    /// A [`SyncSnapshot`] of `state` to serve state sync from, the same as
+    /// [`SyncSnapshot::new`] would build, but reusing the page hashes this store computed when it
+    /// last wrote or loaded a checkpoint: right after `write_checkpoint(state)` or a load of
+    /// exactly this state no page is hashed again (a page counts as known when the store's copy
+    /// of the memory shares it by `Arc`). Pages the store does not know are hashed; wasm modules
+    /// are always read whole to compute their chunk digests.
+    ///
+    /// # Errors
+    ///
+    /// As [`SyncSnapshot::new`]: the state cannot be encoded, a module's bytes do not match its
+    /// hash, or the state is too large for one manifest.
+    pub fn sync_snapshot(&self, state: &ReplicatedState) -> Result<SyncSnapshot, StateSyncError> {
+        let previous = self.last.as_ref();
+        crate::state_sync::build_snapshot(state, |key, pages| {
+            let cached = previous.and_then(|p| p.memories.get(&key));
+            Self::plan_memory(key, pages, cached).page_hashes
+        })
     }
 
     /// Hashes the pages of `pages` and finds those that differ from `previous`.
@@ -759,7 +779,7 @@ impl CheckpointStore for FileCheckpointStore {
 
 /// A copy of `state` with every memory emptied and every module's bytes dropped (they are stored
 /// in page files and wasm files).
-fn state_without_pages(state: &ReplicatedState) -> ReplicatedState {
+pub(crate) fn state_without_pages(state: &ReplicatedState) -> ReplicatedState {
     let mut stripped = state.clone();
     for canister in stripped.canisters.values_mut() {
         if canister.execution_state.is_none() {
@@ -782,39 +802,38 @@ fn state_without_pages(state: &ReplicatedState) -> ReplicatedState {
 /// written that `load_latest` would refuse (postcard is not self-describing: a serde attribute
 /// such as `skip_serializing_if` on a state type would make it undecodable).
 fn verify_state_encoding(state_bytes: &[u8], final_dir: &Path) -> Result<(), StorageError> {
+    check_state_encoding(state_bytes)
+        .map_err(|reason| crate::fs_util::invalid_input(final_dir, reason))
+}
+
+/// [`verify_state_encoding`] without a path: the reason the encoded state cannot be used.
+pub(crate) fn check_state_encoding(state_bytes: &[u8]) -> Result<(), String> {
     let decoded: ReplicatedState = postcard::from_bytes(state_bytes).map_err(|e| {
-        crate::fs_util::invalid_input(
-            final_dir,
-            format!(
-                "the encoded state does not decode ({e}); a state type's serde attributes are not \
-                 supported by the checkpoint format (no skip_serializing_if, flatten or untagged)"
-            ),
+        format!(
+            "the encoded state does not decode ({e}); a state type's serde attributes are not \
+             supported by the checkpoint format (no skip_serializing_if, flatten or untagged)"
         )
     })?;
-    let again = postcard::to_allocvec(&decoded).map_err(|e| {
-        crate::fs_util::invalid_input(final_dir, format!("cannot re-encode the state: {e}"))
-    })?;
+    let again =
+        postcard::to_allocvec(&decoded).map_err(|e| format!("cannot re-encode the state: {e}"))?;
     if again != state_bytes {
-        return Err(crate::fs_util::invalid_input(
-            final_dir,
-            "the state does not survive an encode/decode round trip; a state type's serde \
-             implementation loses data"
-                .to_string(),
-        ));
+        let reason = "the state does not survive an encode/decode round trip; a state type's serde \
+                      implementation loses data";
+        return Err(reason.to_string());
     }
     Ok(())
 }
 
-fn sha256(bytes: &[u8]) -> Sha256Hash {
+pub(crate) fn sha256(bytes: &[u8]) -> Sha256Hash {
     Sha256::digest(bytes).into()
 }
 
-fn is_zero(page: &Page) -> bool {
+pub(crate) fn is_zero(page: &Page) -> bool {
     page.iter().all(|b| *b == 0)
 }
 
 /// Digest of a memory: its non-zero pages' indexes and hashes, in order.
-fn pages_digest(page_hashes: &BTreeMap<PageIndex, Sha256Hash>) -> Sha256Hash {
+pub(crate) fn pages_digest(page_hashes: &BTreeMap<PageIndex, Sha256Hash>) -> Sha256Hash {
     let mut hasher = Sha256::new();
     hasher.update(b"openic-checkpoint-pages-v1");
     for (index, hash) in page_hashes {
@@ -830,6 +849,38 @@ fn state_digest<'a>(
     height: Height,
     state_file_sha256: &Sha256Hash,
     memories: impl Iterator<Item = &'a MemoryEntry>,
+    module_hashes: impl Iterator<Item = &'a Sha256Hash>,
+) -> Sha256Hash {
+    state_digest_of(
+        height,
+        state_file_sha256,
+        memories.map(|m| MemoryDigest {
+            canister_id: m.canister_id,
+            kind: m.kind,
+            num_pages: m.num_pages,
+            pages_digest: m.pages_digest,
+        }),
+        module_hashes,
+    )
+}
+
+/// What [`state_digest`] records about one memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MemoryDigest {
+    pub(crate) canister_id: CanisterId,
+    pub(crate) kind: MemoryKind,
+    /// Non-zero pages in the memory.
+    pub(crate) num_pages: u64,
+    /// [`pages_digest`] of the memory.
+    pub(crate) pages_digest: Sha256Hash,
+}
+
+/// [`state_digest`] over memories given by their digests (state sync has no [`MemoryEntry`]).
+/// `memories` must be sorted by canister and kind, `module_hashes` ascending and distinct.
+pub(crate) fn state_digest_of<'a>(
+    height: Height,
+    state_file_sha256: &Sha256Hash,
+    memories: impl Iterator<Item = MemoryDigest>,
     module_hashes: impl Iterator<Item = &'a Sha256Hash>,
 ) -> Sha256Hash {
     let mut hasher = Sha256::new();

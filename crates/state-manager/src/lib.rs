@@ -10,6 +10,10 @@
 //!   created once and kept, mode 0600.
 //! - [`StateDirLock`] (`LOCK`): one process per state directory.
 //!
+//! It also holds the data side of state sync ([`state_sync`]): a [`SyncSnapshot`] serves the state
+//! at a height in chunks listed by a [`SyncManifest`] whose hash the subnet certifies, and a
+//! [`SyncAssembler`] verifies chunks from untrusted peers and rebuilds the state from them.
+//!
 //! Invariants: a write returns only once it is durable (file and directory fsynced); a crash at
 //! any point leaves either the old or the new version of every file, except the block log's last
 //! record, which is recognised as torn and dropped (it was never acknowledged); anything else that
@@ -23,6 +27,7 @@ pub mod checkpoint;
 mod fs_util;
 pub mod keys;
 pub mod lock;
+pub mod state_sync;
 
 pub use block_log::{BlockLogConfig, FileBlockLog};
 pub use checkpoint::{CheckpointConfig, CheckpointWriteStats, FileCheckpointStore};
@@ -31,6 +36,12 @@ pub use keys::{
     load_secret, store_secret,
 };
 pub use lock::{StateDirLock, StateDirLockError};
+pub use state_sync::{
+    ChunkContent, STATE_SYNC_CHUNK_BYTES, STATE_SYNC_CHUNK_WIRE_BYTES_MAX, STATE_SYNC_CHUNKS_MAX,
+    STATE_SYNC_FORMAT_VERSION, STATE_SYNC_MANIFEST_BYTES_MAX, STATE_SYNC_PAGE_RECORD_BYTES,
+    STATE_SYNC_PAGES_PER_CHUNK, StateSyncError, SyncAssembler, SyncChunk, SyncManifest,
+    SyncSnapshot,
+};
 
 #[cfg(test)]
 mod tests {

@@ -655,3 +655,123 @@ async fn whole_subnet_restarts_with_the_same_root_key() {
     )
     .await;
 }
+
+/// The number in `key=<number>` on the last line of `log` that contains `marker`.
+fn logged_number(log: &str, marker: &str, key: &str) -> Option<u64> {
+    let line = log.lines().rev().find(|line| line.contains(marker))?;
+    let value = line.split(&format!("{key}=")).nth(1)?;
+    value
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wiped_replica_rejoins_by_state_sync() {
+    /// Heights between the checkpoints the subnet signs: small, so the test sees several.
+    const CATCH_UP_INTERVAL: u64 = 16;
+    const UPDATES_BEFORE_WIPE: u64 = 6;
+    const UPDATES_WHILE_DOWN: u64 = 12;
+    const VICTIM: usize = 2;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut subnet = blocking(|| {
+        SubnetProcesses::start_with_catch_up_interval(dir.path(), REPLICAS, Some(CATCH_UP_INTERVAL))
+    });
+    let agents = agents_for(&subnet).await;
+    let live = |index: usize| agents[index].as_ref().expect("replica runs");
+    let counter = deploy(live(0), "counter", args(())).await;
+    for expected in 1..=UPDATES_BEFORE_WIPE {
+        let via = expected as usize % usize::from(REPLICAS);
+        assert_eq!(inc(live(via), counter).await, expected);
+    }
+
+    blocking(|| subnet.kill(VICTIM));
+    let state_dir = subnet.files(VICTIM).state_dir.clone();
+    std::fs::remove_dir_all(&state_dir).expect("the victim's state directory can be wiped");
+    let others: Vec<usize> = (0..usize::from(REPLICAS))
+        .filter(|i| *i != VICTIM)
+        .collect();
+    let expected = UPDATES_BEFORE_WIPE + UPDATES_WHILE_DOWN;
+    for update in 0..UPDATES_WHILE_DOWN {
+        let via = others[update as usize % others.len()];
+        assert_eq!(
+            inc(live(via), counter).await,
+            UPDATES_BEFORE_WIPE + update + 1
+        );
+    }
+    // Let the subnet sign a catch-up checkpoint that holds every update above.
+    let mut subnet_height = 0;
+    for index in &others {
+        subnet_height = subnet_height.max(certified_height(live(*index)).await.unwrap_or(0));
+    }
+    let signed_after = subnet_height + 2 * CATCH_UP_INTERVAL;
+    wait_for(
+        "the subnet to pass another catch-up height",
+        CONVERGENCE_TIMEOUT,
+        async || match certified_height(live(others[0])).await {
+            Some(height) if height >= signed_after => Ok(()),
+            other => Err(format!("certified height {other:?}")),
+        },
+    )
+    .await;
+
+    blocking(|| subnet.restart(VICTIM));
+    let restarted = agent_for(subnet.url(VICTIM), subnet.root_key_der()).await;
+    wait_for(
+        "the wiped replica to install the subnet's state by state sync",
+        CONVERGENCE_TIMEOUT,
+        async || {
+            let log = subnet.output(VICTIM);
+            match logged_number(&log, "state sync: installed", "height") {
+                Some(_) => Ok(()),
+                None => Err("no state installed yet".to_string()),
+            }
+        },
+    )
+    .await;
+    let log = subnet.output(VICTIM);
+    let installed = logged_number(&log, "state sync: installed", "height").unwrap_or(0);
+    assert!(
+        installed >= subnet_height && installed.is_multiple_of(CATCH_UP_INTERVAL),
+        "the replica should install a catch-up checkpoint holding every update (at or above \
+         height {subnet_height}, a multiple of {CATCH_UP_INTERVAL}); it installed height {installed}"
+    );
+    wait_for(
+        "the wiped replica to follow consensus and serve certified state",
+        CONVERGENCE_TIMEOUT,
+        async || match counter_at(&restarted, counter).await {
+            Ok(value) if value == expected => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
+    // It takes part again: an update through it, seen by every replica.
+    assert_eq!(inc(&restarted, counter).await, expected + 1);
+    assert_converged(
+        &running_urls(&subnet),
+        subnet.root_key_der(),
+        counter,
+        expected + 1,
+    )
+    .await;
+    // And it restarts from the state it fetched (checkpointed on install), without fetching again.
+    blocking(|| subnet.terminate(VICTIM));
+    blocking(|| subnet.restart(VICTIM));
+    let loaded = last_loaded_height(&subnet.output(VICTIM));
+    assert!(
+        loaded.is_some_and(|height| height >= installed),
+        "after a restart the replica should load the installed state or later (loaded {loaded:?}, \
+         installed {installed})"
+    );
+    let restarted = agent_for(subnet.url(VICTIM), subnet.root_key_der()).await;
+    wait_for(
+        "the restarted replica to serve the counter",
+        CONVERGENCE_TIMEOUT,
+        async || match counter_at(&restarted, counter).await {
+            Ok(value) if value == expected + 1 => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
+}

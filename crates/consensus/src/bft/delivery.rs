@@ -69,6 +69,9 @@ impl DeliveryAck {
 struct Queue {
     blocks: VecDeque<(Digested<Block>, Exact)>,
     closed: bool,
+    /// Heights at or below this are acknowledged and dropped instead of delivered (the node
+    /// installed a fetched state at this height; see [`Deliveries::skip_through`]).
+    skip_through: u64,
 }
 
 /// The receiving end of finalized-block delivery.
@@ -106,6 +109,10 @@ impl Reporter for DeliverySink {
             if queue.closed {
                 return Feedback::Closed;
             }
+            if block.inner().height_u64() <= queue.skip_through {
+                ack.acknowledge();
+                return Feedback::Ok;
+            }
             queue.blocks.push_back((block, ack));
             drop(queue);
             self.notify.notify_one();
@@ -127,6 +134,31 @@ impl Deliveries {
             }
             notified.await;
         }
+    }
+
+    /// Acknowledges and drops every height up to and including `height`, queued or still to come:
+    /// the node installed a state at `height` fetched from its peers (state sync), and the engine's
+    /// floor was moved there, so deliveries continue at `height + 1`.
+    pub fn skip_through(&self, height: u64) {
+        let mut queue = self.queue.lock();
+        queue.skip_through = queue.skip_through.max(height);
+        while let Some((block, _)) = queue.blocks.front() {
+            if block.inner().height_u64() > queue.skip_through {
+                break;
+            }
+            if let Some((_, ack)) = queue.blocks.pop_front() {
+                ack.acknowledge();
+            }
+        }
+        // Anything left above the skipped heights but not continuing them belongs to the old
+        // sequence; the engine delivers from the floor again.
+        let keep = (queue.skip_through + 1..)
+            .zip(queue.blocks.iter())
+            .take_while(|(expected, (block, _))| block.inner().height_u64() == *expected)
+            .count();
+        queue.blocks.truncate(keep);
+        drop(queue);
+        self.notify.notify_one();
     }
 
     /// Stops delivery: pending heights stay unacknowledged (and are delivered after a restart).

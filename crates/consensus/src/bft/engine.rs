@@ -8,6 +8,7 @@ use super::{
     seeds::{Scheme, SeedCache, SeedRecorder},
 };
 use commonware_broadcast::buffered;
+use commonware_codec::{DecodeExt as _, Encode as _};
 use commonware_consensus::{
     marshal::{
         self,
@@ -27,6 +28,7 @@ use commonware_cryptography::{
     bls12381::primitives::{group::Share, sharing::Sharing, variant::MinSig},
     certificate::ConstantProvider,
     ed25519,
+    sha256::Digest,
     sha256::Sha256,
 };
 use commonware_p2p::{Blocker, Channel, Provider, Receiver, Sender};
@@ -269,9 +271,76 @@ pub struct BftHandle {
     consensus: Handle<()>,
     marshal: Handle<()>,
     broadcast: Handle<()>,
+    floor: FloorControl,
+}
+
+/// Reads finalization certificates from the engine's history and moves its delivery floor: what
+/// state sync needs to hand a peer proof that a block was finalized, and to start this replica's
+/// deliveries after a state it fetched instead of at genesis.
+#[derive(Clone)]
+pub struct FloorControl {
+    marshal: marshal::core::Mailbox<Scheme, Standard<Block>>,
+    scheme: Scheme,
+}
+
+impl std::fmt::Debug for FloorControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FloorControl")
+    }
+}
+
+impl FloorControl {
+    /// The encoded finalization certificate of the block at `height`, if this replica still
+    /// stores it.
+    pub async fn finalization(&self, height: u64) -> Option<Vec<u8>> {
+        let finalization = self
+            .marshal
+            .get_finalization(commonware_consensus::types::Height::new(height))
+            .await?;
+        Some(finalization.encode().to_vec())
+    }
+
+    /// Checks that `finalization` (bytes from a peer's [`FloorControl::finalization`]) is a valid
+    /// finalization certificate of the block with digest `block_digest`.
+    pub fn check_floor(&self, finalization: &[u8], block_digest: &[u8; 32]) -> Result<(), String> {
+        self.decode_checked(finalization, block_digest).map(|_| ())
+    }
+
+    fn decode_checked(
+        &self,
+        finalization: &[u8],
+        block_digest: &[u8; 32],
+    ) -> Result<simplex::types::Finalization<Scheme, Digest>, String> {
+        let finalization = simplex::types::Finalization::<Scheme, Digest>::decode(
+            commonware_codec::Copying(finalization),
+        )
+        .map_err(|e| format!("the finalization does not decode: {e}"))?;
+        if finalization.proposal.payload.0 != *block_digest {
+            return Err("the finalization certifies another block".into());
+        }
+        let mut rng = commonware_utils::sys_rng();
+        if !finalization.verify(&mut rng, &self.scheme, &Sequential) {
+            return Err("the finalization's certificate does not verify".into());
+        }
+        Ok(finalization)
+    }
+
+    /// Makes the engine deliver finalized blocks from the block that `finalization` certifies,
+    /// which must be the block with digest `block_digest`; blocks below it are neither fetched nor
+    /// delivered. Checks the certificate first (the engine panics on an invalid floor).
+    pub fn set_floor(&self, finalization: &[u8], block_digest: &[u8; 32]) -> Result<(), String> {
+        let finalization = self.decode_checked(finalization, block_digest)?;
+        self.marshal.set_floor(finalization);
+        Ok(())
+    }
 }
 
 impl BftHandle {
+    /// A handle on the engine's finalized history and delivery floor.
+    pub fn floor_control(&self) -> FloorControl {
+        self.floor.clone()
+    }
+
     /// Stops the engine's tasks, as a crash would (storage keeps what was synced).
     pub fn abort(self) {
         self.consensus.abort();
@@ -406,6 +475,10 @@ where
         },
     )
     .await;
+    let floor = FloorControl {
+        marshal: marshal_mailbox.clone(),
+        scheme: scheme.clone(),
+    };
     let (sink, deliveries) = delivery::channel();
     let marshal_handle = marshal_actor.start(sink, buffer, (backfill_handler, backfill_mailbox));
 
@@ -471,6 +544,7 @@ where
             consensus,
             marshal: marshal_handle,
             broadcast,
+            floor,
         },
         deliveries,
     ))

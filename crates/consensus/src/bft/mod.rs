@@ -21,7 +21,8 @@ mod seeds;
 pub use block::BlockLimits;
 pub use delivery::{Deliveries, DeliveryAck, FinalizedBlock, SEED_LAG_HEIGHTS};
 pub use engine::{
-    BftConfig, BftError, BftHandle, ChannelSpec, Channels, SigningSetup, channels, start,
+    BftConfig, BftError, BftHandle, ChannelSpec, Channels, FloorControl, SigningSetup, channels,
+    start,
 };
 pub use policy::{BlockContent, BlockHeader, BlockPolicy, BlockView};
 

@@ -112,3 +112,54 @@ fn stable_read() -> u64 {
 fn whoami() -> Principal {
     ic_cdk::api::msg_caller()
 }
+
+/// Bytes `fill_stable` writes per MiB it is asked for.
+const MIB: u64 = 1024 * 1024;
+/// Stable memory from this offset on is `fill_stable`'s (clear of the counter and `stable_write`).
+const FILL_OFFSET: u64 = MIB;
+
+/// The 8-byte word `fill_stable` writes at byte `offset`: distinct in every 4 KiB page, never zero.
+fn fill_word(offset: u64) -> u64 {
+    (offset / 4096).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (offset % 4096) ^ 0x5555_5555_5555_5555
+}
+
+/// Fills `mib` MiB of stable memory from MiB `first_mib` of the fill region (growing it as needed)
+/// with a pattern that differs in every page, for benchmarks that need a large state. Returns the
+/// stable memory size in bytes.
+#[ic_cdk::update]
+fn fill_stable(first_mib: u64, mib: u64) -> u64 {
+    let end = FILL_OFFSET + (first_mib + mib) * MIB;
+    ensure_stable_bytes(end - 8);
+    let mut buffer = vec![0u8; MIB as usize];
+    for index in first_mib..first_mib + mib {
+        let base = FILL_OFFSET + index * MIB;
+        for (at, word) in buffer.chunks_exact_mut(8).enumerate() {
+            word.copy_from_slice(&fill_word(base + at as u64 * 8).to_le_bytes());
+        }
+        ic_cdk::api::stable_write(base, &buffer);
+    }
+    ic_cdk::api::stable_size() * WASM_PAGE_BYTES
+}
+
+/// Checks `mib` MiB of the fill region from MiB `first_mib` against the pattern `fill_stable`
+/// writes; returns how many 8-byte words differ.
+#[ic_cdk::query]
+fn check_stable(first_mib: u64, mib: u64) -> u64 {
+    let mut wrong = 0;
+    let mut buffer = vec![0u8; MIB as usize];
+    for index in first_mib..first_mib + mib {
+        let base = FILL_OFFSET + index * MIB;
+        if ic_cdk::api::stable_size() * WASM_PAGE_BYTES < base + MIB {
+            wrong += MIB / 8;
+            continue;
+        }
+        ic_cdk::api::stable_read(base, &mut buffer);
+        for (at, word) in buffer.chunks_exact(8).enumerate() {
+            let found = u64::from_le_bytes(word.try_into().unwrap_or([0; 8]));
+            if found != fill_word(base + at as u64 * 8) {
+                wrong += 1;
+            }
+        }
+    }
+    wrong
+}
