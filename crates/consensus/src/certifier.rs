@@ -554,6 +554,13 @@ pub struct CertificationPoolConfig {
     pub tracked_heights_max: usize,
     /// The statement this pool certifies; partials of another statement are refused.
     pub statement: Statement,
+    /// Check each partial's signature when it arrives (one pairing check per partial). When
+    /// `false`, a partial is only decoded on arrival, and the pool checks the signature it recovers
+    /// from `threshold` agreeing partials (one pairing check per height), verifying partials one by
+    /// one only when that fails, when two partials of one signer conflict, or before reporting
+    /// divergence. Only for partials whose signer index the transport authenticated (a peer can
+    /// then only spoil its own share); see `crate::subnet`.
+    pub verify_on_arrival: bool,
 }
 
 impl Default for CertificationPoolConfig {
@@ -562,6 +569,7 @@ impl Default for CertificationPoolConfig {
             future_heights_max: 64,
             tracked_heights_max: 256,
             statement: Statement::StateRoot,
+            verify_on_arrival: true,
         }
     }
 }
@@ -600,11 +608,20 @@ pub struct OwnRootConflict {
     pub height: Height,
 }
 
+/// A partial as the pool keeps it.
+#[derive(Clone, Copy)]
+struct StoredPartial {
+    root: [u8; ROOT_LENGTH],
+    signature: G1,
+    /// Whether the signature was checked on its own (always, with `verify_on_arrival`).
+    verified: bool,
+}
+
 #[derive(Default)]
 struct HeightEntry {
     own_root: Option<[u8; ROOT_LENGTH]>,
-    /// The first valid partial of each signer.
-    partials: BTreeMap<SignerIndex, ([u8; ROOT_LENGTH], G1)>,
+    /// The first partial of each signer (valid, or not yet checked).
+    partials: BTreeMap<SignerIndex, StoredPartial>,
     diverged_reported: bool,
 }
 
@@ -621,6 +638,8 @@ pub struct CertificationPool {
     highest_own_height: Height,
     heights: BTreeMap<Height, HeightEntry>,
     equivocations: u64,
+    /// Partials found invalid after they were stored unchecked (`verify_on_arrival: false`).
+    invalid_found_later: u64,
 }
 
 impl CertificationPool {
@@ -639,6 +658,7 @@ impl CertificationPool {
             highest_own_height: certified_height,
             heights: BTreeMap::new(),
             equivocations: 0,
+            invalid_found_later: 0,
         }
     }
 
@@ -656,6 +676,12 @@ impl CertificationPool {
     /// seen since the pool was made.
     pub fn equivocation_count(&self) -> u64 {
         self.equivocations
+    }
+
+    /// How many stored partials turned out invalid when checked later (only without
+    /// `verify_on_arrival`; with it, invalid partials are refused by `add_partial`).
+    pub fn invalid_found_later(&self) -> u64 {
+        self.invalid_found_later
     }
 
     /// The highest height a partial is accepted for now.
@@ -711,14 +737,15 @@ impl CertificationPool {
                 ceiling,
             });
         }
-        if let Some((root, signature)) = self
+        let existing = self
             .heights
             .get(&partial.height)
             .and_then(|entry| entry.partials.get(&partial.signer))
-        {
+            .copied();
+        if let Some(existing) = existing {
             // Compare before verifying, so repeats cost no pairing.
-            if *root == partial.root
-                && to_array::<SIGNATURE_LENGTH>(&signature.encode()) == partial.signature
+            if existing.root == partial.root
+                && to_array::<SIGNATURE_LENGTH>(&existing.signature.encode()) == partial.signature
             {
                 return Err(PartialError::Duplicate {
                     signer: partial.signer,
@@ -726,62 +753,175 @@ impl CertificationPool {
                 });
             }
         }
-        let signature = verify_partial_point(&self.sharing, partial)?;
-        let entry = self.heights.entry(partial.height).or_default();
-        if entry.partials.contains_key(&partial.signer) {
-            // A different valid partial from the same signer: it signed twice. Keep the first.
-            self.equivocations += 1;
-            return Err(PartialError::Equivocation {
-                signer: partial.signer,
-                height: partial.height,
-            });
+        let signature = if self.config.verify_on_arrival || existing.is_some() {
+            verify_partial_point(&self.sharing, partial)?
+        } else {
+            self.sharing
+                .sharing
+                .partial_public(Participant::new(partial.signer.0))
+                .map_err(|_| PartialError::UnknownSigner {
+                    signer: partial.signer,
+                    replicas: self.sharing.replicas(),
+                })?;
+            decode_signature(&partial.signature)?
+        };
+        let verified = self.config.verify_on_arrival || existing.is_some();
+        if let Some(existing) = existing {
+            // Two partials of one signer: equivocation only if the first is valid too.
+            let first_valid =
+                existing.verified || self.verify_stored(partial.height, partial.signer, &existing);
+            if first_valid {
+                self.equivocations += 1;
+                return Err(PartialError::Equivocation {
+                    signer: partial.signer,
+                    height: partial.height,
+                });
+            }
+            self.invalid_found_later += 1;
         }
-        entry
-            .partials
-            .insert(partial.signer, (partial.root, signature));
+        let entry = self.heights.entry(partial.height).or_default();
+        entry.partials.insert(
+            partial.signer,
+            StoredPartial {
+                root: partial.root,
+                signature,
+                verified,
+            },
+        );
         let event = self.evaluate(partial.height);
         self.enforce_capacity();
         Ok(event)
     }
 
+    /// Whether a stored partial's signature is valid on its own (one pairing check).
+    fn verify_stored(&self, height: Height, signer: SignerIndex, stored: &StoredPartial) -> bool {
+        let Ok(public) = self
+            .sharing
+            .sharing
+            .partial_public(Participant::new(signer.0))
+        else {
+            return false;
+        };
+        ops::verify::<MinSig>(
+            &public,
+            IC_SIGNATURE_DST,
+            &self.config.statement.message(height, &stored.root),
+            &stored.signature,
+        )
+        .is_ok()
+    }
+
+    /// Checks every unchecked partial at `height` on `root` and drops the invalid ones.
+    fn verify_unchecked(&mut self, height: Height, root: &[u8; ROOT_LENGTH]) {
+        let Some(entry) = self.heights.get(&height) else {
+            return;
+        };
+        let unchecked: Vec<(SignerIndex, StoredPartial)> = entry
+            .partials
+            .iter()
+            .filter(|(_, stored)| !stored.verified && stored.root == *root)
+            .map(|(signer, stored)| (*signer, *stored))
+            .collect();
+        let results: Vec<(SignerIndex, bool)> = unchecked
+            .iter()
+            .map(|(signer, stored)| (*signer, self.verify_stored(height, *signer, stored)))
+            .collect();
+        let Some(entry) = self.heights.get_mut(&height) else {
+            return;
+        };
+        for (signer, valid) in results {
+            if valid {
+                if let Some(stored) = entry.partials.get_mut(&signer) {
+                    stored.verified = true;
+                }
+            } else {
+                entry.partials.remove(&signer);
+                self.invalid_found_later += 1;
+            }
+        }
+    }
+
+    /// The partials at `height` on `root` (at most `limit`, checked ones first).
+    fn partials_on(
+        &self,
+        height: Height,
+        root: &[u8; ROOT_LENGTH],
+    ) -> Vec<CommonwarePartial<MinSig>> {
+        let Some(entry) = self.heights.get(&height) else {
+            return Vec::new();
+        };
+        let mut on_root: Vec<(bool, SignerIndex, G1)> = entry
+            .partials
+            .iter()
+            .filter(|(_, stored)| stored.root == *root)
+            .map(|(signer, stored)| (!stored.verified, *signer, stored.signature))
+            .collect();
+        on_root.sort_by_key(|(unchecked, signer, _)| (*unchecked, *signer));
+        on_root
+            .into_iter()
+            .map(|(_, signer, signature)| CommonwarePartial::<MinSig> {
+                index: Participant::new(signer.0),
+                value: signature,
+            })
+            .collect()
+    }
+
     /// Certifies or reports divergence at `height` if its partials now allow it.
     fn evaluate(&mut self, height: Height) -> Option<PoolEvent> {
         let threshold = self.sharing.threshold() as usize;
-        let entry = self.heights.get_mut(&height)?;
-        let own_root = entry.own_root?;
-        let mut agreeing = Vec::new();
-        let mut others: BTreeMap<[u8; ROOT_LENGTH], usize> = BTreeMap::new();
-        for (signer, (root, signature)) in &entry.partials {
-            if *root == own_root {
-                agreeing.push(CommonwarePartial::<MinSig> {
-                    index: Participant::new(signer.0),
-                    value: *signature,
+        let own_root = self.heights.get(&height)?.own_root?;
+        let agreeing = self.partials_on(height, &own_root);
+        if agreeing.len() >= threshold {
+            // One check of the recovered signature stands for the partials behind it.
+            let mut signature = self.recover(&agreeing[..threshold], height, &own_root);
+            if signature.is_none() {
+                self.verify_unchecked(height, &own_root);
+                let agreeing = self.partials_on(height, &own_root);
+                if agreeing.len() >= threshold {
+                    signature = self.recover(&agreeing[..threshold], height, &own_root);
+                }
+            }
+            if let Some(signature) = signature {
+                self.close_through(height);
+                self.certified_height = height;
+                return Some(PoolEvent::Certified {
+                    height,
+                    root: own_root,
+                    signature,
                 });
-            } else {
-                *others.entry(*root).or_default() += 1;
             }
         }
-        if agreeing.len() >= threshold {
-            let signature = self.recover(&agreeing, height, &own_root)?;
-            self.close_through(height);
-            self.certified_height = height;
-            return Some(PoolEvent::Certified {
-                height,
-                root: own_root,
-                signature,
-            });
+        let entry = self.heights.get(&height)?;
+        if entry.diverged_reported {
+            return None;
         }
-        if !entry.diverged_reported
-            && let Some((subnet_root, _)) = others.iter().find(|(_, count)| **count >= threshold)
-        {
-            entry.diverged_reported = true;
-            return Some(PoolEvent::Diverged {
-                height,
-                own_root,
-                subnet_root: *subnet_root,
-            });
+        let mut others: BTreeMap<[u8; ROOT_LENGTH], usize> = BTreeMap::new();
+        for stored in entry.partials.values() {
+            if stored.root != own_root {
+                *others.entry(stored.root).or_default() += 1;
+            }
         }
-        None
+        let candidate = others
+            .into_iter()
+            .find(|(_, count)| *count >= threshold)
+            .map(|(root, _)| root)?;
+        // Divergence is reported only on checked signatures.
+        self.verify_unchecked(height, &candidate);
+        let entry = self.heights.get_mut(&height)?;
+        let checked = entry
+            .partials
+            .values()
+            .filter(|stored| stored.root == candidate)
+            .count();
+        if checked < threshold {
+            return None;
+        }
+        entry.diverged_reported = true;
+        Some(PoolEvent::Diverged {
+            height,
+            own_root,
+            subnet_root: candidate,
+        })
     }
 
     /// Recovers and checks the group signature. Every partial was verified, so recovery cannot
@@ -1305,5 +1445,116 @@ mod tests {
             &signature
         ));
         assert!(!ic_verify(&sharing, &manifest_hash, &signature));
+    }
+
+    fn deferred_pool(sharing: &PublicSharing) -> CertificationPool {
+        CertificationPool::new(
+            sharing.clone(),
+            CertificationPoolConfig {
+                verify_on_arrival: false,
+                ..CertificationPoolConfig::default()
+            },
+            Height(0),
+        )
+    }
+
+    #[test]
+    fn deferred_verification_certifies_and_drops_bad_partials() {
+        let (sharing, shares) = dealt(4, 21);
+        let (_, foreign) = dealt(4, 77);
+        let mut pool = deferred_pool(&sharing);
+        pool.set_own_root(Height(1), root(1)).expect("own root");
+        // A forged partial is stored unchecked...
+        assert_eq!(
+            pool.add_partial(&sign_partial(&foreign[0], Height(1), &root(1))),
+            Ok(None)
+        );
+        assert_eq!(
+            pool.add_partial(&sign_partial(&shares[1], Height(1), &root(1))),
+            Ok(None)
+        );
+        // ...so the third makes a recovery that fails its check; the forged one is found and
+        // dropped, and the height waits for one more valid partial.
+        assert_eq!(
+            pool.add_partial(&sign_partial(&shares[2], Height(1), &root(1))),
+            Ok(None)
+        );
+        assert_eq!(pool.invalid_found_later(), 1);
+        // The signer whose slot the forgery took can still sign.
+        let event = pool
+            .add_partial(&sign_partial(&shares[0], Height(1), &root(1)))
+            .expect("valid");
+        assert!(ic_verify(&sharing, &root(1), &certified_signature(event)));
+        // Malformed and unknown signers are still refused on arrival.
+        let mut unknown = sign_partial(&shares[0], Height(2), &root(2));
+        unknown.signer = SignerIndex(9);
+        assert!(matches!(
+            pool.add_partial(&unknown),
+            Err(PartialError::UnknownSigner { .. })
+        ));
+    }
+
+    #[test]
+    fn deferred_verification_replaces_a_forgery_and_still_catches_equivocation() {
+        let (sharing, shares) = dealt(4, 22);
+        let (_, foreign) = dealt(4, 78);
+        let mut pool = deferred_pool(&sharing);
+        // A forgery in signer 1's slot, then signer 1's real partial: the real one replaces it.
+        let mut forged = sign_partial(&foreign[1], Height(1), &root(1));
+        forged.signer = SignerIndex(1);
+        assert_eq!(pool.add_partial(&forged), Ok(None));
+        assert_eq!(
+            pool.add_partial(&sign_partial(&shares[1], Height(1), &root(1))),
+            Ok(None)
+        );
+        assert_eq!(pool.invalid_found_later(), 1);
+        // Two valid partials of one signer are equivocation.
+        assert_eq!(
+            pool.add_partial(&sign_partial(&shares[1], Height(1), &root(2))),
+            Err(PartialError::Equivocation {
+                signer: SignerIndex(1),
+                height: Height(1)
+            })
+        );
+        assert_eq!(pool.equivocation_count(), 1);
+        for index in [0, 2] {
+            let event = pool.add_partial(&sign_partial(&shares[index], Height(1), &root(1)));
+            if index == 2 {
+                assert_eq!(event, Ok(None), "own root not set yet");
+            }
+        }
+        let event = pool.set_own_root(Height(1), root(1)).expect("own root");
+        assert!(ic_verify(&sharing, &root(1), &certified_signature(event)));
+    }
+
+    #[test]
+    fn deferred_verification_reports_divergence_only_on_valid_signatures() {
+        let (sharing, shares) = dealt(4, 23);
+        let (_, foreign) = dealt(4, 79);
+        let mut pool = deferred_pool(&sharing);
+        pool.set_own_root(Height(1), root(1)).expect("own root");
+        // Three forged partials on another root: not divergence.
+        for (index, foreign_share) in foreign.iter().enumerate().skip(1) {
+            let mut forged = sign_partial(foreign_share, Height(1), &root(2));
+            forged.signer = SignerIndex(index as u32);
+            assert_eq!(pool.add_partial(&forged), Ok(None));
+        }
+        assert_eq!(pool.invalid_found_later(), 3);
+        // Three valid ones on another root: divergence, once.
+        let mut events = Vec::new();
+        for share in &shares[1..4] {
+            events.extend(
+                pool.add_partial(&sign_partial(share, Height(1), &root(2)))
+                    .expect("valid"),
+            );
+        }
+        assert_eq!(
+            events,
+            vec![PoolEvent::Diverged {
+                height: Height(1),
+                own_root: root(1),
+                subnet_root: root(2)
+            }]
+        );
     }
 }

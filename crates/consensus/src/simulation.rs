@@ -27,8 +27,8 @@ use crate::bft::{
 };
 use crate::certifier::{
     CertificationPool, CertificationPoolConfig, IC_STATE_ROOT_DOMAIN_SEPARATOR, KeyShare,
-    PartialSignature, PoolEvent, PublicSharing, ROOT_LENGTH, SIGNATURE_LENGTH, SignerIndex,
-    sign_partial,
+    PartialError, PartialSignature, PoolEvent, PublicSharing, ROOT_LENGTH, SIGNATURE_LENGTH,
+    SignerIndex, sign_partial,
 };
 use crate::split_mix::SplitMix;
 use crate::subnet::PARTIALS_CHANNEL;
@@ -913,12 +913,19 @@ async fn start_replica<R: SimulatedReplica>(
     let sharing = sharing.clone();
     let replicas = config.replicas;
     let bad_partials = byzantine.is_some_and(|b| b.bad_partials);
+    let participants = participants.clone();
     driver_context.spawn(move |context| async move {
+        // As in production (`crate::subnet`): a share is taken only from the replica it belongs
+        // to, and the pool checks recovered signatures rather than every share.
         let mut pool = CertificationPool::new(
             sharing.clone(),
-            CertificationPoolConfig::default(),
+            CertificationPoolConfig {
+                verify_on_arrival: false,
+                ..CertificationPoolConfig::default()
+            },
             Height(0),
         );
+        let mut invalid_found_later = 0;
         let mut executed = 0u64;
         // The latest share this replica sent and that is not certified yet, for resending.
         let mut latest_share: Option<Vec<Vec<u8>>> = None;
@@ -980,11 +987,18 @@ async fn start_replica<R: SimulatedReplica>(
                     }
                 },
                 received = share_receiver.recv() => {
-                    let Ok((_peer, message)) = received else {
+                    let Ok((peer, message)) = received else {
                         return;
                     };
-                    let added = PartialSignature::from_bytes(message.as_ref())
-                        .and_then(|partial| pool.add_partial(&partial));
+                    let sender = participants.position(&peer).map(|p| p as u32);
+                    let added = PartialSignature::from_bytes(message.as_ref()).and_then(|partial| {
+                        if sender != Some(partial.signer.0) {
+                            return Err(PartialError::Malformed(
+                                "a share for another signer than its sender",
+                            ));
+                        }
+                        pool.add_partial(&partial)
+                    });
                     match added {
                         Ok(event) => events.extend(event),
                         Err(error) if error.is_misbehaviour() => {
@@ -992,6 +1006,9 @@ async fn start_replica<R: SimulatedReplica>(
                         }
                         Err(_) => {}
                     }
+                    let found = pool.invalid_found_later();
+                    record.record.lock().refused_shares += found - invalid_found_later;
+                    invalid_found_later = found;
                 },
                 _ = context.sleep(SHARE_RESEND_INTERVAL) => {
                     if pool.certified_height().0 < executed

@@ -11,7 +11,8 @@
 //! Channels on the p2p network (one multiplexed, encrypted connection per peer):
 //! the engine's own ([`crate::bft::channels`]), then [`DKG_CHANNEL`], [`INGRESS_CHANNEL`] and
 //! [`PARTIALS_CHANNEL`]. Every inbound message is bounded by the network's largest message and
-//! decoded by the node with its own limits; gossip queues are bounded and drop when full (a
+//! decoded by the node with its own limits; a certification share is accepted only from the
+//! replica it belongs to; gossip queues are bounded and drop when full (a
 //! dropped ingress message still reaches the subnet through the replica that received it).
 
 use crate::bft::{self, BftConfig, BlockPolicy, Channels, Deliveries, FloorControl, SigningSetup};
@@ -568,14 +569,32 @@ where
                 let _ = ingress_inbound.try_send(Inbound::Ingress(bytes));
             }
         });
+    // A share is accepted only from the replica whose share it is (the p2p layer authenticates
+    // peers), so a peer can never take another signer's place: the pool can then check the
+    // recovered signature instead of every share (`verify_on_arrival: false`).
+    let signer_of: std::collections::BTreeMap<ed25519::PublicKey, u32> = {
+        let sorted = commonware_utils::ordered::Set::try_from(
+            peers.iter().map(|(key, _)| key.clone()).collect::<Vec<_>>(),
+        )
+        .map_err(|_| SubnetError::Config("duplicate member public key".into()))?;
+        peers
+            .iter()
+            .filter_map(|(key, _)| Some((key.clone(), u32::try_from(sorted.position(key)?).ok()?)))
+            .collect()
+    };
     context
         .child("gossip_in_partials")
         .spawn(move |_| async move {
             while let Ok((peer, message)) = partial_receiver.recv().await {
                 match PartialSignature::from_bytes(message.as_ref()) {
-                    Ok(partial) => {
+                    Ok(partial) if signer_of.get(&peer) == Some(&partial.signer.0) => {
                         let _ = inbound.try_send(Inbound::Partial(partial));
                     }
+                    Ok(partial) => warn!(
+                        %peer,
+                        signer = partial.signer.0,
+                        "certification share for another signer than the peer that sent it"
+                    ),
                     Err(error) => warn!(%peer, %error, "malformed certification share from a peer"),
                 }
             }

@@ -24,6 +24,15 @@ pub(crate) fn load_state(
         None => genesis(),
     };
     let checkpoint_height = state.metadata.height;
+    if block_log
+        .last_height()
+        .is_some_and(|last| last < checkpoint_height)
+    {
+        // The checkpoint came from state sync and the node stopped before the log was restarted
+        // after it: the blocks in the log are all older than the state.
+        warn!(%checkpoint_height, "the block log ends below the checkpoint (an interrupted state-sync install); restarting it");
+        block_log.restart_after(checkpoint_height)?;
+    }
     let blocks = block_log.read_after(checkpoint_height)?;
     for block in &blocks {
         if block.height != state.metadata.height.increment() {

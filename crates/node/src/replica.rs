@@ -450,6 +450,8 @@ pub async fn start_replica(config: ReplicaConfig) -> Result<RunningNode, NodeErr
         state_dir.join("consensus"),
     );
     service_config.bft.min_block_interval = MIN_BLOCK_INTERVAL;
+    let state_sync_min_lead =
+        service_config.bft.pending_acks_max as u64 + openic_consensus::bft::SEED_LAG_HEIGHTS + 1;
     service_config.bft.idle_block_interval = IDLE_BLOCK_INTERVAL;
     service_config.bft.block_limits.ingress_messages_max =
         node_config.block_maker.max_ingress_messages_per_block;
@@ -557,6 +559,7 @@ pub async fn start_replica(config: ReplicaConfig) -> Result<RunningNode, NodeErr
     let (state_sync, sync_finished) = StateSync::new(StateSyncParts {
         sharing: key.sharing.clone(),
         interval: genesis.catch_up_interval_heights,
+        min_lead: state_sync_min_lead,
         service: service.clone(),
         executed_height: executed_height.clone(),
         handoff: handoff.clone(),
@@ -567,11 +570,18 @@ pub async fn start_replica(config: ReplicaConfig) -> Result<RunningNode, NodeErr
         sync_finished,
         handoff: handoff.clone(),
         subnet_height_hint: subnet_height_hint.clone(),
+        // Shares arrive only from the replica they belong to (the subnet service checks), so
+        // the pool checks the recovered signature rather than each share.
         pool: CertificationPool::new(
             key.sharing.clone(),
-            CertificationPoolConfig::default(),
+            CertificationPoolConfig {
+                verify_on_arrival: false,
+                ..CertificationPoolConfig::default()
+            },
             state.metadata.height,
         ),
+        invalid_shares_seen: 0,
+        far_heights: BTreeMap::new(),
         certified: certified.clone(),
         ingress_pool: pool.clone(),
         http: node_config.http.clone(),
@@ -715,6 +725,10 @@ fn raw_public_key(node_key: &NodeKey) -> [u8; 32] {
 }
 
 struct CertificationLoop {
+    /// The highest height each signer signed beyond this replica's window (see `TooFarAhead`).
+    far_heights: BTreeMap<u32, u64>,
+    /// The pool's count of shares found invalid after they were stored, as last reported.
+    invalid_shares_seen: u64,
     state_sync: StateSync,
     sync_finished: crate::state_sync::FinishedReceiver,
     handoff: SyncHandoff,
@@ -744,8 +758,8 @@ async fn certification_loop(mut task: CertificationLoop) {
                 Vec::new()
             },
             finished = task.sync_finished.recv() => {
-                if let Some(result) = finished {
-                    task.state_sync.finished(result);
+                if let Some((height, result)) = finished {
+                    task.state_sync.finished(height, result);
                 }
                 Vec::new()
             },
@@ -785,12 +799,20 @@ async fn certification_loop(mut task: CertificationLoop) {
                         event.into_iter().collect()
                     }
                     Err(openic_consensus::certifier::PartialError::TooFarAhead { .. }) => {
-                        // This replica is far behind (catching up, or wiped): the share still
-                        // tells it how far the subnet got, once its signature checks out.
-                        if partial.height.0 > task.subnet_height_hint.load(Ordering::Relaxed)
+                        // This replica is far behind (catching up, or wiped): shares still tell
+                        // it how far the subnet got, once f + 1 signers (one of them honest)
+                        // signed at least that height.
+                        let known = task.far_heights.get(&partial.signer.0).copied().unwrap_or(0);
+                        if partial.height.0 > known
                             && openic_consensus::certifier::verify_partial(task.pool.sharing(), &partial).is_ok()
                         {
-                            task.subnet_height_hint.fetch_max(partial.height.0, Ordering::Relaxed);
+                            task.far_heights.insert(partial.signer.0, partial.height.0);
+                            let faults = (task.pool.sharing().replicas() as usize - 1) / 3;
+                            let mut heights: Vec<u64> = task.far_heights.values().copied().collect();
+                            heights.sort_unstable_by(|a, b| b.cmp(a));
+                            if let Some(height) = heights.get(faults) {
+                                task.subnet_height_hint.fetch_max(*height, Ordering::Relaxed);
+                            }
                         }
                         Vec::new()
                     }
@@ -809,6 +831,17 @@ async fn certification_loop(mut task: CertificationLoop) {
                 None => return,
             },
         };
+        let invalid = task.pool.invalid_found_later();
+        if invalid > task.invalid_shares_seen {
+            task.metrics
+                .certification_shares_refused
+                .inc_by(invalid - task.invalid_shares_seen);
+            warn!(
+                count = invalid - task.invalid_shares_seen,
+                "certification shares with invalid signatures (found when a recovered signature failed its check)"
+            );
+            task.invalid_shares_seen = invalid;
+        }
         for event in event {
             match event {
                 PoolEvent::Certified {
@@ -1100,6 +1133,18 @@ impl ExecutionThread {
                 return;
             }
         };
+        // The manifest travels in one message with the finalization certificate (a few hundred
+        // bytes): a state whose manifest does not fit (tens of thousands of chunks, tens of GiB)
+        // cannot be served, so it is not signed.
+        let manifest_bytes = snapshot.manifest().encode().len();
+        if manifest_bytes + 64 * 1024 > openic_consensus::subnet::STATE_SYNC_MESSAGE_BYTES_MAX {
+            error!(
+                height = finalized.height,
+                manifest_bytes,
+                "the state is too large for state sync (its manifest exceeds one message); no catch-up checkpoint is offered"
+            );
+            return;
+        }
         let candidate = CatchUpCandidate {
             height: finalized.height,
             block_digest: finalized.digest,

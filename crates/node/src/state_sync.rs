@@ -46,7 +46,7 @@ use openic_replicated_state::ReplicatedState;
 use openic_state_manager::state_sync::{SyncAssembler, SyncManifest, SyncSnapshot};
 use openic_types::Height;
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -66,6 +66,20 @@ pub(crate) const FETCH_ATTEMPTS_MAX: u32 = 3;
 
 /// Own catch-up checkpoints kept while waiting for the subnet's signature.
 const CANDIDATES_MAX: usize = 2;
+
+/// Certified catch-up checkpoints a replica serves (the latest ones): a fetch that takes longer
+/// than an interval can finish from an older one.
+const SERVED_MAX: usize = 3;
+
+/// A fetch in progress is replaced by a newer advert only this many intervals newer (so a large
+/// state can finish while peers still serve it, see [`SERVED_MAX`]).
+const SWITCH_INTERVALS: u64 = 2;
+
+/// A fetch with no accepted chunk or manifest for this long fails (all its peers went silent).
+const NO_PROGRESS_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long a peer's adverts are ignored after one with a bad signature (each costs a pairing).
+const BAD_ADVERT_PENALTY: Duration = Duration::from_secs(10);
 
 /// Domain separator of [`catch_up_root`].
 const CATCH_UP_ROOT_DOMAIN: &[u8] = b"openic-catch-up-root-v1";
@@ -346,7 +360,8 @@ struct Fetch {
     next_peer: usize,
     phase: FetchPhase,
     started: Instant,
-    attempt: u32,
+    /// The last time a manifest or chunk was accepted (or the fetch started).
+    progress: Instant,
 }
 
 impl Fetch {
@@ -370,12 +385,16 @@ pub(crate) struct StateSync {
     pool: CertificationPool,
     interval: u64,
     candidates: BTreeMap<u64, CatchUpCandidate>,
-    /// The latest certified catch-up checkpoint this replica holds, served to peers.
-    serving: Option<(Advert, Arc<SyncSnapshot>)>,
+    /// The latest certified catch-up checkpoints this replica holds (oldest first, at most
+    /// [`SERVED_MAX`]), with their encoded manifests, served to peers.
+    serving: std::collections::VecDeque<Served>,
     /// The best verified advert from each peer.
     adverts: BTreeMap<[u8; 32], Advert>,
-    /// Heights given up on after [`FETCH_ATTEMPTS_MAX`] attempts.
-    abandoned: BTreeSet<u64>,
+    /// Peers whose adverts are ignored until then (one had a bad signature).
+    bad_adverts: BTreeMap<[u8; 32], Instant>,
+    /// Fetches started per advertised height.
+    attempts: BTreeMap<u64, u32>,
+    min_lead: u64,
     fetch: Option<Fetch>,
     last_advert: Instant,
     floor: FloorControl,
@@ -383,15 +402,26 @@ pub(crate) struct StateSync {
     executed_height: Arc<AtomicU64>,
     handoff: SyncHandoff,
     metrics: Arc<NodeMetrics>,
-    finished: tokio::sync::mpsc::Sender<Result<SyncedState, String>>,
+    finished: tokio::sync::mpsc::Sender<(u64, Result<SyncedState, String>)>,
 }
 
-/// Results of assembling a fetched state on a blocking thread.
-pub(crate) type FinishedReceiver = tokio::sync::mpsc::Receiver<Result<SyncedState, String>>;
+/// A certified catch-up checkpoint served to peers.
+struct Served {
+    advert: Advert,
+    snapshot: Arc<SyncSnapshot>,
+    manifest: Arc<Vec<u8>>,
+}
+
+/// Results of assembling a fetched state on a blocking thread, with the height fetched.
+pub(crate) type FinishedReceiver = tokio::sync::mpsc::Receiver<(u64, Result<SyncedState, String>)>;
 
 pub(crate) struct StateSyncParts {
     pub(crate) sharing: PublicSharing,
     pub(crate) interval: u64,
+    /// A fetched state is installed only this far above the executed height, at least: the
+    /// consensus engine may have this many heights queued for execution (see
+    /// `Deliveries::skip_through`).
+    pub(crate) min_lead: u64,
     pub(crate) service: Arc<SubnetService>,
     pub(crate) executed_height: Arc<AtomicU64>,
     pub(crate) handoff: SyncHandoff,
@@ -410,6 +440,8 @@ impl StateSync {
                 // Peers may be several intervals ahead of a replica that is catching up.
                 future_heights_max: interval.saturating_mul(8),
                 tracked_heights_max: 16,
+                // Shares arrive only from the replica they belong to (see `crate::replica`).
+                verify_on_arrival: false,
             },
             Height(executed - executed % interval),
         );
@@ -418,9 +450,11 @@ impl StateSync {
             pool,
             interval,
             candidates: BTreeMap::new(),
-            serving: None,
+            serving: std::collections::VecDeque::new(),
             adverts: BTreeMap::new(),
-            abandoned: BTreeSet::new(),
+            bad_adverts: BTreeMap::new(),
+            attempts: BTreeMap::new(),
+            min_lead: parts.min_lead,
             fetch: None,
             last_advert: Instant::now(),
             floor: parts.service.floor_control(),
@@ -492,7 +526,15 @@ impl StateSync {
                     "catch-up checkpoint certified; serving it to peers"
                 );
                 self.metrics.catch_up_height.set(height.0 as i64);
-                self.serving = Some((advert, candidate.snapshot));
+                let manifest = candidate.snapshot.manifest().encode();
+                self.serving.push_back(Served {
+                    advert,
+                    snapshot: candidate.snapshot,
+                    manifest: Arc::new(manifest),
+                });
+                while self.serving.len() > SERVED_MAX {
+                    self.serving.pop_front();
+                }
                 self.send_advert();
             }
             PoolEvent::Diverged { height, .. } => {
@@ -506,9 +548,9 @@ impl StateSync {
 
     fn send_advert(&mut self) {
         self.last_advert = Instant::now();
-        if let Some((advert, _)) = &self.serving {
+        if let Some(served) = self.serving.back() {
             self.service
-                .send_sync(None, SyncMessage::Advert(*advert).encode());
+                .send_sync(None, SyncMessage::Advert(served.advert).encode());
         }
     }
 
@@ -530,10 +572,8 @@ impl StateSync {
             SyncMessage::ManifestRequest { height } => self.serve_manifest(from, height),
             SyncMessage::ChunkRequest { height, index } => {
                 let chunk = self
-                    .serving
-                    .as_ref()
-                    .filter(|(advert, _)| advert.height == height)
-                    .and_then(|(_, snapshot)| snapshot.chunk(index));
+                    .served(height)
+                    .and_then(|served| served.snapshot.chunk(index));
                 match chunk {
                     Some(bytes) => self.send(
                         from,
@@ -567,24 +607,25 @@ impl StateSync {
         }
     }
 
+    fn served(&self, height: u64) -> Option<&Served> {
+        self.serving
+            .iter()
+            .find(|served| served.advert.height == height)
+    }
+
     fn serve_manifest(&self, from: [u8; 32], height: u64) {
-        let Some((advert, snapshot)) = self
-            .serving
-            .as_ref()
-            .filter(|(advert, _)| advert.height == height)
-        else {
+        let Some(served) = self.served(height) else {
             self.send(from, SyncMessage::Unavailable { height });
             return;
         };
-        let manifest = snapshot.manifest().encode();
+        let manifest = served.manifest.clone();
         let floor = self.floor.clone();
         let service = self.service.clone();
-        let height = advert.height;
         tokio::spawn(async move {
             let message = match floor.finalization(height).await {
                 Some(finalization) => SyncMessage::Manifest {
                     height,
-                    manifest,
+                    manifest: manifest.to_vec(),
                     finalization,
                 },
                 None => SyncMessage::Unavailable { height },
@@ -595,11 +636,20 @@ impl StateSync {
 
     fn advert(&mut self, from: [u8; 32], advert: Advert) {
         let known = self.adverts.get(&from).map(|a| a.height).unwrap_or(0);
-        if advert.height <= known {
+        if advert.height <= known || !advert.height.is_multiple_of(self.interval) {
+            return;
+        }
+        if self
+            .bad_adverts
+            .get(&from)
+            .is_some_and(|until| Instant::now() < *until)
+        {
             return;
         }
         if !advert.verify(&self.sharing) {
             warn!(peer = %hex::encode(from), height = advert.height, "catch-up advert with a bad signature");
+            self.bad_adverts
+                .insert(from, Instant::now() + BAD_ADVERT_PENALTY);
             return;
         }
         self.adverts.insert(from, advert);
@@ -613,19 +663,25 @@ impl StateSync {
         let Some(best) = self
             .adverts
             .values()
-            .filter(|a| !self.abandoned.contains(&a.height))
+            .filter(|a| self.attempts.get(&a.height).copied().unwrap_or(0) < FETCH_ATTEMPTS_MAX)
             .max_by_key(|a| a.height)
             .copied()
         else {
             return;
         };
-        let behind = best.height >= executed.saturating_add(self.interval);
-        let recovers = diverged_at != 0 && best.height > diverged_at.max(executed);
+        // Installing needs a lead over everything the engine may have queued for execution.
+        let floor = executed.saturating_add(self.min_lead);
+        let behind = best.height >= executed.saturating_add(self.interval) && best.height > floor;
+        let recovers = diverged_at != 0 && best.height > diverged_at.max(floor);
         if !(behind || recovers) {
             return;
         }
         if let Some(fetch) = &self.fetch
-            && fetch.advert.height >= best.height
+            && best.height
+                < fetch
+                    .advert
+                    .height
+                    .saturating_add(SWITCH_INTERVALS * self.interval)
         {
             return;
         }
@@ -635,14 +691,13 @@ impl StateSync {
             .filter(|(_, a)| **a == best)
             .map(|(peer, _)| *peer)
             .collect();
-        let attempt = match &self.fetch {
-            Some(fetch) if fetch.advert.height == best.height => fetch.attempt,
-            _ => 0,
-        };
+        let attempt = self.attempts.entry(best.height).or_default();
+        *attempt += 1;
         info!(
             height = best.height,
             executed,
             peers = peers.len(),
+            attempt = *attempt,
             "state sync: fetching the subnet's catch-up checkpoint"
         );
         self.handoff.target.store(best.height, Ordering::SeqCst);
@@ -652,7 +707,7 @@ impl StateSync {
             next_peer: 0,
             phase: FetchPhase::Finishing,
             started: Instant::now(),
-            attempt: attempt + 1,
+            progress: Instant::now(),
         };
         let Some(peer) = fetch.pick_peer() else {
             return;
@@ -702,6 +757,7 @@ impl StateSync {
                     finalization,
                     in_flight: BTreeMap::new(),
                 };
+                fetch.progress = Instant::now();
                 self.request_more();
             }
             Err(error) => {
@@ -749,9 +805,12 @@ impl StateSync {
             return;
         }
         in_flight.remove(&index);
-        if let Err(error) = assembler.add_chunk(index, bytes) {
-            warn!(peer = %hex::encode(from), height, index, %error, "state sync: refused a chunk");
-            fetch.drop_peer(&from);
+        match assembler.add_chunk(index, bytes) {
+            Ok(()) => fetch.progress = Instant::now(),
+            Err(error) => {
+                warn!(peer = %hex::encode(from), height, index, %error, "state sync: refused a chunk");
+                fetch.drop_peer(&from);
+            }
         }
         self.metrics.state_sync_bytes.inc_by(bytes.len() as u64);
         self.request_more();
@@ -815,6 +874,7 @@ impl StateSync {
         let started = fetch.started;
         let bytes = assembler.bytes_received();
         let finished = self.finished.clone();
+        let height = fetch.advert.height;
         tokio::task::spawn_blocking(move || {
             let result = assembler
                 .finish()
@@ -826,12 +886,19 @@ impl StateSync {
                     started,
                 })
                 .map_err(|e| e.to_string());
-            let _ = finished.blocking_send(result);
+            let _ = finished.blocking_send((height, result));
         });
     }
 
     /// The assembled state (or why it could not be).
-    pub(crate) fn finished(&mut self, result: Result<SyncedState, String>) {
+    pub(crate) fn finished(&mut self, height: u64, result: Result<SyncedState, String>) {
+        // A result of a fetch that was replaced meanwhile is of no use.
+        let current = self.fetch.as_ref().is_some_and(|fetch| {
+            fetch.advert.height == height && matches!(fetch.phase, FetchPhase::Finishing)
+        });
+        if !current {
+            return;
+        }
         match result {
             Ok(synced) => {
                 let height = synced.state.metadata.height.0;
@@ -853,28 +920,21 @@ impl StateSync {
         let Some(fetch) = self.fetch.take() else {
             return;
         };
+        let attempt = self
+            .attempts
+            .get(&fetch.advert.height)
+            .copied()
+            .unwrap_or(0);
         warn!(
             height = fetch.advert.height,
-            attempt = fetch.attempt,
-            reason,
-            "state sync: fetch failed"
+            attempt, reason, "state sync: fetch failed"
         );
         self.metrics.state_sync_failures.inc();
-        if fetch.attempt >= FETCH_ATTEMPTS_MAX {
-            self.abandoned.insert(fetch.advert.height);
+        // Another advert (or this one, again) may do; otherwise replay resumes.
+        self.consider_fetch();
+        if self.fetch.is_none() {
             self.handoff.target.store(0, Ordering::SeqCst);
             self.handoff.wake.notify_one();
-        } else {
-            // Adverts from the peers dropped this time are forgotten; they are re-sent.
-            self.adverts.retain(|peer, _| fetch.peers.contains(peer));
-            let attempt = fetch.attempt;
-            self.consider_fetch();
-            if let Some(next) = &mut self.fetch {
-                next.attempt = next.attempt.max(attempt + 1);
-            } else {
-                self.handoff.target.store(0, Ordering::SeqCst);
-                self.handoff.wake.notify_one();
-            }
         }
     }
 
@@ -883,10 +943,17 @@ impl StateSync {
         if self.last_advert.elapsed() >= ADVERT_INTERVAL {
             self.send_advert();
         }
+        self.bad_adverts.retain(|_, until| Instant::now() < *until);
         let Some(fetch) = &mut self.fetch else {
             self.consider_fetch();
             return;
         };
+        if !matches!(fetch.phase, FetchPhase::Finishing)
+            && fetch.progress.elapsed() >= NO_PROGRESS_TIMEOUT
+        {
+            self.fail("no peer answered for too long");
+            return;
+        }
         match &mut fetch.phase {
             FetchPhase::Manifest { peer, asked } => {
                 if asked.elapsed() >= REQUEST_TIMEOUT {

@@ -139,6 +139,12 @@ impl Deliveries {
     /// Acknowledges and drops every height up to and including `height`, queued or still to come:
     /// the node installed a state at `height` fetched from its peers (state sync), and the engine's
     /// floor was moved there, so deliveries continue at `height + 1`.
+    ///
+    /// The caller must only skip to a height above everything that may be queued (the engine
+    /// holds at most `pending_acks_max` unacknowledged heights): a queued height above `height`
+    /// would be delivered again after the floor moved, and its acknowledgement can be neither
+    /// given (it was not executed) nor dropped (the engine stops on a dropped one). Such heights
+    /// are kept, and logged as a critical error.
     pub fn skip_through(&self, height: u64) {
         let mut queue = self.queue.lock();
         queue.skip_through = queue.skip_through.max(height);
@@ -150,13 +156,13 @@ impl Deliveries {
                 ack.acknowledge();
             }
         }
-        // Anything left above the skipped heights but not continuing them belongs to the old
-        // sequence; the engine delivers from the floor again.
-        let keep = (queue.skip_through + 1..)
-            .zip(queue.blocks.iter())
-            .take_while(|(expected, (block, _))| block.inner().height_u64() == *expected)
-            .count();
-        queue.blocks.truncate(keep);
+        if let Some((block, _)) = queue.blocks.front() {
+            error!(
+                skipped_through = height,
+                queued = block.inner().height_u64(),
+                "critical: heights above a state-sync floor were already queued"
+            );
+        }
         drop(queue);
         self.notify.notify_one();
     }
