@@ -26,6 +26,8 @@ const REPLICAS: u16 = 4;
 const CATCH_UP_INTERVAL: u64 = 40;
 /// MiB written per `fill_stable` call.
 const FILL_MIB_PER_CALL: u64 = 32;
+/// MiB checked per `check_stable` query.
+const CHECK_MIB_PER_QUERY: u64 = 64;
 /// The replica that is wiped.
 const VICTIM: usize = 3;
 /// How long any one phase may take before the benchmark fails.
@@ -168,14 +170,25 @@ async fn main() {
             if height < others_height {
                 return None;
             }
-            let reply = victim
-                .query(&canister, "check_stable")
-                .with_arg(Encode!(&0u64, &mib).expect("encode"))
-                .call()
-                .await
-                .ok()?;
-            let wrong = Decode!(&reply, u64).ok()?;
-            assert_eq!(wrong, 0, "the rejoined replica's stable memory differs");
+            // In pieces: one query reading all of it would exceed the query instruction limit.
+            let mut first = 0;
+            while first < mib {
+                let count = CHECK_MIB_PER_QUERY.min(mib - first);
+                let reply = victim
+                    .query(&canister, "check_stable")
+                    .with_arg(Encode!(&first, &count).expect("encode"))
+                    .call()
+                    .await
+                    .ok()?;
+                let wrong = Decode!(&reply, u64).ok()?;
+                assert_eq!(
+                    wrong,
+                    0,
+                    "the rejoined replica's stable memory differs in MiB {first}..{}",
+                    first + count
+                );
+                first += count;
+            }
             Some(())
         },
     )

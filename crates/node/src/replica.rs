@@ -961,7 +961,9 @@ impl ExecutionThread {
             let diverged = self.handoff.diverged_at.load(Ordering::SeqCst) != 0;
             let height = self.state.metadata.height.0;
             let far_behind = self.subnet_height_hint.load(Ordering::Relaxed)
-                >= height.saturating_add(self.catch_up_interval);
+                >= height.saturating_add(
+                    crate::state_sync::SYNC_LAG_INTERVALS.saturating_mul(self.catch_up_interval),
+                );
             behind_since = match (far_behind, behind_since) {
                 (false, _) => None,
                 (true, None) => Some(Instant::now()),

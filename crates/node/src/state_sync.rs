@@ -61,6 +61,11 @@ pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Chunk requests outstanding at once (each answer is up to about 1 MiB).
 pub(crate) const CHUNKS_IN_FLIGHT: usize = 16;
 
+/// A replica fetches the state when it is at least this many catch-up intervals behind the
+/// subnet's latest signed checkpoint; closer than that, replaying the blocks is cheaper than
+/// fetching a large state.
+pub(crate) const SYNC_LAG_INTERVALS: u64 = 3;
+
 /// Fetches of one advertised height before giving up on it.
 pub(crate) const FETCH_ATTEMPTS_MAX: u32 = 3;
 
@@ -394,6 +399,8 @@ pub(crate) struct StateSync {
     bad_adverts: BTreeMap<[u8; 32], Instant>,
     /// Fetches started per advertised height.
     attempts: BTreeMap<u64, u32>,
+    /// A fetched state handed to the execution thread and not installed yet (0: none).
+    installing: u64,
     min_lead: u64,
     fetch: Option<Fetch>,
     last_advert: Instant,
@@ -454,6 +461,7 @@ impl StateSync {
             adverts: BTreeMap::new(),
             bad_adverts: BTreeMap::new(),
             attempts: BTreeMap::new(),
+            installing: 0,
             min_lead: parts.min_lead,
             fetch: None,
             last_advert: Instant::now(),
@@ -660,6 +668,10 @@ impl StateSync {
     fn consider_fetch(&mut self) {
         let executed = self.executed_height.load(Ordering::SeqCst);
         let diverged_at = self.handoff.diverged_at.load(Ordering::SeqCst);
+        if self.installing > executed {
+            // The execution thread has a fetched state to install; judge after it did.
+            return;
+        }
         let Some(best) = self
             .adverts
             .values()
@@ -671,7 +683,9 @@ impl StateSync {
         };
         // Installing needs a lead over everything the engine may have queued for execution.
         let floor = executed.saturating_add(self.min_lead);
-        let behind = best.height >= executed.saturating_add(self.interval) && best.height > floor;
+        let behind = best.height
+            >= executed.saturating_add(SYNC_LAG_INTERVALS.saturating_mul(self.interval))
+            && best.height > floor;
         let recovers = diverged_at != 0 && best.height > diverged_at.max(floor);
         if !(behind || recovers) {
             return;
@@ -910,6 +924,7 @@ impl StateSync {
                 );
                 *self.handoff.ready.lock() = Some(synced);
                 self.handoff.wake.notify_one();
+                self.installing = height;
                 self.fetch = None;
             }
             Err(error) => self.fail(&format!("the fetched state does not assemble: {error}")),
@@ -987,6 +1002,13 @@ impl StateSync {
     /// Whether this replica's state is installed past the target: then the fetch is moot.
     pub(crate) fn note_executed(&mut self) {
         let executed = self.executed_height.load(Ordering::SeqCst);
+        // Installed, or dropped by the execution thread (replay got there first, or it could not
+        // be checkpointed): either way the hand-off is over.
+        if self.installing != 0
+            && (self.installing <= executed || self.handoff.target.load(Ordering::SeqCst) == 0)
+        {
+            self.installing = 0;
+        }
         if let Some(fetch) = &self.fetch
             && fetch.advert.height <= executed
             && self.handoff.diverged_at.load(Ordering::SeqCst) == 0

@@ -705,7 +705,8 @@ async fn wiped_replica_rejoins_by_state_sync() {
     for index in &others {
         subnet_height = subnet_height.max(certified_height(live(*index)).await.unwrap_or(0));
     }
-    let signed_after = subnet_height + 2 * CATCH_UP_INTERVAL;
+    // A replica fetches the state once it is three intervals behind (closer, it replays).
+    let signed_after = subnet_height.max(3 * CATCH_UP_INTERVAL) + 2 * CATCH_UP_INTERVAL;
     wait_for(
         "the subnet to pass another catch-up height",
         CONVERGENCE_TIMEOUT,
