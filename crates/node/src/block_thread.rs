@@ -163,7 +163,7 @@ impl BlockThread {
         crate::checkpointing::write_checkpoint(
             &self.state,
             &mut self.checkpoints,
-            &mut self.block_log,
+            Some(&mut self.block_log),
             &self.metrics,
         )
     }

@@ -12,10 +12,11 @@ use std::time::Instant;
 use tracing::{error, info, warn};
 
 /// Loads the latest checkpoint (or `genesis` when there is none) and replays the block log after
-/// it. Errors if the log does not continue the checkpoint's height.
+/// it, if the node keeps one (a replica does not: consensus redelivers what no checkpoint covers).
+/// Errors if the log does not continue the checkpoint's height.
 pub(crate) fn load_state(
     checkpoints: &mut FileCheckpointStore,
-    block_log: &mut FileBlockLog,
+    block_log: Option<&mut FileBlockLog>,
     executor: &mut impl BlockExecutor,
     genesis: impl FnOnce() -> ReplicatedState,
 ) -> Result<ReplicatedState, NodeError> {
@@ -24,15 +25,10 @@ pub(crate) fn load_state(
         None => genesis(),
     };
     let checkpoint_height = state.metadata.height;
-    if block_log
-        .last_height()
-        .is_some_and(|last| last < checkpoint_height)
-    {
-        // The checkpoint came from state sync and the node stopped before the log was restarted
-        // after it: the blocks in the log are all older than the state.
-        warn!(%checkpoint_height, "the block log ends below the checkpoint (an interrupted state-sync install); restarting it");
-        block_log.restart_after(checkpoint_height)?;
-    }
+    let Some(block_log) = block_log else {
+        info!(height = %checkpoint_height, "state loaded");
+        return Ok(state);
+    };
     let blocks = block_log.read_after(checkpoint_height)?;
     for block in &blocks {
         if block.height != state.metadata.height.increment() {
@@ -92,12 +88,13 @@ impl CheckpointSchedule {
     }
 }
 
-/// Writes a checkpoint of `state` and drops the blocks it covers. A failure is logged and
-/// survived: the block log still holds everything since the previous checkpoint.
+/// Writes a checkpoint of `state` and drops the blocks it covers from the block log, if the node
+/// keeps one. A failure is logged and survived: the block log (or, on a replica, consensus's
+/// redelivery of unacknowledged heights) still holds everything since the previous checkpoint.
 pub(crate) fn write_checkpoint(
     state: &ReplicatedState,
     checkpoints: &mut FileCheckpointStore,
-    block_log: &mut FileBlockLog,
+    block_log: Option<&mut FileBlockLog>,
     metrics: &NodeMetrics,
 ) -> bool {
     let started = Instant::now();
@@ -116,7 +113,9 @@ pub(crate) fn write_checkpoint(
                     Height(0)
                 }
             };
-            if let Err(err) = block_log.truncate_through(oldest) {
+            if let Some(block_log) = block_log
+                && let Err(err) = block_log.truncate_through(oldest)
+            {
                 warn!(%err, %height, "checkpoint written but the block log could not be truncated");
             }
             true

@@ -30,7 +30,9 @@ pub const MAX_MEMBERS: usize = 64;
 pub const DEFAULT_CATCH_UP_INTERVAL_HEIGHTS: u64 = 100;
 
 /// Bounds of [`Genesis::catch_up_interval_heights`].
-pub const CATCH_UP_INTERVAL_HEIGHTS_RANGE: std::ops::RangeInclusive<u64> = 4..=100_000;
+/// (Replicas acknowledge heights to consensus per checkpoint, so consensus keeps about two
+/// intervals of heights waiting for acknowledgement.)
+pub const CATCH_UP_INTERVAL_HEIGHTS_RANGE: std::ops::RangeInclusive<u64> = 4..=10_000;
 
 fn default_catch_up_interval() -> u64 {
     DEFAULT_CATCH_UP_INTERVAL_HEIGHTS

@@ -187,10 +187,12 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
 
     let mut checkpoints = FileCheckpointStore::open(&config.state_dir, config.checkpoints.clone())?;
     let mut block_log = FileBlockLog::open(&config.state_dir, config.block_log.clone())?;
-    let mut state =
-        checkpointing::load_state(&mut checkpoints, &mut block_log, &mut scheduler, || {
-            ReplicatedState::new(subnet_id, FIRST_USER_CANISTER_INDEX, genesis_seed)
-        })?;
+    let mut state = checkpointing::load_state(
+        &mut checkpoints,
+        Some(&mut block_log),
+        &mut scheduler,
+        || ReplicatedState::new(subnet_id, FIRST_USER_CANISTER_INDEX, genesis_seed),
+    )?;
 
     let certified = Arc::new(CertifiedStateStore::new(
         SubnetInfo {

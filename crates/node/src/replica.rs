@@ -42,11 +42,11 @@ use openic_crypto::{NodeKey, self_authenticating_principal};
 use openic_embedders::{Embedder, WasmtimeEmbedder};
 use openic_execution::{Scheduler, SubnetContext};
 use openic_interfaces::{
-    BlockExecutor, BlockLog, CertifiedStateReader, CheckpointStore, IngressPool, IngressPoolError,
+    BlockExecutor, CertifiedStateReader, CheckpointStore, IngressPool, IngressPoolError,
     StorageError,
 };
 use openic_replicated_state::ReplicatedState;
-use openic_state_manager::{FileBlockLog, FileCheckpointStore};
+use openic_state_manager::FileCheckpointStore;
 use openic_types::ids::{FIRST_USER_CANISTER_INDEX, subnet_canister_ranges};
 use openic_types::{
     Block, CanisterId, Height, IngressEnvelope, NodeId, RequestId, SignedIngress, SubnetId, Time,
@@ -450,6 +450,13 @@ pub async fn start_replica(config: ReplicaConfig) -> Result<RunningNode, NodeErr
         state_dir.join("consensus"),
     );
     service_config.bft.min_block_interval = MIN_BLOCK_INTERVAL;
+    // Heights are acknowledged to consensus only once a checkpoint covers them (through the
+    // oldest checkpoint kept, so falling back to it still finds every later block in consensus's
+    // archive): the engine must let that many heights wait for their acknowledgement.
+    service_config.bft.pending_acks_max = usize::try_from(
+        2 * genesis.catch_up_interval_heights + openic_consensus::bft::SEED_LAG_HEIGHTS + 16,
+    )
+    .unwrap_or(usize::MAX);
     let state_sync_min_lead =
         service_config.bft.pending_acks_max as u64 + openic_consensus::bft::SEED_LAG_HEIGHTS + 1;
     service_config.bft.idle_block_interval = IDLE_BLOCK_INTERVAL;
@@ -513,8 +520,9 @@ pub async fn start_replica(config: ReplicaConfig) -> Result<RunningNode, NodeErr
         subnet_context.clone(),
     );
     let mut checkpoints = FileCheckpointStore::open(&state_dir, node_config.checkpoints.clone())?;
-    let mut block_log = FileBlockLog::open(&state_dir, node_config.block_log.clone())?;
-    let state = load_state(&mut checkpoints, &mut block_log, &mut scheduler, || {
+    // No block log: consensus redelivers every height not acknowledged, and heights are
+    // acknowledged only once a checkpoint covers them.
+    let state = load_state(&mut checkpoints, None, &mut scheduler, || {
         ReplicatedState::new(
             subnet_id,
             FIRST_USER_CANISTER_INDEX,
@@ -599,7 +607,7 @@ pub async fn start_replica(config: ReplicaConfig) -> Result<RunningNode, NodeErr
     let execution = ExecutionThread {
         state,
         scheduler,
-        block_log,
+        unacknowledged: std::collections::VecDeque::new(),
         checkpoints,
         certified: certified.clone(),
         pool: pool.clone(),
@@ -671,7 +679,7 @@ const CATCH_UP_ADVERT_WAIT: Duration = Duration::from_secs(6);
 
 /// How long a call refused on this replica's certified state waits for the state its peers
 /// already signed before it is checked again.
-const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
+const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
 /// Checks calls on this replica's latest certified state and, when that refuses a call while the
 /// replica is behind the height its peers have signed (a canister just installed through another
@@ -906,7 +914,8 @@ fn accept_gossiped_ingress(task: &CertificationLoop, bytes: &[u8]) {
 struct ExecutionThread {
     state: ReplicatedState,
     scheduler: Scheduler,
-    block_log: FileBlockLog,
+    /// Executed heights not acknowledged to consensus yet (see `ExecutionThread::checkpoint`).
+    unacknowledged: std::collections::VecDeque<(u64, openic_consensus::bft::DeliveryAck)>,
     checkpoints: FileCheckpointStore,
     certified: Arc<CertifiedStateStore>,
     pool: Arc<IngressPoolImpl>,
@@ -990,8 +999,29 @@ impl ExecutionThread {
                 continue;
             };
             if finalized.height <= self.state.metadata.height.0 {
-                // Delivered again after a restart: already executed and logged.
+                // Delivered again after a restart: the loaded checkpoint covers it.
                 ack.acknowledge();
+                continue;
+            }
+            if finalized.height > self.state.metadata.height.0 + 1 {
+                // Consensus continues above this state (a checkpoint it relied on was lost or
+                // corrupt): only a state fetched from the peers can bridge the gap.
+                let reason = format!(
+                    "consensus delivers height {} but the state is at height {}; waiting for \
+                     state sync",
+                    finalized.height, self.state.metadata.height
+                );
+                error!(%reason, "critical: heights missing below consensus's floor");
+                self.metrics.critical_errors.inc();
+                *self.halted.lock() = Some(reason);
+                let _ = self.handoff.diverged_at.compare_exchange(
+                    0,
+                    self.state.metadata.height.0.max(1),
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                );
+                // Kept unacknowledged: delivered again after a restart.
+                self.unacknowledged.push_back((finalized.height, ack));
                 continue;
             }
             let block = match self.to_block(&finalized) {
@@ -1003,17 +1033,7 @@ impl ExecutionThread {
                     break;
                 }
             };
-            if let Err(error) = self.block_log.append(&block) {
-                let reason = format!(
-                    "cannot append block {} to the block log: {error}",
-                    block.height
-                );
-                error!(%reason, "the replica stops executing");
-                self.metrics.critical_errors.inc();
-                *self.halted.lock() = Some(reason);
-                break;
-            }
-            ack.acknowledge();
+            self.unacknowledged.push_back((block.height.0, ack));
             let started = Instant::now();
             let summary = self.scheduler.execute_block(&mut self.state, &block);
             self.metrics
@@ -1076,6 +1096,7 @@ impl ExecutionThread {
         if schedule.behind(self.state.metadata.height) {
             self.checkpoint();
         }
+        // Heights still unacknowledged are delivered again after a restart.
         info!(height = %self.state.metadata.height, "execution thread stopped");
     }
 
@@ -1188,14 +1209,16 @@ impl ExecutionThread {
             done(self);
             return false;
         }
-        if let Err(error) = self.block_log.restart_after(height) {
-            error!(%error, %height, "state sync: cannot restart the block log; the replica stops executing");
-            self.metrics.critical_errors.inc();
-            *self.halted.lock() = Some(format!("block log: {error}"));
-            self.stop.store(true, Ordering::SeqCst);
-            return false;
+        // Older checkpoints hold a state this replica no longer continues: deliveries resume
+        // above the installed height, so falling back to one of them could never catch up.
+        if let Err(error) = self.checkpoints.retain_only(height) {
+            warn!(%error, %height, "state sync: older checkpoints could not be removed");
         }
         self.state = synced.state;
+        // Every height executed or queued so far is at or below the installed one.
+        for (_, ack) in self.unacknowledged.drain(..) {
+            ack.acknowledge();
+        }
         self.certified.request_full_rebuild();
         if let Err(error) = self
             .floor
@@ -1239,13 +1262,35 @@ impl ExecutionThread {
         true
     }
 
+    /// Writes a checkpoint and acknowledges to consensus every executed height the oldest kept
+    /// checkpoint covers (if the latest turns out corrupt on load, the previous one is used, and
+    /// consensus must still deliver every height after it).
     fn checkpoint(&mut self) -> bool {
-        crate::checkpointing::write_checkpoint(
+        let written = crate::checkpointing::write_checkpoint(
             &self.state,
             &mut self.checkpoints,
-            &mut self.block_log,
+            None,
             &self.metrics,
-        )
+        );
+        if written {
+            let through = match self.checkpoints.oldest_checkpoint_height() {
+                Ok(oldest) => oldest.map(|h| h.0).unwrap_or(0),
+                Err(error) => {
+                    warn!(%error, "cannot list checkpoints; heights stay unacknowledged");
+                    0
+                }
+            };
+            while self
+                .unacknowledged
+                .front()
+                .is_some_and(|(height, _)| *height <= through)
+            {
+                if let Some((_, ack)) = self.unacknowledged.pop_front() {
+                    ack.acknowledge();
+                }
+            }
+        }
+        written
     }
 }
 

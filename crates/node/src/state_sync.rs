@@ -534,6 +534,13 @@ impl StateSync {
                     "catch-up checkpoint certified; serving it to peers"
                 );
                 self.metrics.catch_up_height.set(height.0 as i64);
+                // Blocks far below the latest signed checkpoint serve no one: a replica that far
+                // behind fetches a checkpoint. Keep every block a replica that replays needs.
+                let keep =
+                    (SYNC_LAG_INTERVALS + SERVED_MAX as u64 + 1).saturating_mul(self.interval);
+                if height.0 > keep {
+                    self.floor.prune(height.0 - keep);
+                }
                 let manifest = candidate.snapshot.manifest().encode();
                 self.serving.push_back(Served {
                     advert,
@@ -714,7 +721,6 @@ impl StateSync {
             attempt = *attempt,
             "state sync: fetching the subnet's catch-up checkpoint"
         );
-        self.handoff.target.store(best.height, Ordering::SeqCst);
         let mut fetch = Fetch {
             advert: best,
             peers,
@@ -726,6 +732,7 @@ impl StateSync {
         let Some(peer) = fetch.pick_peer() else {
             return;
         };
+        self.handoff.target.store(best.height, Ordering::SeqCst);
         fetch.phase = FetchPhase::Manifest {
             peer,
             asked: Instant::now(),

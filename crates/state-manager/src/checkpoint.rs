@@ -529,6 +529,22 @@ impl FileCheckpointStore {
         Ok((state, last))
     }
 
+    /// Deletes every checkpoint but the one at `height` (after installing a state fetched by
+    /// state sync: older checkpoints hold a history the node no longer continues).
+    pub fn retain_only(&mut self, height: Height) -> Result<(), StorageError> {
+        let mut deleted = false;
+        for other in self.checkpoint_heights()? {
+            if other != height {
+                remove_dir_if_exists(&self.checkpoint_dir(other))?;
+                deleted = true;
+            }
+        }
+        if deleted {
+            sync_dir(&self.root)?;
+        }
+        Ok(())
+    }
+
     /// Moves a checkpoint that failed verification to `corrupt/`, out of the way of new ones.
     fn move_aside(&self, height: Height) -> Result<(), StorageError> {
         let corrupt_root = self.root.join(CORRUPT_DIR);

@@ -541,8 +541,12 @@ async fn killed_replica_restarts_from_its_checkpoint_and_catches_up() {
     const UPDATES_BEFORE_KILL: u64 = 5;
     const UPDATES_WHILE_DOWN: u64 = 20;
     const VICTIM: usize = 3;
+    /// Heights between checkpoints: small, so the victim has one before it is killed.
+    const CATCH_UP_INTERVAL: u64 = 16;
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let mut subnet = blocking(|| SubnetProcesses::start(dir.path(), REPLICAS));
+    let mut subnet = blocking(|| {
+        SubnetProcesses::start_with_catch_up_interval(dir.path(), REPLICAS, Some(CATCH_UP_INTERVAL))
+    });
     let agents = agents_for(&subnet).await;
     let live = |index: usize| agents[index].as_ref().expect("replica runs");
     let counter = deploy(live(0), "counter", args(())).await;
@@ -557,6 +561,16 @@ async fn killed_replica_restarts_from_its_checkpoint_and_catches_up() {
         async || match counter_at(live(VICTIM), counter).await {
             Ok(UPDATES_BEFORE_KILL) => Ok(()),
             other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
+    // ...and a checkpoint of it (one at every multiple of the interval).
+    wait_for(
+        "the victim to pass a checkpoint height after the updates",
+        CONVERGENCE_TIMEOUT,
+        async || match certified_height(live(VICTIM)).await {
+            Some(height) if height > CATCH_UP_INTERVAL + 4 => Ok(()),
+            other => Err(format!("certified height {other:?}")),
         },
     )
     .await;

@@ -300,6 +300,14 @@ impl FloorControl {
         Some(finalization.encode().to_vec())
     }
 
+    /// Lets the engine delete finalized blocks and certificates below `height` (it may keep some
+    /// older ones; it never deletes above what it delivered and saw acknowledged). For history
+    /// no peer needs any more: a replica further behind fetches a signed checkpoint instead.
+    pub fn prune(&self, height: u64) {
+        self.marshal
+            .prune(commonware_consensus::types::Height::new(height));
+    }
+
     /// Checks that `finalization` (bytes from a peer's [`FloorControl::finalization`]) is a valid
     /// finalization certificate of the block with digest `block_digest`.
     pub fn check_floor(&self, finalization: &[u8], block_digest: &[u8; 32]) -> Result<(), String> {
