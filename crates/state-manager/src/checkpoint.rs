@@ -1474,6 +1474,19 @@ mod tests {
     }
 
     #[test]
+    fn retain_only_keeps_one_checkpoint_which_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path());
+        store.write_checkpoint(&state(4)).unwrap();
+        store.write_checkpoint(&state(9)).unwrap();
+        store.retain_only(Height(9)).unwrap();
+        assert_eq!(store.checkpoint_heights().unwrap(), vec![Height(9)]);
+        let mut fresh = open(dir.path());
+        let loaded = fresh.load_latest().unwrap().expect("a checkpoint");
+        assert_eq!(loaded.metadata.height, Height(9));
+    }
+
+    #[test]
     fn same_height_twice_is_a_no_op_unless_the_state_differs() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = open(dir.path());
