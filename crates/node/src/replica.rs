@@ -16,7 +16,7 @@
 //!   so, stops executing, and recovers by state sync;
 //! - at every multiple of the genesis file's catch-up interval the execution thread writes a
 //!   checkpoint and signs its state-sync manifest; a replica that lost its state or fell behind
-//!   fetches the latest one the subnet signed from its peers ([`crate::state_sync`]).
+//!   fetches the latest one the subnet signed from its peers (`state_sync.rs` in this crate).
 //!
 //! Invariant: readers only ever see heights certified by the subnet's key; queries run on exactly
 //! that state (the store publishes tree and canisters together).
