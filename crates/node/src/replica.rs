@@ -679,7 +679,7 @@ const CATCH_UP_ADVERT_WAIT: Duration = Duration::from_secs(6);
 
 /// How long a call refused on this replica's certified state waits for the state its peers
 /// already signed before it is checked again.
-const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
+const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
 
 /// Checks calls on this replica's latest certified state and, when that refuses a call while the
 /// replica is behind the height its peers have signed (a canister just installed through another
@@ -1159,7 +1159,7 @@ impl ExecutionThread {
         // The manifest travels in one message with the finalization certificate (a few hundred
         // bytes): a state whose manifest does not fit (tens of thousands of chunks, tens of GiB)
         // cannot be served, so it is not signed.
-        let manifest_bytes = snapshot.manifest().encode().len();
+        let manifest_bytes = snapshot.encoded_manifest().len();
         if manifest_bytes + 64 * 1024 > openic_consensus::subnet::STATE_SYNC_MESSAGE_BYTES_MAX {
             error!(
                 height = finalized.height,

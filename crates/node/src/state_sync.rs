@@ -371,17 +371,19 @@ struct Fetch {
 
 impl Fetch {
     fn pick_peer(&mut self) -> Option<[u8; 32]> {
-        if self.peers.is_empty() {
-            return None;
-        }
-        let peer = self.peers[self.next_peer % self.peers.len()];
-        self.next_peer = self.next_peer.wrapping_add(1);
-        Some(peer)
+        next_peer(&self.peers, &mut self.next_peer)
     }
 
     fn drop_peer(&mut self, peer: &[u8; 32]) {
         self.peers.retain(|p| p != peer);
     }
+}
+
+/// The peer after the last one asked, in turn (`None` when none is left).
+fn next_peer(peers: &[[u8; 32]], next: &mut usize) -> Option<[u8; 32]> {
+    let peer = *peers.get(*next % peers.len().max(1))?;
+    *next = next.wrapping_add(1);
+    Some(peer)
 }
 
 /// The state-sync side of a replica: runs inside the certification task.
@@ -416,7 +418,6 @@ pub(crate) struct StateSync {
 struct Served {
     advert: Advert,
     snapshot: Arc<SyncSnapshot>,
-    manifest: Arc<Vec<u8>>,
 }
 
 /// Results of assembling a fetched state on a blocking thread, with the height fetched.
@@ -541,11 +542,9 @@ impl StateSync {
                 if height.0 > keep {
                     self.floor.prune(height.0 - keep);
                 }
-                let manifest = candidate.snapshot.manifest().encode();
                 self.serving.push_back(Served {
                     advert,
                     snapshot: candidate.snapshot,
-                    manifest: Arc::new(manifest),
                 });
                 while self.serving.len() > SERVED_MAX {
                     self.serving.pop_front();
@@ -633,7 +632,7 @@ impl StateSync {
             self.send(from, SyncMessage::Unavailable { height });
             return;
         };
-        let manifest = served.manifest.clone();
+        let manifest = served.snapshot.encoded_manifest();
         let floor = self.floor.clone();
         let service = self.service.clone();
         tokio::spawn(async move {
@@ -868,8 +867,9 @@ impl StateSync {
             if in_flight.contains_key(&index) {
                 continue;
             }
-            let peer = fetch.peers[fetch.next_peer % fetch.peers.len()];
-            fetch.next_peer = fetch.next_peer.wrapping_add(1);
+            let Some(peer) = next_peer(&fetch.peers, &mut fetch.next_peer) else {
+                break;
+            };
             in_flight.insert(index, (peer, Instant::now()));
             requests.push((peer, index));
         }

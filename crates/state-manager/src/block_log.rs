@@ -393,22 +393,6 @@ impl FileBlockLog {
     }
 }
 
-impl FileBlockLog {
-    /// Deletes every block and continues the log after `height`: the state at `height` came from
-    /// elsewhere (state sync) and is checkpointed, so the blocks before it are no longer needed and
-    /// the next block appended is `height + 1`.
-    pub fn restart_after(&mut self, height: Height) -> Result<(), StorageError> {
-        for segment in self.segments.drain(..) {
-            std::fs::remove_file(&segment.path).map_err(io_error(&segment.path))?;
-        }
-        sync_dir(&self.dir)?;
-        self.active = None;
-        self.last_height = Some(height);
-        self.failed = false;
-        Ok(())
-    }
-}
-
 impl BlockLog for FileBlockLog {
     fn append(&mut self, block: &Block) -> Result<(), StorageError> {
         if self.failed {
@@ -619,24 +603,6 @@ mod tests {
 
     fn heights(blocks: &[Block]) -> Vec<u64> {
         blocks.iter().map(|b| b.height.0).collect()
-    }
-
-    #[test]
-    fn restart_after_drops_every_block_and_continues_from_the_height() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = FileBlockLog::open(dir.path(), BlockLogConfig::default()).unwrap();
-        for h in 1..=5 {
-            log.append(&block(h, 1)).unwrap();
-        }
-        log.restart_after(Height(40)).unwrap();
-        assert!(
-            log.append(&block(6, 1)).is_err(),
-            "heights continue after 40"
-        );
-        log.append(&block(41, 1)).unwrap();
-        drop(log);
-        let mut log = FileBlockLog::open(dir.path(), BlockLogConfig::default()).unwrap();
-        assert_eq!(heights(&log.read_after(Height(40)).unwrap()), vec![41]);
     }
 
     #[test]

@@ -550,6 +550,8 @@ struct SnapshotMemory {
 /// held in memory. Pages and modules are shared with the state it was built from by `Arc`.
 pub struct SyncSnapshot {
     manifest: SyncManifest,
+    /// `manifest.encode()`, as sent to peers.
+    encoded_manifest: Arc<[u8]>,
     manifest_hash: [u8; 32],
     state_file: Vec<u8>,
     modules: BTreeMap<Sha256Hash, Arc<WasmBinary>>,
@@ -600,6 +602,11 @@ impl SyncSnapshot {
     /// [`SyncManifest::hash`] of the manifest, computed once.
     pub fn manifest_hash(&self) -> [u8; 32] {
         self.manifest_hash
+    }
+
+    /// The manifest's encoding (`manifest().encode()`, kept from when the snapshot was built).
+    pub fn encoded_manifest(&self) -> Arc<[u8]> {
+        self.encoded_manifest.clone()
     }
 
     /// The wire bytes of chunk `index`, or `None` for an index beyond the manifest's chunks.
@@ -781,6 +788,7 @@ pub(crate) fn build_snapshot(
         .map_err(|e| unservable(format!("built a manifest that does not validate: {e}")))?;
     Ok(SyncSnapshot {
         manifest_hash: manifest_hash_of(&encoded),
+        encoded_manifest: encoded.into(),
         manifest,
         state_file,
         modules,

@@ -524,16 +524,7 @@ async fn two_replicas_killed_finality_stops_and_resumes() {
 
 /// The height in the last `state loaded height=<h>` line of a replica's log.
 fn last_loaded_height(log: &str) -> Option<u64> {
-    let line = log
-        .lines()
-        .rev()
-        .find(|line| line.contains("state loaded"))?;
-    let value = line.split("height=").nth(1)?;
-    value
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
+    logged_number(log, "state loaded", "height")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
