@@ -30,6 +30,7 @@ mod scheduler;
 pub use common::EMPTY_CANDID_REPLY;
 pub use config::{ExecutionConfig, SubnetContext};
 pub use inspect::IngressFilter;
+pub use management::RAW_RAND_LAG_HEIGHTS;
 pub use query::QueryExecution;
 pub use scheduler::Scheduler;
 

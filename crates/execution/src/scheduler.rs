@@ -432,8 +432,9 @@ impl Scheduler {
                     state,
                     call,
                 );
-                // Deferred: the stop context holds the request, and the attached cycles are
-                // returned when it is answered (see `answer_stop_context`).
+                // Deferred: the stop context or the pending `raw_rand` holds the request, and the
+                // attached cycles are returned when it is answered (see `answer_stop_context`,
+                // `answer_raw_rand_requests`).
                 let payload = match outcome {
                     ManagementOutcome::Reply(data) => Payload::Data(data),
                     ManagementOutcome::Reject(error) => Payload::Reject {
@@ -1223,6 +1224,9 @@ impl BlockExecutor for Scheduler {
             hasher.update(block.randomness);
         }
         state.metadata.random_seed = hasher.finalize().into();
+        for answer in crate::management::answer_raw_rand_requests(state) {
+            deliver_response(state, answer);
+        }
 
         let now = state.metadata.time;
         self.prune_ingress_history(state, now);
@@ -1251,6 +1255,7 @@ impl BlockExecutor for Scheduler {
         let now = state.metadata.time.as_nanos_since_unix_epoch();
         let prepay = execution_fee(&self.config, self.config.max_instructions_per_update);
         has_queued_messages(state)
+            || !state.raw_rand_requests.is_empty()
             || state.canisters.values().any(|c| {
                 c.system_state.status == CanisterStatus::Running
                     && check_can_pay(&self.config, c, prepay).is_ok()

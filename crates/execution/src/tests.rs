@@ -994,12 +994,77 @@ fn management_calls_from_canisters_get_responses() {
         &[("rand", MethodKind::Update)],
         &[],
     )]);
-    scheduler(&embedder).execute_block(&mut state, &block(1, vec![ingress(1, a, "rand")]));
+    let mut scheduler = scheduler(&embedder);
+    scheduler.execute_block(&mut state, &block(1, vec![ingress(1, a, "rand")]));
+    // `raw_rand` answers two heights after the call, with randomness unknown at the call.
+    assert_eq!(state.raw_rand_requests.len(), 1);
+    scheduler.execute_block(&mut state, &block(2, Vec::new()));
+    assert_eq!(status(&state, 1), IngressState::Processing);
+    scheduler.execute_block(&mut state, &block(3, Vec::new()));
+    assert!(state.raw_rand_requests.is_empty());
     let IngressState::Replied(bytes) = status(&state, 1) else {
         panic!("expected a reply, got {:?}", status(&state, 1));
     };
     let random: Vec<u8> = candid::decode_one(&bytes).unwrap();
     assert_eq!(random.len(), 32);
+}
+
+/// A `raw_rand` answer depends on the randomness of the block that answers it (two heights after
+/// the call), so a block maker who knew the randomness of the calling block or the next one could
+/// not predict it; and calls made at one height are answered in order, with fresh bytes each.
+#[test]
+fn raw_rand_answers_with_the_randomness_of_a_later_block() {
+    let a = canister_id(1);
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_update rand", |_| {
+        Ok((
+            None,
+            calls(vec![a_call(
+                CanisterId::management(),
+                "raw_rand",
+                Cycles::ZERO,
+            )]),
+            0,
+        ))
+    });
+    embedder.on(a, "closure 1", |input| {
+        let ApiType::ReplyCallback { reply: data, .. } = &input.api_type else {
+            panic!("reply expected");
+        };
+        Ok((
+            Some(WasmResponse::Reply(data.clone())),
+            SystemStateChanges::default(),
+            0,
+        ))
+    });
+    let run = |answering_randomness: [u8; 32]| {
+        let mut state = new_state(vec![installed_canister(
+            a,
+            &[("rand", MethodKind::Update)],
+            &[],
+        )]);
+        let mut scheduler = scheduler(&embedder);
+        let mut first = block(1, vec![ingress(1, a, "rand"), ingress(2, a, "rand")]);
+        first.randomness = [1; 32];
+        scheduler.execute_block(&mut state, &first);
+        let mut second = block(2, Vec::new());
+        second.randomness = [2; 32];
+        scheduler.execute_block(&mut state, &second);
+        assert_eq!(status(&state, 1), IngressState::Processing);
+        let mut third = block(3, Vec::new());
+        third.randomness = answering_randomness;
+        scheduler.execute_block(&mut state, &third);
+        let reply = |nonce| match status(&state, nonce) {
+            IngressState::Replied(bytes) => candid::decode_one::<Vec<u8>>(&bytes).unwrap(),
+            other => panic!("expected a reply, got {other:?}"),
+        };
+        (reply(1), reply(2))
+    };
+    let (first, second) = run([3; 32]);
+    assert_eq!(first.len(), 32);
+    assert_ne!(first, second);
+    assert_eq!(run([3; 32]), (first.clone(), second));
+    assert_ne!(run([4; 32]).0, first);
 }
 
 /// The subnet's beacon randomness feeds the state's seed; an all-zero value (a one-replica

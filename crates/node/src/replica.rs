@@ -387,8 +387,17 @@ fn genesis_seed(genesis: &Genesis, sharing: &PublicSharing) -> [u8; 32] {
     hasher.finalize().into()
 }
 
-/// The randomness a block executes with, from the subnet's random beacon.
-fn block_randomness(seed: &[u8; 48]) -> [u8; 32] {
+// Execution answers `raw_rand` only with randomness the consensus seed rule says was unknown
+// when the call was made.
+const _: () =
+    assert!(openic_consensus::bft::SEED_LAG_HEIGHTS == openic_execution::RAW_RAND_LAG_HEIGHTS);
+
+/// The randomness a block executes with, from the subnet's random beacon: the seed the block
+/// carries, which execution uses only for answers to earlier heights' requests
+/// (`openic_consensus::bft::SEED_LAG_HEIGHTS`, `openic_execution::RAW_RAND_LAG_HEIGHTS`).
+fn block_randomness(seed: Option<&[u8; 48]>) -> [u8; 32] {
+    // Height 1 (on genesis) has no seed: zero randomness adds nothing to the state's seed.
+    let Some(seed) = seed else { return [0; 32] };
     let mut hasher = Sha256::new();
     hasher.update(b"openic-random-beacon");
     hasher.update(seed);
@@ -453,12 +462,9 @@ pub async fn start_replica(config: ReplicaConfig) -> Result<RunningNode, NodeErr
     // Heights are acknowledged to consensus only once a checkpoint covers them (through the
     // oldest checkpoint kept, so falling back to it still finds every later block in consensus's
     // archive): the engine must let that many heights wait for their acknowledgement.
-    service_config.bft.pending_acks_max = usize::try_from(
-        2 * genesis.catch_up_interval_heights + openic_consensus::bft::SEED_LAG_HEIGHTS + 16,
-    )
-    .unwrap_or(usize::MAX);
-    let state_sync_min_lead =
-        service_config.bft.pending_acks_max as u64 + openic_consensus::bft::SEED_LAG_HEIGHTS + 1;
+    service_config.bft.pending_acks_max =
+        usize::try_from(2 * genesis.catch_up_interval_heights + 16).unwrap_or(usize::MAX);
+    let state_sync_min_lead = service_config.bft.pending_acks_max as u64 + 1;
     service_config.bft.idle_block_interval = IDLE_BLOCK_INTERVAL;
     service_config.bft.block_limits.ingress_messages_max =
         node_config.block_maker.max_ingress_messages_per_block;
@@ -1141,7 +1147,7 @@ impl ExecutionThread {
             height: expected,
             time,
             ingress,
-            randomness: block_randomness(&finalized.seed),
+            randomness: block_randomness(finalized.seed.as_ref()),
         })
     }
 

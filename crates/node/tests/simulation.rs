@@ -340,7 +340,9 @@ impl NodeReplica {
 }
 
 /// The randomness a block executes with (as `openic_node::replica` derives it).
-fn block_randomness(seed: &[u8; 48]) -> [u8; 32] {
+fn block_randomness(seed: Option<&[u8; 48]>) -> [u8; 32] {
+    // Height 1 (on genesis) has no seed: zero randomness adds nothing to the state's seed.
+    let Some(seed) = seed else { return [0; 32] };
     let mut hasher = Sha256::new();
     hasher.update(b"openic-random-beacon");
     hasher.update(seed);
@@ -377,7 +379,7 @@ impl SimulatedReplica for NodeReplica {
             height: Height(finalized.height),
             time,
             ingress,
-            randomness: block_randomness(&finalized.seed),
+            randomness: block_randomness(finalized.seed.as_ref()),
         };
         self.scheduler.execute_block(&mut self.state, &block);
         {

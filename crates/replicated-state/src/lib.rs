@@ -57,6 +57,18 @@ pub struct ReplicatedState {
     pub subnet_queue: std::collections::VecDeque<CanisterMessage>,
     /// Canister ids ever deleted: an id is never reused.
     pub deleted_canisters: std::collections::BTreeSet<CanisterId>,
+    /// `raw_rand` calls waiting for randomness that nobody knew when they were made, oldest
+    /// first (execution answers them a fixed number of heights later).
+    pub raw_rand_requests: std::collections::VecDeque<PendingRawRand>,
+}
+
+/// A `raw_rand` call waiting for its randomness.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingRawRand {
+    /// The height whose execution made the call.
+    pub requested_at: Height,
+    /// The call, answered to its sender with its payment refunded.
+    pub request: Request,
 }
 
 impl ReplicatedState {
@@ -80,6 +92,7 @@ impl ReplicatedState {
             ingress_history: IngressHistory::default(),
             subnet_queue: Default::default(),
             deleted_canisters: Default::default(),
+            raw_rand_requests: Default::default(),
         }
     }
 

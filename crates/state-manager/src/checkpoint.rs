@@ -38,11 +38,14 @@ use crate::fs_util::{
 };
 use crate::state_sync::{StateSyncError, SyncSnapshot};
 use openic_interfaces::{CheckpointStore, StorageError};
-use openic_replicated_state::{PAGE_SIZE, Page, PageIndex, PageMap, ReplicatedState, WasmBinary};
+use openic_replicated_state::{
+    CanisterMessage, CanisterState, IngressHistory, PAGE_SIZE, Page, PageIndex, PageMap,
+    ReplicatedState, SystemMetadata, WasmBinary,
+};
 use openic_types::{CanisterId, Height};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -54,8 +57,14 @@ pub const MANIFEST_MAGIC: [u8; 8] = *b"OICMAN01";
 /// First bytes of a page file.
 pub const PAGE_FILE_MAGIC: [u8; 8] = *b"OICPAG01";
 
-/// Version of the manifest and state file formats.
-const FORMAT_VERSION: u32 = 1;
+/// Version of the manifest and state file formats written.
+///
+/// Version 2 added `raw_rand_requests` at the end of the state; version 1 checkpoints still load
+/// (see [`decode_state`]).
+const FORMAT_VERSION: u32 = 2;
+
+/// The oldest format version that still loads.
+const FORMAT_VERSION_MIN: u32 = 1;
 
 const MANIFEST_FILE: &str = "MANIFEST";
 const STATE_FILE: &str = "state.bin";
@@ -383,11 +392,12 @@ impl FileCheckpointStore {
     ) -> Result<(ReplicatedState, LastCheckpoint), StorageError> {
         let dir = self.checkpoint_dir(height);
         let manifest = read_manifest(&dir)?;
-        if manifest.format_version != FORMAT_VERSION {
+        if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&manifest.format_version) {
             return Err(corrupt(
                 &dir,
                 format!(
-                    "checkpoint format version {} is not the supported version {FORMAT_VERSION}",
+                    "checkpoint format version {} is not a supported version \
+                     ({FORMAT_VERSION_MIN} to {FORMAT_VERSION})",
                     manifest.format_version
                 ),
             ));
@@ -400,7 +410,7 @@ impl FileCheckpointStore {
         }
 
         let state_bytes = read_verified(&dir, &manifest.state_file)?;
-        let mut state: ReplicatedState = postcard::from_bytes(&state_bytes).map_err(|e| {
+        let mut state = decode_state(manifest.format_version, &state_bytes).map_err(|e| {
             corrupt(
                 &dir.join(&manifest.state_file.name),
                 format!("state file does not decode: {e}"),
@@ -814,6 +824,32 @@ pub(crate) fn state_without_pages(state: &ReplicatedState) -> ReplicatedState {
     stripped
 }
 
+/// The state file of format version 1: the state before `raw_rand_requests` existed.
+#[derive(Deserialize)]
+struct StateV1 {
+    metadata: SystemMetadata,
+    canisters: BTreeMap<CanisterId, Arc<CanisterState>>,
+    ingress_history: IngressHistory,
+    subnet_queue: VecDeque<CanisterMessage>,
+    deleted_canisters: BTreeSet<CanisterId>,
+}
+
+/// Decodes a state file of a supported format version (the caller checked the version).
+fn decode_state(format_version: u32, bytes: &[u8]) -> Result<ReplicatedState, postcard::Error> {
+    if format_version == 1 {
+        let old: StateV1 = postcard::from_bytes(bytes)?;
+        return Ok(ReplicatedState {
+            metadata: old.metadata,
+            canisters: old.canisters,
+            ingress_history: old.ingress_history,
+            subnet_queue: old.subnet_queue,
+            deleted_canisters: old.deleted_canisters,
+            raw_rand_requests: VecDeque::new(),
+        });
+    }
+    postcard::from_bytes(bytes)
+}
+
 /// Checks that the encoded state decodes and encodes to the same bytes, so a checkpoint is never
 /// written that `load_latest` would refuse (postcard is not self-describing: a serde attribute
 /// such as `skip_serializing_if` on a state type would make it undecodable).
@@ -1157,7 +1193,7 @@ fn read_manifest(dir: &Path) -> Result<Manifest, StorageError> {
 mod tests {
     use super::*;
     use openic_replicated_state::{
-        CanisterState, ExecutionState, GlobalValue, ModuleInfo, SystemState,
+        CallbackId, ExecutionState, GlobalValue, ModuleInfo, PendingRawRand, Request, SystemState,
     };
     use openic_types::{Cycles, IngressState, IngressStatus, Principal, RequestId, SubnetId, Time};
 
@@ -1237,6 +1273,18 @@ mod tests {
             },
         );
         state.deleted_canisters.insert(CanisterId::from_u64(77));
+        state.raw_rand_requests.push_back(PendingRawRand {
+            requested_at: Height(height),
+            request: Request {
+                sender: CanisterId::from_u64(1),
+                receiver: CanisterId::management(),
+                sender_reply_callback: CallbackId(5),
+                method_name: "raw_rand".to_string(),
+                method_payload: b"DIDL\x00\x00".to_vec(),
+                payment: Cycles(7),
+                deadline: None,
+            },
+        });
         state
     }
 
@@ -1251,6 +1299,7 @@ mod tests {
         assert_eq!(a.ingress_history, b.ingress_history);
         assert_eq!(a.subnet_queue, b.subnet_queue);
         assert_eq!(a.deleted_canisters, b.deleted_canisters);
+        assert_eq!(a.raw_rand_requests, b.raw_rand_requests);
         assert_eq!(
             postcard::to_allocvec(a).unwrap(),
             postcard::to_allocvec(b).unwrap()
@@ -1272,6 +1321,27 @@ mod tests {
             }
         }
         found
+    }
+
+    #[test]
+    fn a_version_1_state_file_decodes_without_raw_rand_requests() {
+        let mut current = state(3);
+        current.raw_rand_requests.clear();
+        let stripped = state_without_pages(&current);
+        // Version 1 is today's state without its last field; postcard encodes a struct as its
+        // fields in order, so the tuple of the first five is a version 1 state file.
+        let v1 = postcard::to_allocvec(&(
+            &stripped.metadata,
+            &stripped.canisters,
+            &stripped.ingress_history,
+            &stripped.subnet_queue,
+            &stripped.deleted_canisters,
+        ))
+        .unwrap();
+        assert_same(&decode_state(1, &v1).unwrap(), &stripped);
+        assert!(decode_state(FORMAT_VERSION, &v1).is_err());
+        let v2 = postcard::to_allocvec(&stripped).unwrap();
+        assert_same(&decode_state(FORMAT_VERSION, &v2).unwrap(), &stripped);
     }
 
     #[test]

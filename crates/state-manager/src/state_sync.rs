@@ -81,8 +81,9 @@ pub const STATE_SYNC_MANIFEST_BYTES_MAX: usize = 16 << 20;
 /// [`STATE_SYNC_MANIFEST_BYTES_MAX`] (a chunk encodes in at most about 60 bytes).
 pub const STATE_SYNC_CHUNKS_MAX: u32 = 1 << 18;
 
-/// The manifest format this replica builds and accepts.
-pub const STATE_SYNC_FORMAT_VERSION: u32 = 1;
+/// The manifest format this replica builds and accepts (2: the state file holds the pending
+/// `raw_rand` calls; replicas of one subnet run one version, so only the current one is served).
+pub const STATE_SYNC_FORMAT_VERSION: u32 = 2;
 
 const BYTES_CHUNK_DOMAIN: &[u8] = b"openic-state-sync-bytes-v1";
 const PAGES_CHUNK_DOMAIN: &[u8] = b"openic-state-sync-pages-v1";
@@ -1547,9 +1548,10 @@ mod tests {
             assert!(SyncAssembler::new(edited).is_err());
             error
         };
-        let error = refused(&|m| m.format_version = 2);
+        let error = refused(&|m| m.format_version = STATE_SYNC_FORMAT_VERSION + 1);
         assert!(
-            matches!(error, StateSyncError::UnsupportedVersion { version: 2, .. }),
+            matches!(error, StateSyncError::UnsupportedVersion { version, .. }
+                if version == STATE_SYNC_FORMAT_VERSION + 1),
             "{error}"
         );
         let error = refused(&|m| m.chunks[0].size_bytes = STATE_SYNC_CHUNK_BYTES as u64 + 1);

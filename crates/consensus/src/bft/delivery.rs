@@ -13,24 +13,26 @@ use commonware_utils::{
 use std::{collections::VecDeque, sync::Arc};
 use tracing::error;
 
-/// How many heights after `h` a finalized block must exist before `h` is delivered.
+/// How many heights after a request the seed delivered with a height may decide its outcome.
 ///
 /// # Seed rule (commit, then reveal)
 ///
-/// Height `h` executes with the seed of the round in which its child `h + 1` was proposed. That
-/// seed is read from block `h + 2`, which carries its parent's seed and is checked against the
-/// subnet key by every replica before it votes, so all replicas (also ones catching up from
-/// storage or peers) read the same 48 bytes from the finalized chain.
+/// Height `h` is delivered as soon as it is final, with the seed block `h` carries: the seed of
+/// the round in which its parent `h - 1` was proposed, checked against the subnet key by every
+/// replica before it votes, so all replicas (also ones catching up from storage or peers) read
+/// the same 48 bytes from the finalized chain.
 ///
-/// Why not an earlier seed: the seed of round `v` is a threshold signature any `2f+1` votes of
-/// round `v` reveal, and a Byzantine leader of `v` can gather them from `f+1` honest replicas it
-/// showed different blocks before any block of `v` is notarized, then pick the block it prefers
-/// (Commonware's `bls12381_threshold::vrf` docs). So the seed of the round that proposed `h`
-/// must not drive `h`. Honest replicas vote in the child's round only after leaving round `h`'s,
-/// that is after `h` was notarized (its content fixed) or its round nullified, so the child's
-/// seed is unknown while `h`'s content can still change. The cost is latency: `h` is delivered
-/// once `h + 2` is final, and the last two final heights wait for more blocks (the chain makes
-/// blocks even without ingress, so this is two block times).
+/// That seed is not secret from `h`'s proposer, and a Byzantine leader of a round can even learn
+/// its own round's seed before any block of the round is notarized (any `2f+1` votes of round `v`
+/// reveal it, and it can gather them from `f+1` honest replicas it showed different blocks;
+/// Commonware's `bls12381_threshold::vrf` docs). So the seed delivered with `h` must not decide
+/// anything about `h` or `h - 1`. Honest replicas vote in the round of `h - 1` only after leaving
+/// the round of `h - 2`, that is after `h - 2` was notarized (its content fixed; it is final, so
+/// its round was not nullified), so the seed delivered with `h` was unknown to everyone while
+/// the content of `h - 2` and every earlier height could still change. Execution therefore uses
+/// it only for answers to requests made at `h - SEED_LAG_HEIGHTS` or earlier (`raw_rand` answers
+/// two heights after the call, as the Internet Computer answers it in a later round), and
+/// execution of a height never waits for later blocks.
 pub const SEED_LAG_HEIGHTS: u64 = 2;
 
 /// A finalized block with the randomness it executes with.
@@ -44,8 +46,9 @@ pub struct FinalizedBlock {
     pub ingress: Vec<Vec<u8>>,
     /// SHA-256 digest of the block's canonical encoding.
     pub digest: [u8; 32],
-    /// Compressed BLS12-381 G1 threshold signature over the seed round (see [`SEED_LAG_HEIGHTS`]).
-    pub seed: [u8; 48],
+    /// Compressed BLS12-381 G1 threshold signature over the round that proposed the parent (see
+    /// [`SEED_LAG_HEIGHTS`]); `None` only at height 1, whose parent is genesis.
+    pub seed: Option<[u8; 48]>,
 }
 
 /// The acknowledgement of one delivered height.
@@ -173,38 +176,34 @@ impl Deliveries {
         self.notify.notify_one();
     }
 
-    /// The next height if its seed block is final, `Some(None)` if closed, `None` to wait.
+    /// The next final height, `Some(None)` if closed, `None` to wait.
     #[allow(clippy::option_option)]
     fn try_next(&mut self) -> Option<Option<(FinalizedBlock, DeliveryAck)>> {
         let mut queue = self.queue.lock();
         if queue.closed {
             return Some(None);
         }
-        let lag = SEED_LAG_HEIGHTS as usize;
-        let seed_block = queue.blocks.get(lag)?;
-        let (first, _) = queue.blocks.front()?;
-        let height = first.inner().height_u64();
-        let seed = seed_block
-            .0
-            .inner()
-            .parent_seed()
-            .map(|seed| seed.signature.encode());
-        let seed_height = seed_block.0.inner().height_u64();
         let (block, ack) = queue.blocks.pop_front()?;
         drop(queue);
-        let seed = match (seed_height == height + SEED_LAG_HEIGHTS, seed) {
-            (true, Some(bytes)) => <[u8; 48]>::try_from(bytes.as_ref()).ok(),
-            _ => None,
-        };
-        let Some(seed) = seed else {
-            // Marshal delivers contiguous heights and verified blocks above genesis carry a seed.
-            error!(
-                height,
-                seed_height, "critical: no seed for a finalized height; delivery stops"
-            );
-            self.close();
-            drop(ack);
-            return Some(None);
+        let height = block.inner().height_u64();
+        // Verified blocks above height 1 carry their parent's seed (see `Application`), and a
+        // compressed G1 signature is 48 bytes; anything else means a broken chain.
+        let seed = block
+            .inner()
+            .parent_seed()
+            .map(|seed| <[u8; 48]>::try_from(seed.signature.encode().as_ref()));
+        let seed = match seed {
+            Some(Ok(bytes)) => Some(bytes),
+            None if height == 1 => None,
+            _ => {
+                error!(
+                    height,
+                    "critical: no valid seed in a finalized block; delivery stops"
+                );
+                self.close();
+                drop(ack);
+                return Some(None);
+            }
         };
         let block = block.inner();
         Some(Some((

@@ -3,7 +3,7 @@
 use super::{
     application::PolicyApplication,
     block::{Block, BlockLimits},
-    delivery::{self, Deliveries, SEED_LAG_HEIGHTS},
+    delivery::{self, Deliveries},
     policy::BlockPolicy,
     seeds::{Scheme, SeedCache, SeedRecorder},
 };
@@ -76,8 +76,7 @@ pub struct BftConfig {
     pub fetch_timeout: Duration,
     /// Capacity of each internal mailbox (messages).
     pub mailbox_size: usize,
-    /// Finalized heights handed to the node and not yet acknowledged, at most (at least
-    /// `SEED_LAG_HEIGHTS + 1`, since a height is handed over only after two more are final).
+    /// Finalized heights handed to the node and not yet acknowledged, at most (at least 1).
     pub pending_acks_max: usize,
     /// Missing finalized heights fetched from peers at once while catching up.
     pub repair_heights_max: usize,
@@ -382,10 +381,10 @@ where
 {
     let mailbox_size = NonZeroUsize::new(config.mailbox_size)
         .ok_or_else(|| BftError::InvalidConfig("mailbox_size is 0".to_string()))?;
-    if config.pending_acks_max <= SEED_LAG_HEIGHTS as usize {
-        return Err(BftError::InvalidConfig(format!(
-            "pending_acks_max must exceed {SEED_LAG_HEIGHTS}"
-        )));
+    if config.pending_acks_max == 0 {
+        return Err(BftError::InvalidConfig(
+            "pending_acks_max must be at least 1".to_string(),
+        ));
     }
     if config.notarization_timeout <= config.leader_timeout {
         return Err(BftError::InvalidConfig(

@@ -7,9 +7,9 @@
 //!
 //! Invariants of what is delivered: heights start at 1 and increase by exactly one; every
 //! replica delivers the same block and seed at each height; block times strictly increase; each
-//! height is delivered at least once and again after a restart until acknowledged; the seed of a
-//! height was unknown to everyone while the height's content could still change
-//! ([`SEED_LAG_HEIGHTS`]).
+//! height is delivered at least once and again after a restart until acknowledged; the seed
+//! delivered with height `h` was unknown to everyone while the content of height
+//! `h - SEED_LAG_HEIGHTS` and earlier could still change ([`SEED_LAG_HEIGHTS`]).
 
 mod application;
 mod block;

@@ -291,9 +291,17 @@ fn run_all_honest(seed: u64) -> (String, BTreeMap<u64, FinalizedBlock>) {
             "only {} messages finalized",
             messages.len()
         );
-        // Seeds differ between heights (they come from different rounds).
+        // Seeds differ between heights (they come from different rounds); only height 1, whose
+        // parent is genesis, has none.
         let seeds: BTreeSet<_> = chains[0].values().map(|b| b.seed).collect();
         assert_eq!(seeds.len(), chains[0].len());
+        for (height, block) in &chains[0] {
+            assert_eq!(
+                block.seed.is_none(),
+                *height == 1,
+                "seed at height {height}"
+            );
+        }
         (context.auditor().state(), chains[0].clone())
     })
 }

@@ -2,12 +2,12 @@
 //! shared by several methods (history, answering waiting callers).
 
 use super::args::{self, ValidSettings};
-use super::errors::ManagementError;
+use super::errors::{self, ManagementError};
 use super::{Context, Handled, ManagementOutcome, controlled, existing};
 use ic_management_canister_types as mct;
 use openic_replicated_state::{
     CallbackId, CanisterChange, CanisterMessage, CanisterState, CanisterStatus, ChangeDetails,
-    ChangeOrigin, Payload, ReplicatedState, Response, StopContext, SystemState,
+    ChangeOrigin, Payload, PendingRawRand, ReplicatedState, Response, StopContext, SystemState,
 };
 use openic_types::ids::{USER_CANISTER_RANGE, subnet_canister_ranges};
 use openic_types::{
@@ -462,21 +462,73 @@ pub(super) fn provisional_top_up_canister(
     Ok(Handled::reply(crate::common::EMPTY_CANDID_REPLY.to_vec()))
 }
 
-/// `raw_rand`: 32 bytes derived from the state's random seed, which then advances so every call
-/// gets fresh bytes. Deterministic: every replica derives the same bytes.
-pub(super) fn raw_rand(state: &mut ReplicatedState) -> Result<Handled, UserError> {
-    let seed = state.metadata.random_seed;
-    let output: [u8; 32] = Sha256::new()
-        .chain_update(RAW_RAND_OUTPUT_DOMAIN)
-        .chain_update(seed)
-        .finalize()
-        .into();
-    state.metadata.random_seed = Sha256::new()
-        .chain_update(RAW_RAND_RATCHET_DOMAIN)
-        .chain_update(seed)
-        .finalize()
-        .into();
-    args::encode(&output.to_vec()).map(Handled::reply)
+/// `raw_rand`: recorded, and answered [`RAW_RAND_LAG_HEIGHTS`] heights later by
+/// [`answer_raw_rand_requests`], with randomness nobody knew when the call was made.
+pub(super) fn raw_rand(
+    state: &mut ReplicatedState,
+    stop_context: StopContext,
+) -> Result<Handled, UserError> {
+    let StopContext::Canister(request) = stop_context else {
+        // `dispatch` lets only canisters call `raw_rand`.
+        return Err(errors::canister_only("raw_rand"));
+    };
+    state.raw_rand_requests.push_back(PendingRawRand {
+        requested_at: state.metadata.height,
+        request,
+    });
+    Ok(Handled {
+        outcome: ManagementOutcome::Deferred,
+        cycles_kept: Cycles::ZERO,
+    })
+}
+
+/// How many heights after a `raw_rand` call its answer comes: the block randomness of height `h`
+/// was unknown to everyone only while heights `h - 2` and earlier could still change (the seed
+/// rule of `openic_consensus::bft::SEED_LAG_HEIGHTS`, which the node checks equals this).
+pub const RAW_RAND_LAG_HEIGHTS: u64 = 2;
+
+/// Answers, in call order, every `raw_rand` call made at least [`RAW_RAND_LAG_HEIGHTS`] heights
+/// before the state's height, after the state's seed took in the current block's randomness.
+/// Each answer is 32 bytes derived from the seed, which then advances, so every call gets fresh
+/// bytes. Deterministic: every replica derives the same bytes.
+pub(crate) fn answer_raw_rand_requests(state: &mut ReplicatedState) -> Vec<Response> {
+    let height = state.metadata.height.0;
+    let mut answers = Vec::new();
+    while let Some(pending) = state.raw_rand_requests.front() {
+        if pending.requested_at.0.saturating_add(RAW_RAND_LAG_HEIGHTS) > height {
+            break;
+        }
+        let Some(PendingRawRand { request, .. }) = state.raw_rand_requests.pop_front() else {
+            break;
+        };
+        let seed = state.metadata.random_seed;
+        let output: [u8; 32] = Sha256::new()
+            .chain_update(RAW_RAND_OUTPUT_DOMAIN)
+            .chain_update(seed)
+            .finalize()
+            .into();
+        state.metadata.random_seed = Sha256::new()
+            .chain_update(RAW_RAND_RATCHET_DOMAIN)
+            .chain_update(seed)
+            .finalize()
+            .into();
+        let payload = match args::encode(&output.to_vec()) {
+            Ok(bytes) => Payload::Data(bytes),
+            Err(error) => Payload::Reject {
+                code: error.code,
+                message: error.message,
+            },
+        };
+        answers.push(Response {
+            originator: request.sender,
+            respondent: CanisterId::management(),
+            originator_reply_callback: request.sender_reply_callback,
+            refund: request.payment,
+            payload,
+            deadline: request.deadline,
+        });
+    }
+    answers
 }
 
 #[cfg(test)]

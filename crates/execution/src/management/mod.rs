@@ -41,6 +41,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub use errors::ManagementError;
+pub use lifecycle::RAW_RAND_LAG_HEIGHTS;
+pub(crate) use lifecycle::answer_raw_rand_requests;
 
 /// Who called the management canister.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,10 +75,11 @@ pub enum ManagementOutcome {
     Reply(Vec<u8>),
     /// The call failed.
     Reject(UserError),
-    /// stop_canister: the call's [`StopContext`] was recorded in the canister's
-    /// `CanisterStatus::Stopping { stop_contexts }`; the scheduler replies when the canister becomes
-    /// stopped (and, for a canister caller, refunds the request's `payment` then, so the refund
-    /// returned with `Deferred` is zero).
+    /// The call is answered later, and for a canister caller its `payment` refunded then (so the
+    /// refund returned with `Deferred` is zero): `stop_canister` recorded its [`StopContext`] in
+    /// the canister's `CanisterStatus::Stopping { stop_contexts }` and is answered when the
+    /// canister becomes stopped; `raw_rand` was recorded in the state's `raw_rand_requests` and is
+    /// answered [`RAW_RAND_LAG_HEIGHTS`] heights later.
     Deferred,
 }
 
@@ -91,7 +94,8 @@ pub struct ManagementCall<'a> {
     pub payload: &'a [u8],
     /// Cycles attached to the call (always zero for ingress).
     pub cycles: Cycles,
-    /// How to answer this call later, should it be a `stop_canister` that has to wait.
+    /// How to answer this call later, should it be a `stop_canister` that has to wait or a
+    /// `raw_rand`.
     pub stop_context: StopContext,
 }
 
@@ -343,7 +347,7 @@ fn dispatch(
         Method::DeleteCanister => lifecycle::delete_canister(context, state),
         Method::DepositCycles => lifecycle::deposit_cycles(context, state),
         Method::ProvisionalTopUpCanister => lifecycle::provisional_top_up_canister(context, state),
-        Method::RawRand => lifecycle::raw_rand(state),
+        Method::RawRand => lifecycle::raw_rand(state, stop_context),
         Method::CanisterInfo => status::canister_info(context, state),
         Method::CanisterMetadata => status::canister_metadata(
             &state.canisters,
@@ -489,7 +493,7 @@ mod tests {
         ChangeDetails, Payload,
     };
     use openic_types::ids::FIRST_USER_CANISTER_INDEX;
-    use openic_types::{ErrorCode, IngressState, IngressStatus, RejectCode, RequestId};
+    use openic_types::{ErrorCode, Height, IngressState, IngressStatus, RejectCode, RequestId};
     use sha2::{Digest, Sha256};
 
     fn id_record(id: CanisterId) -> Vec<u8> {
@@ -1405,31 +1409,51 @@ mod tests {
     }
 
     #[test]
-    fn raw_rand_is_deterministic_fresh_and_for_canisters_only() {
+    fn raw_rand_waits_for_later_randomness_and_is_for_canisters_only() {
         let mut h = Harness::new();
-        let mut twin = Harness::new();
         let id = h.create_canister(user(1));
-        twin.create_canister(user(1));
         let error = h.reject(ManagementCaller::User(user(1)), "raw_rand", b"DIDL\x00\x00");
         assert_eq!(error.code, RejectCode::CanisterReject);
-        let first = Decode!(
-            &h.reply(ManagementCaller::Canister(id), "raw_rand", b"DIDL\x00\x00"),
-            Vec<u8>
-        )
-        .unwrap();
-        let second = Decode!(
-            &h.reply(ManagementCaller::Canister(id), "raw_rand", b"DIDL\x00\x00"),
-            Vec<u8>
-        )
-        .unwrap();
-        let twin_first = Decode!(
-            &twin.reply(ManagementCaller::Canister(id), "raw_rand", b"DIDL\x00\x00"),
-            Vec<u8>
-        )
-        .unwrap();
-        assert_eq!(first.len(), 32);
-        assert_ne!(first, second);
-        assert_eq!(first, twin_first);
+        h.state.metadata.height = Height(10);
+        for callback in [1, 2] {
+            let (outcome, refund) = h.call_from_canister(
+                id,
+                "raw_rand",
+                b"DIDL\x00\x00",
+                Cycles(5),
+                CallbackId(callback),
+            );
+            assert_eq!(outcome, ManagementOutcome::Deferred);
+            assert_eq!(refund, Cycles::ZERO);
+        }
+        assert_eq!(h.state.raw_rand_requests.len(), 2);
+        h.state.metadata.height = Height(11);
+        assert!(lifecycle::answer_raw_rand_requests(&mut h.state).is_empty());
+        h.state.metadata.height = Height(10 + RAW_RAND_LAG_HEIGHTS);
+        let mut twin = h.state.clone();
+        let answers = lifecycle::answer_raw_rand_requests(&mut h.state);
+        assert!(h.state.raw_rand_requests.is_empty());
+        let bytes: Vec<Vec<u8>> = answers
+            .iter()
+            .map(|answer| {
+                assert_eq!(answer.originator, id);
+                assert_eq!(answer.refund, Cycles(5));
+                let Payload::Data(data) = &answer.payload else {
+                    panic!("raw_rand rejected: {answer:?}");
+                };
+                Decode!(data, Vec<u8>).unwrap()
+            })
+            .collect();
+        assert_eq!(
+            answers
+                .iter()
+                .map(|a| a.originator_reply_callback)
+                .collect::<Vec<_>>(),
+            [CallbackId(1), CallbackId(2)]
+        );
+        assert_eq!(bytes[0].len(), 32);
+        assert_ne!(bytes[0], bytes[1]);
+        assert_eq!(lifecycle::answer_raw_rand_requests(&mut twin), answers);
     }
 
     #[test]

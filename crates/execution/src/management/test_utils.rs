@@ -20,7 +20,9 @@ use openic_embedders::{
     ApiType, EntryPoint, ExecutionError, InvalidWasm, NewExecutionState, SystemStateChanges,
     WasmExecutionInput, WasmExecutionOutput,
 };
-use openic_replicated_state::{ExecutionState, ModuleInfo, PageMap, WasmBinary};
+use openic_replicated_state::{
+    CallbackId, ExecutionState, ModuleInfo, PageMap, Request, WasmBinary,
+};
 use openic_types::ids::FIRST_USER_CANISTER_INDEX;
 use openic_types::{RequestId, SubnetId};
 use sha2::{Digest, Sha256};
@@ -229,6 +231,40 @@ impl Harness {
                 payload,
                 cycles,
                 stop_context,
+            },
+        )
+    }
+
+    /// Calls `method` as canister `sender` would, with `payment` attached and `callback` waiting
+    /// for the answer.
+    pub fn call_from_canister(
+        &mut self,
+        sender: CanisterId,
+        method: &str,
+        payload: &[u8],
+        payment: Cycles,
+        callback: CallbackId,
+    ) -> (ManagementOutcome, Cycles) {
+        let request = Request {
+            sender,
+            receiver: CanisterId::management(),
+            sender_reply_callback: callback,
+            method_name: method.to_string(),
+            method_payload: payload.to_vec(),
+            payment,
+            deadline: None,
+        };
+        execute_management_call(
+            &self.embedder,
+            &self.config,
+            &self.subnet,
+            &mut self.state,
+            ManagementCall {
+                caller: ManagementCaller::Canister(sender),
+                method,
+                payload,
+                cycles: payment,
+                stop_context: StopContext::Canister(request),
             },
         )
     }
