@@ -1,9 +1,9 @@
 //! [`IngressPoolImpl`]: validated update calls waiting to go into a block.
 
 use openic_interfaces::{IngressPool, IngressPoolError};
-use openic_types::{IngressEnvelope, RequestId, SignedIngress, Time};
+use openic_types::{CanisterId, IngressEnvelope, RequestId, SignedIngress, Time};
 use parking_lot::Mutex;
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use tokio::sync::Notify;
 
@@ -213,7 +213,10 @@ impl IngressPoolImpl {
     /// Envelopes for a block proposed at time `now` on a multi-replica subnet, oldest first, within
     /// the same limits as [`IngressPoolImpl::take_for_block`], skipping messages for which
     /// `exclude` is true (those already in a proposed block the new one extends) and messages
-    /// that expired before `now`.
+    /// that expired before `now`. At most `max_per_canister` messages go to any one canister (the
+    /// management canister counting as one): execution rejects what does not fit in a canister's
+    /// input queue, so the excess waits in the pool for a later block instead, while messages to
+    /// other canisters still get in.
     ///
     /// Unlike `take_for_block` this leaves the messages in the pool: a proposal may never be
     /// finalized (its view can time out), and its messages must then go into a later block. They
@@ -223,6 +226,7 @@ impl IngressPoolImpl {
         &self,
         max_messages: usize,
         max_bytes: u64,
+        max_per_canister: usize,
         now: Time,
         exclude: &dyn Fn(&RequestId) -> bool,
     ) -> Vec<IngressEnvelope> {
@@ -231,6 +235,7 @@ impl IngressPoolImpl {
         inner.drop_expired(now);
         let mut selected = Vec::new();
         let mut selected_bytes = 0u64;
+        let mut per_canister: BTreeMap<CanisterId, usize> = BTreeMap::new();
         for Queued { message, envelope } in &inner.queue {
             if selected.len() >= max_messages {
                 break;
@@ -238,10 +243,15 @@ impl IngressPoolImpl {
             if exclude(&message.request_id) {
                 continue;
             }
+            let to_canister = per_canister.entry(message.canister_id).or_default();
+            if *to_canister >= max_per_canister {
+                continue;
+            }
             let size = message_bytes(message);
             if !selected.is_empty() && selected_bytes.saturating_add(size) > max_bytes {
                 break;
             }
+            *to_canister += 1;
             selected_bytes += size;
             selected.push(envelope.clone());
         }
@@ -346,7 +356,7 @@ impl IngressPool for IngressPoolImpl {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use openic_types::{CanisterId, Principal};
+    use openic_types::Principal;
     use std::sync::atomic::{AtomicBool, Ordering};
 
     pub(crate) fn message(tag: u8, expiry: u64, size_bytes: u64) -> SignedIngress {
@@ -514,6 +524,34 @@ pub(crate) mod tests {
         pool.submit_message(message(2, 900, 10)).unwrap();
     }
 
+    /// A proposal takes at most `max_per_canister` messages to one canister and goes on with
+    /// messages to other canisters; the rest wait for a later block.
+    #[test]
+    fn proposals_cap_messages_per_canister() {
+        let pool = pool(IngressPoolConfig::default());
+        for tag in 1..=6 {
+            let mut to = message(tag, 100, 10);
+            if tag >= 5 {
+                to.canister_id = CanisterId::from_u64(2);
+            }
+            pool.submit_message(to).unwrap();
+        }
+        let tags = |envelopes: &[IngressEnvelope]| -> Vec<u8> {
+            envelopes.iter().map(|e| e.bytes[0]).collect()
+        };
+        let none = |_: &RequestId| false;
+        assert_eq!(
+            tags(&pool.select_for_proposal(10, 1_000, 2, Time(60), &none)),
+            vec![1, 2, 5, 6]
+        );
+        assert_eq!(pool.len(), 6, "capped messages stay for a later block");
+        pool.note_included(&[message(1, 100, 10), message(2, 100, 10)]);
+        assert_eq!(
+            tags(&pool.select_for_proposal(10, 1_000, 2, Time(60), &none)),
+            vec![3, 4, 5, 6]
+        );
+    }
+
     /// Selecting for a proposal leaves messages in the pool (a proposal may never finalize),
     /// skips excluded and expired ones, and keeps to the limits; a finalized block removes them.
     #[test]
@@ -528,7 +566,7 @@ pub(crate) mod tests {
         };
         let none = |_: &RequestId| false;
         assert_eq!(
-            envelope_tags(&pool.select_for_proposal(3, 1_000, Time(60), &none)),
+            envelope_tags(&pool.select_for_proposal(3, 1_000, 10, Time(60), &none)),
             vec![1, 2, 3]
         );
         assert_eq!(
@@ -538,13 +576,13 @@ pub(crate) mod tests {
         );
         let in_parent = |id: &RequestId| id.0[0] == 2;
         assert_eq!(
-            envelope_tags(&pool.select_for_proposal(10, 25, Time(60), &in_parent)),
+            envelope_tags(&pool.select_for_proposal(10, 25, 10, Time(60), &in_parent)),
             vec![1, 3],
             "excluded ids are skipped and the byte limit holds"
         );
         pool.note_included(&[message(1, 100, 10), message(2, 100, 10)]);
         assert_eq!(
-            envelope_tags(&pool.select_for_proposal(10, 1_000, Time(60), &none)),
+            envelope_tags(&pool.select_for_proposal(10, 1_000, 10, Time(60), &none)),
             vec![3, 4, 5]
         );
         assert_eq!(

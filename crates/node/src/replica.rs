@@ -263,6 +263,9 @@ pub(crate) struct ReplicaPolicy {
     clock: Arc<dyn Fn() -> Time + Send + Sync>,
     max_messages: usize,
     max_bytes: u64,
+    /// At most this many messages to one canister per block: what its input queue takes (the
+    /// management canister: the subnet queue), so execution never rejects a block's excess.
+    max_per_canister: usize,
     recent: Arc<Mutex<RecentIngress>>,
     /// Whether the state has queued messages, timers or heartbeats (set after each block).
     pending_work: Arc<AtomicBool>,
@@ -280,11 +283,13 @@ impl BlockPolicy for ReplicaPolicy {
     fn propose(&mut self, parent: &BlockHeader) -> BlockContent {
         let time = (self.clock)().max(Time(parent.time_nanos.saturating_add(1)));
         let recent = self.recent.lock();
-        let envelopes =
-            self.pool
-                .select_for_proposal(self.max_messages, self.max_bytes, time, &|id| {
-                    recent.contains(id)
-                });
+        let envelopes = self.pool.select_for_proposal(
+            self.max_messages,
+            self.max_bytes,
+            self.max_per_canister,
+            time,
+            &|id| recent.contains(id),
+        );
         drop(recent);
         let mut ingress = Vec::with_capacity(envelopes.len());
         let mut ids = Vec::with_capacity(envelopes.len());
@@ -470,6 +475,10 @@ pub async fn start_replica(config: ReplicaConfig) -> Result<RunningNode, NodeErr
         node_config.block_maker.max_ingress_messages_per_block;
     service_config.bft.block_limits.ingress_bytes_max =
         node_config.block_maker.max_ingress_bytes_per_block as usize;
+    let max_per_canister = node_config
+        .execution
+        .max_canister_input_queue_len
+        .min(node_config.execution.max_subnet_queue_len);
     let policy_parts = (
         pool.clone(),
         node_config.http.clone(),
@@ -496,6 +505,7 @@ pub async fn start_replica(config: ReplicaConfig) -> Result<RunningNode, NodeErr
                 clock,
                 max_messages: limits.max_ingress_messages_per_block,
                 max_bytes: limits.max_ingress_bytes_per_block,
+                max_per_canister,
                 recent,
                 pending_work,
             }

@@ -13,7 +13,8 @@
 //! - `raw_http`: hand-made envelopes over raw HTTP/1.1 (bad signature, expiry, oversized body);
 //! - `subnet`: four replicas agreeing by BFT consensus, each call to another replica;
 //! - `subnet_faults`: four `openic replica` processes (and `openic start --replicas 4`) under crashes,
-//!   lost finality, catch-up after a restart and a restart of the whole subnet;
+//!   lost finality, catch-up after a restart, state sync after a wipe or a divergence, and a restart of the
+//!   whole subnet;
 //! - `subnet_netns`: four replicas on four network namespaces, one partitioned and healed;
 //! - `js`: @icp-sdk/core (node:test) and a Motoko (wasm64, enhanced orthogonal persistence) canister.
 

@@ -1,7 +1,9 @@
 //! Faults in a four-replica subnet (n = 4, f = 1) of real `openic` processes, driven by the unmodified
 //! ic-agent with its default verification: the CLI's `openic start --replicas 4`, a replica crashing under
 //! load, two replicas down (finality stops, and resumes when one returns), a crashed replica catching up
-//! from its checkpoint, and the whole subnet restarting with the same root key.
+//! from its checkpoint, a wiped replica rejoining by state sync, a replica whose state diverged from the
+//! subnet's (a corrupted checkpoint) stopping, saying so and recovering by state sync, and the whole subnet
+//! restarting with the same root key.
 //!
 //! Every test ends by asking each running replica for the counter's value: they must all answer the same.
 //! Timeouts are generous (the machine may be busy with other test binaries); no test relies on timing to
@@ -778,6 +780,175 @@ async fn wiped_replica_rejoins_by_state_sync() {
             Ok(value) if value == expected + 1 => Ok(()),
             other => Err(format!("{other:?}")),
         },
+    )
+    .await;
+}
+
+/// Rewrites the latest checkpoint in `state_dir` (the replica is stopped) with `canister`'s certified
+/// data changed, as a faulty disk or a bug in this replica's execution would: a well-formed state that
+/// is not the subnet's. Returns the checkpoint's height.
+fn corrupt_latest_checkpoint(state_dir: &std::path::Path, canister: Principal) -> u64 {
+    use openic_interfaces::CheckpointStore;
+    use openic_state_manager::{CheckpointConfig, FileCheckpointStore};
+    let open = || {
+        FileCheckpointStore::open(state_dir, CheckpointConfig::default())
+            .expect("the stopped replica's checkpoints open")
+    };
+    let mut state = open()
+        .load_latest()
+        .expect("the latest checkpoint loads")
+        .expect("the stopped replica has a checkpoint");
+    let height = state.metadata.height;
+    let id = openic_types::CanisterId::unchecked_from_principal(canister);
+    let canister_state = state
+        .canisters
+        .get_mut(&id)
+        .expect("the checkpoint holds the counter");
+    Arc::make_mut(canister_state).system_state.certified_data = b"not the subnet's".to_vec();
+    let store = open();
+    std::fs::remove_dir_all(store.checkpoint_dir(height)).expect("the checkpoint can be replaced");
+    drop(store);
+    open()
+        .write_checkpoint(&state)
+        .expect("the corrupted state is written as a checkpoint");
+    height.0
+}
+
+/// One sample of a replica's `/metrics`: the value of `name` (no labels), if the replica answers.
+async fn metric(url: &str, name: &str) -> Option<f64> {
+    let body = reqwest::get(format!("{url}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    body.lines().find_map(|line| {
+        line.strip_prefix(name)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diverged_replica_stops_says_so_and_recovers_by_state_sync() {
+    const CATCH_UP_INTERVAL: u64 = 16;
+    const UPDATES: u64 = 4;
+    const VICTIM: usize = 3;
+    const CERTIFIED_DATA: &[u8] = b"the subnet's data";
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut subnet = blocking(|| {
+        SubnetProcesses::start_with_catch_up_interval(dir.path(), REPLICAS, Some(CATCH_UP_INTERVAL))
+    });
+    let agents = agents_for(&subnet).await;
+    let live = |index: usize| agents[index].as_ref().expect("replica runs");
+    let counter = deploy(live(0), "counter", args(())).await;
+    let () = update(
+        live(1),
+        counter,
+        "set_certified",
+        args((CERTIFIED_DATA.to_vec(),)),
+    )
+    .await;
+    for expected in 1..=UPDATES {
+        let via = expected as usize % usize::from(REPLICAS);
+        assert_eq!(inc(live(via), counter).await, expected);
+    }
+    // The victim stops cleanly (leaving a checkpoint), and its state is corrupted on disk.
+    blocking(|| subnet.terminate(VICTIM));
+    let state_dir = subnet.files(VICTIM).state_dir.clone();
+    let corrupted_at = blocking(|| corrupt_latest_checkpoint(&state_dir, counter));
+    for update in 1..=UPDATES {
+        assert_eq!(
+            inc(live(update as usize % 2), counter).await,
+            UPDATES + update
+        );
+    }
+
+    blocking(|| subnet.restart(VICTIM));
+    let url = subnet.url(VICTIM).to_string();
+    // It executes the blocks after its checkpoint, signs roots no other replica signs, and finds out.
+    wait_for(
+        "the corrupted replica to report that its state diverged",
+        CONVERGENCE_TIMEOUT,
+        async || {
+            let log = subnet.output(VICTIM);
+            match log
+                .lines()
+                .find(|line| line.contains("critical: state diverged"))
+            {
+                Some(_) => Ok(()),
+                None => Err(format!("not yet (corrupted at height {corrupted_at})")),
+            }
+        },
+    )
+    .await;
+    // Then fetches the subnet's state and follows consensus again.
+    wait_for(
+        "the diverged replica to install the subnet's state by state sync",
+        CONVERGENCE_TIMEOUT,
+        async || match logged_number(&subnet.output(VICTIM), "state sync: installed", "height") {
+            Some(_) => Ok(()),
+            None => Err("no state installed yet".to_string()),
+        },
+    )
+    .await;
+    let log = subnet.output(VICTIM);
+    let diverged = log
+        .lines()
+        .find(|line| line.contains("critical: state diverged"))
+        .unwrap_or_default()
+        .to_string();
+    let installed = logged_number(&log, "state sync: installed", "height").unwrap_or(0);
+    assert!(
+        installed > corrupted_at,
+        "the replica should install a state above its corrupted checkpoint (height \
+         {corrupted_at}); it installed height {installed} (the divergence: {diverged})"
+    );
+    let restarted = agent_for(&url, subnet.root_key_der()).await;
+    wait_for(
+        "the recovered replica to serve the subnet's certified state",
+        CONVERGENCE_TIMEOUT,
+        async || match counter_at(&restarted, counter).await {
+            Ok(value) if value == 2 * UPDATES => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
+    // What it certifies now is the subnet's state, not the corrupted one: the data certificate of a
+    // query through it (verified against the subnet's key) holds the canister's own certified data.
+    let (certificate,): (Option<Vec<u8>>,) =
+        query(&restarted, counter, "get_data_certificate", args(())).await;
+    let certificate: ic_agent::Certificate =
+        serde_cbor::from_slice(&certificate.expect("a query receives a data certificate"))
+            .expect("the data certificate is a CBOR certificate");
+    restarted
+        .verify(&certificate, counter)
+        .expect("the recovered replica's data certificate verifies against the subnet's key");
+    let certified = ic_agent::lookup_value(
+        &certificate,
+        ["canister".as_bytes(), counter.as_slice(), b"certified_data"],
+    )
+    .expect("the certificate contains /canister/<id>/certified_data");
+    assert_eq!(
+        certified, CERTIFIED_DATA,
+        "the recovered replica certifies the corrupted certified data"
+    );
+    // Its metrics say what happened: one critical error counted, and the divergence cleared.
+    assert_eq!(metric(&url, "openic_state_diverged").await, Some(0.0));
+    assert!(
+        metric(&url, "openic_critical_errors_total")
+            .await
+            .is_some_and(|count| count >= 1.0),
+        "the divergence should be counted as a critical error"
+    );
+    assert_eq!(inc(&restarted, counter).await, 2 * UPDATES + 1);
+    assert_converged(
+        &running_urls(&subnet),
+        subnet.root_key_der(),
+        counter,
+        2 * UPDATES + 1,
     )
     .await;
 }
