@@ -43,9 +43,9 @@ const IDLE_WINDOW: Duration = Duration::from_secs(10);
 const LATENCY_UPDATES: usize = 200;
 /// Pre-signed updates per capacity phase.
 const CAPACITY_UPDATES: usize = 3_000;
-/// Concurrent plain clients of the capacity phases. A synchronous call takes about four heights,
-/// so the in-flight calls, not the subnet, bound 32 clients; 1,024 fill blocks with ~150 updates
-/// and reach the canister's input queue limit (some calls are rejected, and counted).
+/// Concurrent plain clients of the capacity phases. A synchronous call takes about two heights,
+/// so the in-flight calls, not the subnet, bound 32 clients; 1,024 fill blocks with ~200 updates
+/// (a proposal takes at most a canister's input queue of them; a rejected call would be counted).
 const CAPACITY_CLIENTS: [usize; 3] = [32, 256, 1024];
 
 /// How long the subnet may take to print its `url:` and `root_key:` lines (key generation included).

@@ -92,6 +92,9 @@ enum Command {
         /// its replicas stop with it even when it is killed with SIGKILL.
         #[arg(long, hide = true)]
         exit_with_parent: bool,
+        /// Threads that run p2p and consensus (HTTP and execution have their own).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+        consensus_threads: u16,
     },
     /// Create a canister (unless --canister is given) and install a wasm module (plain or gzip) in it.
     Deploy {
@@ -186,6 +189,7 @@ fn run(cli: Cli) -> Result<()> {
                 bind,
                 p2p_listen,
                 exit_with_parent,
+                consensus_threads,
             } => {
                 replica(
                     identity,
@@ -194,6 +198,7 @@ fn run(cli: Cli) -> Result<()> {
                     SocketAddr::new(bind, port),
                     p2p_listen,
                     exit_with_parent,
+                    usize::from(consensus_threads),
                 )
                 .await
             }
@@ -309,6 +314,7 @@ async fn replica(
     listen_addr: SocketAddr,
     p2p_listen: Option<SocketAddr>,
     exit_with_parent: bool,
+    consensus_threads: usize,
 ) -> Result<()> {
     init_logging();
     let genesis = openic_node::genesis::Genesis::load(genesis)?;
@@ -319,6 +325,7 @@ async fn replica(
         identity,
         genesis,
         p2p_listen,
+        consensus_threads,
     })
     .await
     .with_context(|| format!("starting a replica with state in {}", state_dir.display()))?;

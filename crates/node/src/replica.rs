@@ -92,6 +92,8 @@ pub struct ReplicaConfig {
     pub genesis: Genesis,
     /// Where to accept peers; by default this member's address in the genesis file.
     pub p2p_listen: Option<SocketAddr>,
+    /// Threads of the runtime that runs p2p and consensus (at least one).
+    pub consensus_threads: usize,
 }
 
 /// Stores the share beside the node's identity, in `<identity's directory>/keys/<identity file
@@ -463,6 +465,7 @@ pub async fn start_replica(config: ReplicaConfig) -> Result<RunningNode, NodeErr
         genesis.hash().to_vec(),
         state_dir.join("consensus"),
     );
+    service_config.worker_threads = config.consensus_threads.max(1);
     service_config.bft.min_block_interval = MIN_BLOCK_INTERVAL;
     // Heights are acknowledged to consensus only once a checkpoint covers them (through the
     // oldest checkpoint kept, so falling back to it still finds every later block in consensus's

@@ -50,6 +50,8 @@ impl TestSubnet {
                 identity: dir.path().join("identity.key"),
                 genesis: genesis.clone(),
                 p2p_listen: None,
+                // Four replicas share this process and the machine's cores.
+                consensus_threads: 1,
             };
             starting.push(tokio::spawn(openic_node::start_replica(config)));
         }
