@@ -664,6 +664,12 @@ async fn whole_subnet_restarts_with_the_same_root_key() {
 }
 
 /// The number in `key=<number>` on the last line of `log` that contains `marker`.
+/// The last `lines` lines of a replica's log, for a failure message.
+fn log_tail(log: &str, lines: usize) -> String {
+    let all: Vec<&str> = log.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 fn logged_number(log: &str, marker: &str, key: &str) -> Option<u64> {
     let line = log.lines().rev().find(|line| line.contains(marker))?;
     let value = line.split(&format!("{key}=")).nth(1)?;
@@ -733,7 +739,10 @@ async fn wiped_replica_rejoins_by_state_sync() {
             let log = subnet.output(VICTIM);
             match logged_number(&log, "state sync: installed", "height") {
                 Some(_) => Ok(()),
-                None => Err("no state installed yet".to_string()),
+                None => Err(format!(
+                    "no state installed yet; the replica's last log lines:\n{}",
+                    log_tail(&log, 8)
+                )),
             }
         },
     )
