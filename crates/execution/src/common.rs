@@ -4,7 +4,9 @@
 
 use crate::config::{ExecutionConfig, SubnetContext};
 use openic_embedders::{ExecutionError, SystemStateView};
-use openic_replicated_state::{CanisterState, CanisterStatus, ReplicatedState, WASM_PAGE_SIZE};
+use openic_replicated_state::{
+    CanisterState, CanisterStatus, Payload, ReplicatedState, Request, Response, WASM_PAGE_SIZE,
+};
 use openic_types::{
     CanisterId, Cycles, ErrorCode, IngressState, IngressStatus, RejectCode, RequestId, Time,
     UserError, UserId,
@@ -282,6 +284,19 @@ pub(crate) fn set_ingress_state(
         status.ingress_expiry = status.ingress_expiry.max(retain_until);
     }
     state.ingress_history.set(request_id, status);
+}
+
+/// The management canister's answer to a canister's `request`: `payload` to its callback, with
+/// the request's cycles refunded.
+pub(crate) fn management_response(request: Request, payload: Payload) -> Response {
+    Response {
+        originator: request.sender,
+        respondent: CanisterId::management(),
+        originator_reply_callback: request.sender_reply_callback,
+        refund: request.payment,
+        payload,
+        deadline: request.deadline,
+    }
 }
 
 /// The heap limit for `canister`: its `wasm_memory_limit` setting if set, capped by the platform.

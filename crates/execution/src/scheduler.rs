@@ -9,8 +9,8 @@
 use crate::common::{
     EMPTY_CANDID_REPLY, call_fee, canister_not_found_error, canister_reject_error, check_can_pay,
     did_not_reply_error, empty_canister_error, execution_error_to_user, execution_fee,
-    ingress_induction_fee, low_wasm_memory_condition, method_not_found_error, set_ingress_state,
-    status_error, storage_cost, system_state_view, wasm_memory_limit_bytes,
+    ingress_induction_fee, low_wasm_memory_condition, management_response, method_not_found_error,
+    set_ingress_state, status_error, storage_cost, system_state_view, wasm_memory_limit_bytes,
 };
 use crate::config::{ExecutionConfig, SubnetContext};
 use crate::management::{
@@ -1548,17 +1548,13 @@ fn reject_stop_context(state: &mut ReplicatedState, stop_context: StopContext, e
         ),
         StopContext::Canister(request) => deliver_response(
             state,
-            Response {
-                originator: request.sender,
-                respondent: CanisterId::management(),
-                originator_reply_callback: request.sender_reply_callback,
-                refund: request.payment,
-                payload: Payload::Reject {
+            management_response(
+                request,
+                Payload::Reject {
                     code: error.code,
                     message: error.message,
                 },
-                deadline: request.deadline,
-            },
+            ),
         ),
     }
 }
@@ -1575,14 +1571,7 @@ fn answer_stop_context(state: &mut ReplicatedState, stop_context: StopContext) {
         ),
         StopContext::Canister(request) => deliver_response(
             state,
-            Response {
-                originator: request.sender,
-                respondent: CanisterId::management(),
-                originator_reply_callback: request.sender_reply_callback,
-                refund: request.payment,
-                payload: Payload::Data(EMPTY_CANDID_REPLY.to_vec()),
-                deadline: request.deadline,
-            },
+            management_response(request, Payload::Data(EMPTY_CANDID_REPLY.to_vec())),
         ),
     }
 }

@@ -964,9 +964,8 @@ fn full_input_queue_rejects_ingress() {
     );
 }
 
-#[test]
-fn management_calls_from_canisters_get_responses() {
-    let a = canister_id(1);
+/// An embedder where canister `a`'s update `rand` calls `raw_rand` and replies with its answer.
+fn raw_rand_caller(a: CanisterId) -> Arc<FakeEmbedder> {
     let embedder = Arc::new(FakeEmbedder::default());
     embedder.on(a, "canister_update rand", |_| {
         Ok((
@@ -989,6 +988,13 @@ fn management_calls_from_canisters_get_responses() {
             0,
         ))
     });
+    embedder
+}
+
+#[test]
+fn management_calls_from_canisters_get_responses() {
+    let a = canister_id(1);
+    let embedder = raw_rand_caller(a);
     let mut state = new_state(vec![installed_canister(
         a,
         &[("rand", MethodKind::Update)],
@@ -1015,28 +1021,7 @@ fn management_calls_from_canisters_get_responses() {
 #[test]
 fn raw_rand_answers_with_the_randomness_of_a_later_block() {
     let a = canister_id(1);
-    let embedder = Arc::new(FakeEmbedder::default());
-    embedder.on(a, "canister_update rand", |_| {
-        Ok((
-            None,
-            calls(vec![a_call(
-                CanisterId::management(),
-                "raw_rand",
-                Cycles::ZERO,
-            )]),
-            0,
-        ))
-    });
-    embedder.on(a, "closure 1", |input| {
-        let ApiType::ReplyCallback { reply: data, .. } = &input.api_type else {
-            panic!("reply expected");
-        };
-        Ok((
-            Some(WasmResponse::Reply(data.clone())),
-            SystemStateChanges::default(),
-            0,
-        ))
-    });
+    let embedder = raw_rand_caller(a);
     let run = |answering_randomness: [u8; 32]| {
         let mut state = new_state(vec![installed_canister(
             a,

@@ -402,7 +402,7 @@ const _: () =
 /// The randomness a block executes with, from the subnet's random beacon: the seed the block
 /// carries, which execution uses only for answers to earlier heights' requests
 /// (`openic_consensus::bft::SEED_LAG_HEIGHTS`, `openic_execution::RAW_RAND_LAG_HEIGHTS`).
-fn block_randomness(seed: Option<&[u8; 48]>) -> [u8; 32] {
+pub fn block_randomness(seed: Option<&[u8; 48]>) -> [u8; 32] {
     // Height 1 (on genesis) has no seed: zero randomness adds nothing to the state's seed.
     let Some(seed) = seed else { return [0; 32] };
     let mut hasher = Sha256::new();

@@ -30,14 +30,13 @@ use openic_crypto::self_authenticating_principal;
 use openic_embedders::{EmbedderConfig, WasmtimeEmbedder};
 use openic_execution::{ExecutionConfig, Scheduler, SubnetContext};
 use openic_interfaces::{BlockExecutor, CertifiedStateReader};
-use openic_node::replica::{decode_ingress_entry, encode_ingress_entry};
+use openic_node::replica::{block_randomness, decode_ingress_entry, encode_ingress_entry};
 use openic_replicated_state::ReplicatedState;
 use openic_types::ids::{FIRST_USER_CANISTER_INDEX, subnet_canister_ranges};
 use openic_types::{
     Block, CanisterId, Height, IngressEnvelope, IngressState, NodeId, RequestId, SubnetId, Time,
 };
 use serde_cbor::Value;
-use sha2::{Digest as _, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -337,16 +336,6 @@ impl NodeReplica {
             outcome,
         }
     }
-}
-
-/// The randomness a block executes with (as `openic_node::replica` derives it).
-fn block_randomness(seed: Option<&[u8; 48]>) -> [u8; 32] {
-    // Height 1 (on genesis) has no seed: zero randomness adds nothing to the state's seed.
-    let Some(seed) = seed else { return [0; 32] };
-    let mut hasher = Sha256::new();
-    hasher.update(b"openic-random-beacon");
-    hasher.update(seed);
-    hasher.finalize().into()
 }
 
 impl SimulatedReplica for NodeReplica {

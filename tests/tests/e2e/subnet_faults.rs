@@ -664,6 +664,28 @@ async fn whole_subnet_restarts_with_the_same_root_key() {
 }
 
 /// The number in `key=<number>` on the last line of `log` that contains `marker`.
+/// Waits until replica `index` logs that it installed a state fetched by state sync, and returns
+/// the height installed; on a timeout the failure shows the replica's last log lines.
+async fn state_sync_installed(subnet: &SubnetProcesses, index: usize, who: &str) -> u64 {
+    let installed = |log: &str| logged_number(log, "state sync: installed", "height");
+    wait_for(
+        &format!("{who} to install the subnet's state by state sync"),
+        CONVERGENCE_TIMEOUT,
+        async || {
+            let log = subnet.output(index);
+            match installed(&log) {
+                Some(_) => Ok(()),
+                None => Err(format!(
+                    "no state installed yet; the replica's last log lines:\n{}",
+                    log_tail(&log, 8)
+                )),
+            }
+        },
+    )
+    .await;
+    installed(&subnet.output(index)).unwrap_or(0)
+}
+
 /// The last `lines` lines of a replica's log, for a failure message.
 fn log_tail(log: &str, lines: usize) -> String {
     let all: Vec<&str> = log.lines().collect();
@@ -732,23 +754,7 @@ async fn wiped_replica_rejoins_by_state_sync() {
 
     blocking(|| subnet.restart(VICTIM));
     let restarted = agent_for(subnet.url(VICTIM), subnet.root_key_der()).await;
-    wait_for(
-        "the wiped replica to install the subnet's state by state sync",
-        CONVERGENCE_TIMEOUT,
-        async || {
-            let log = subnet.output(VICTIM);
-            match logged_number(&log, "state sync: installed", "height") {
-                Some(_) => Ok(()),
-                None => Err(format!(
-                    "no state installed yet; the replica's last log lines:\n{}",
-                    log_tail(&log, 8)
-                )),
-            }
-        },
-    )
-    .await;
-    let log = subnet.output(VICTIM);
-    let installed = logged_number(&log, "state sync: installed", "height").unwrap_or(0);
+    let installed = state_sync_installed(&subnet, VICTIM, "the wiped replica").await;
     assert!(
         installed >= subnet_height && installed.is_multiple_of(CATCH_UP_INTERVAL),
         "the replica should install a catch-up checkpoint holding every update (at or above \
@@ -894,22 +900,13 @@ async fn diverged_replica_stops_says_so_and_recovers_by_state_sync() {
     )
     .await;
     // Then fetches the subnet's state and follows consensus again.
-    wait_for(
-        "the diverged replica to install the subnet's state by state sync",
-        CONVERGENCE_TIMEOUT,
-        async || match logged_number(&subnet.output(VICTIM), "state sync: installed", "height") {
-            Some(_) => Ok(()),
-            None => Err("no state installed yet".to_string()),
-        },
-    )
-    .await;
+    let installed = state_sync_installed(&subnet, VICTIM, "the diverged replica").await;
     let log = subnet.output(VICTIM);
     let diverged = log
         .lines()
         .find(|line| line.contains("critical: state diverged"))
         .unwrap_or_default()
         .to_string();
-    let installed = logged_number(&log, "state sync: installed", "height").unwrap_or(0);
     assert!(
         installed > corrupted_at,
         "the replica should install a state above its corrupted checkpoint (height \

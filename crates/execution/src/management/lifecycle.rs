@@ -494,13 +494,11 @@ pub const RAW_RAND_LAG_HEIGHTS: u64 = 2;
 pub(crate) fn answer_raw_rand_requests(state: &mut ReplicatedState) -> Vec<Response> {
     let height = state.metadata.height.0;
     let mut answers = Vec::new();
-    while let Some(pending) = state.raw_rand_requests.front() {
-        if pending.requested_at.0.saturating_add(RAW_RAND_LAG_HEIGHTS) > height {
-            break;
-        }
-        let Some(PendingRawRand { request, .. }) = state.raw_rand_requests.pop_front() else {
-            break;
-        };
+    while let Some(PendingRawRand { request, .. }) =
+        state.raw_rand_requests.pop_front_if(|pending| {
+            pending.requested_at.0.saturating_add(RAW_RAND_LAG_HEIGHTS) <= height
+        })
+    {
         let seed = state.metadata.random_seed;
         let output: [u8; 32] = Sha256::new()
             .chain_update(RAW_RAND_OUTPUT_DOMAIN)
@@ -519,14 +517,7 @@ pub(crate) fn answer_raw_rand_requests(state: &mut ReplicatedState) -> Vec<Respo
                 message: error.message,
             },
         };
-        answers.push(Response {
-            originator: request.sender,
-            respondent: CanisterId::management(),
-            originator_reply_callback: request.sender_reply_callback,
-            refund: request.payment,
-            payload,
-            deadline: request.deadline,
-        });
+        answers.push(crate::common::management_response(request, payload));
     }
     answers
 }

@@ -220,18 +220,22 @@ impl Harness {
             sender: caller.principal(),
             request_id: RequestId([self.next_request; 32]),
         };
+        self.execute(ManagementCall {
+            caller,
+            method,
+            payload,
+            cycles,
+            stop_context,
+        })
+    }
+
+    fn execute(&mut self, call: ManagementCall<'_>) -> (ManagementOutcome, Cycles) {
         execute_management_call(
             &self.embedder,
             &self.config,
             &self.subnet,
             &mut self.state,
-            ManagementCall {
-                caller,
-                method,
-                payload,
-                cycles,
-                stop_context,
-            },
+            call,
         )
     }
 
@@ -254,19 +258,13 @@ impl Harness {
             payment,
             deadline: None,
         };
-        execute_management_call(
-            &self.embedder,
-            &self.config,
-            &self.subnet,
-            &mut self.state,
-            ManagementCall {
-                caller: ManagementCaller::Canister(sender),
-                method,
-                payload,
-                cycles: payment,
-                stop_context: StopContext::Canister(request),
-            },
-        )
+        self.execute(ManagementCall {
+            caller: ManagementCaller::Canister(sender),
+            method,
+            payload,
+            cycles: payment,
+            stop_context: StopContext::Canister(request),
+        })
     }
 
     /// Calls `method` without cycles.
