@@ -146,6 +146,16 @@ impl IngressPoolImpl {
         self.inner.lock().queue.is_empty()
     }
 
+    /// Whether a waiting message is not excluded: one a proposal could still take, where
+    /// `exclude` names the messages already in blocks not yet executed.
+    pub fn has_selectable(&self, exclude: &dyn Fn(&RequestId) -> bool) -> bool {
+        self.inner
+            .lock()
+            .queue
+            .iter()
+            .any(|queued| !exclude(&queued.message.request_id))
+    }
+
     /// Bytes waiting (see [`message_bytes`]).
     pub fn bytes(&self) -> u64 {
         self.inner.lock().queued_bytes

@@ -344,7 +344,13 @@ impl BlockPolicy for ReplicaPolicy {
     }
 
     fn has_work(&self) -> bool {
-        !self.pool.is_empty() || self.pending_work.load(Ordering::Relaxed)
+        // Messages already in a proposed block are not work for the next one: counting them
+        // would make an empty block per update that competes for CPU with the one carrying it.
+        if self.pending_work.load(Ordering::Relaxed) {
+            return true;
+        }
+        let recent = self.recent.lock();
+        self.pool.has_selectable(&|id| recent.contains(id))
     }
 }
 
