@@ -2,6 +2,8 @@
 //! uses to verify us, so both sides agree by construction):
 //! - [`bls`]: the subnet's BLS12-381 threshold key in the IC format (G2 public key in the 133-byte
 //!   DER, G1 signatures, the IC ciphersuite), used to sign certified state.
+//! - [`chain_keys`]: the development chain keys (ECDSA, Schnorr, vetKD) canisters sign and
+//!   derive with through the management canister, derived as the IC derives them.
 //! - [`node_key`]: a node's Ed25519 key, used to sign query responses.
 //! - [`principal`]: self-authenticating principals derived from DER public keys.
 //! - [`request_id`]: the representation-independent hash (request ids, delegations, query
@@ -12,6 +14,7 @@
 //! Invariant: key material never appears in logs or `Debug` output.
 
 pub mod bls;
+pub mod chain_keys;
 pub mod delegation;
 pub mod envelope;
 pub mod node_key;

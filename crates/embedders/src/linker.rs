@@ -12,6 +12,7 @@ use crate::system_api::{
     MAX_LEGACY_STABLE_PAGES, SYSTEM_API_CALL_INSTRUCTIONS, SystemApi, amount_128,
 };
 use openic_replicated_state::WasmClosure;
+use openic_types::chain_keys::ChainKeyAlgorithm;
 use wasmtime::{Caller, Engine, Linker, Memory, ResourceLimiter, WasmTy};
 
 /// Per-store data: the System API state and what the host functions need to reach the heap.
@@ -592,10 +593,16 @@ pub(crate) fn build_linker<A: Address>(
             )
         },
     )?;
-    for (name, curves) in [
-        ("cost_sign_with_ecdsa", &[0][..]),
-        ("cost_sign_with_schnorr", &[0, 1][..]),
-        ("cost_vetkd_derive_key", &[0][..]),
+    for (name, algorithm) in [
+        (
+            "cost_sign_with_ecdsa",
+            ChainKeyAlgorithm::ecdsa_from_code as fn(u32) -> Option<ChainKeyAlgorithm>,
+        ),
+        (
+            "cost_sign_with_schnorr",
+            ChainKeyAlgorithm::schnorr_from_code,
+        ),
+        ("cost_vetkd_derive_key", ChainKeyAlgorithm::vetkd_from_code),
     ] {
         l.func_wrap(
             m,
@@ -606,8 +613,7 @@ pub(crate) fn build_linker<A: Address>(
                         heap,
                         src.to_u64(),
                         size.to_u64(),
-                        curve,
-                        curves,
+                        algorithm(curve as u32),
                         name,
                     )? {
                         Ok(cost) => {

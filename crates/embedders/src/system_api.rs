@@ -9,6 +9,7 @@ use crate::config::WASM_PAGE_BYTES;
 use crate::imports::Context;
 use candid::Principal;
 use openic_replicated_state::{PageMap, WasmClosure};
+use openic_types::chain_keys::{ChainKeyAlgorithm, ChainKeyId};
 use openic_types::{CanisterId, Cycles};
 
 /// Longest reply or reject payload in replicated contexts.
@@ -31,8 +32,6 @@ pub const MAX_PRINCIPAL_BYTES: usize = 29;
 pub const SYSTEM_API_CALL_INSTRUCTIONS: u64 = 50;
 /// Largest stable memory reachable through the legacy 32-bit stable API, in wasm pages.
 pub const MAX_LEGACY_STABLE_PAGES: u64 = 65_536;
-/// Threshold-key names `cost_sign_with_*` and `cost_vetkd_derive_key` know.
-pub const KNOWN_KEY_NAMES: [&str; 3] = ["test_key_1", "dfx_test_key", "key_1"];
 /// Largest Candid parameter blob `cost_http_request_v2` accepts (the record of five `nat64`
 /// fields is under 100 bytes; the cap stops hostile blobs before they are read or decoded).
 pub const MAX_COST_HTTP_REQUEST_V2_PARAMS_BYTES: u64 = 1024;
@@ -47,8 +46,6 @@ pub const CANDID_SKIPPING_QUOTA: usize = 1_000;
 pub const MAX_TRAP_MESSAGE_BYTES: u64 = 16 * 1024;
 /// Appended to a trap message cut at [`MAX_TRAP_MESSAGE_BYTES`].
 pub const TRAP_MESSAGE_TRUNCATED_MARKER: &str = "... [trap message truncated:";
-/// Cost of one threshold signature or key derivation (the 34-node fiduciary subnet's price).
-pub const THRESHOLD_KEY_OPERATION_CYCLES: u128 = 26_153_846_153;
 
 fn violation(message: impl Into<String>) -> ExecutionError {
     ExecutionError::ContractViolation(message.into())
@@ -1133,28 +1130,33 @@ impl SystemApi {
         Ok(per_node.saturating_mul(n))
     }
 
-    /// `cost_sign_with_ecdsa` / `cost_sign_with_schnorr` / `cost_vetkd_derive_key`: 0 and the
-    /// cost, 1 for an unknown curve or algorithm, 2 for an unknown key name.
+    /// `cost_sign_with_ecdsa` / `cost_sign_with_schnorr` / `cost_vetkd_derive_key`: the fee the
+    /// management method charges for the key (`Ok`), or 1 for an unknown curve or algorithm and 2
+    /// for a key this subnet does not hold (`Err`). A name that is not UTF-8 is a contract
+    /// violation, as on the Internet Computer.
     pub(crate) fn cost_threshold_key(
         &self,
         heap: &[u8],
         src: u64,
         size: u64,
-        curve_or_algorithm: i32,
-        known_curves: &[i32],
+        algorithm: Option<ChainKeyAlgorithm>,
         function: &str,
     ) -> Result<Result<u128, i32>, ExecutionError> {
         let name = heap_read(heap, src, size, function)?;
-        if !known_curves.contains(&curve_or_algorithm) {
+        let name = std::str::from_utf8(name).map_err(|_| {
+            violation(format!(
+                "ic0.{function}: Failed to decode key name {}",
+                String::from_utf8_lossy(name)
+            ))
+        })?;
+        let Some(algorithm) = algorithm else {
             return Ok(Err(1));
-        }
-        let known = std::str::from_utf8(name)
-            .map(|name| KNOWN_KEY_NAMES.contains(&name))
-            .unwrap_or(false);
-        if !known {
-            return Ok(Err(2));
-        }
-        Ok(Ok(THRESHOLD_KEY_OPERATION_CYCLES))
+        };
+        let key = ChainKeyId {
+            algorithm,
+            name: name.to_string(),
+        };
+        Ok(key.fee().map(|fee| fee.0).ok_or(2))
     }
 
     /// Writes a 128-bit cost.

@@ -11,6 +11,7 @@ use std::fmt;
 
 pub use candid::Principal;
 
+pub mod chain_keys;
 pub mod ids;
 pub mod messages;
 

@@ -8,6 +8,8 @@
 //! Modules:
 //! - `canisters`: create, install, update, query, upgrade, chunked install, lifecycle, traps, certified data,
 //!   inter-canister calls and timers with ic-utils and ic-agent;
+//! - `chain_keys`: ECDSA, Schnorr and vetKD keys from a canister built with ic-cdk-management-canister,
+//!   verified with k256, ic-ed25519 and ic-vetkeys, and fees that agree with `ic0.cost_*`;
 //! - `identities`: anonymous, Ed25519, secp256k1 and P-256 senders, and controller checks;
 //! - `durability`: state survives a clean shutdown, SIGTERM and SIGKILL of the `openic` process;
 //! - `raw_http`: hand-made envelopes over raw HTTP/1.1 (bad signature, expiry, oversized body);
@@ -19,6 +21,7 @@
 //! - `js`: @icp-sdk/core (node:test) and a Motoko (wasm64, enhanced orthogonal persistence) canister.
 
 mod canisters;
+mod chain_keys;
 mod durability;
 mod identities;
 mod js;

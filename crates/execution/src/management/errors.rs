@@ -437,7 +437,7 @@ mod tests {
         let unknown = unknown_method("frobnicate");
         assert_eq!(unknown.code, RejectCode::DestinationInvalid);
         assert!(unknown.message.contains("frobnicate"));
-        let unsupported = unknown_method("sign_with_ecdsa");
+        let unsupported = unknown_method("take_canister_snapshot");
         assert!(unsupported.message.contains("not supported"));
         let invalid = invalid_argument("install_code", "bad");
         assert_eq!(invalid.code, RejectCode::CanisterError);

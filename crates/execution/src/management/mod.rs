@@ -21,6 +21,7 @@
 //!   `raw_rand` from its random seed.
 
 mod args;
+mod chain_keys;
 mod errors;
 mod install;
 mod lifecycle;
@@ -121,18 +122,18 @@ enum Method {
     CanisterInfo,
     FetchCanisterLogs,
     CanisterMetadata,
+    EcdsaPublicKey,
+    SignWithEcdsa,
+    SchnorrPublicKey,
+    SignWithSchnorr,
+    VetKdPublicKey,
+    VetKdDeriveKey,
 }
 
 /// Methods of the IC's management canister that openic does not implement yet. Calling them gives
 /// a rejection that names the method and says so, rather than "no such method".
 const UNSUPPORTED_METHODS: &[&str] = &[
     "http_request",
-    "ecdsa_public_key",
-    "sign_with_ecdsa",
-    "schnorr_public_key",
-    "sign_with_schnorr",
-    "vetkd_public_key",
-    "vetkd_derive_key",
     "take_canister_snapshot",
     "load_canister_snapshot",
     "list_canister_snapshots",
@@ -155,12 +156,6 @@ const UNSUPPORTED_METHODS: &[&str] = &[
 /// Of [`UNSUPPORTED_METHODS`], those that users may not call through ingress anyway.
 const CANISTER_ONLY_UNSUPPORTED_METHODS: &[&str] = &[
     "http_request",
-    "ecdsa_public_key",
-    "sign_with_ecdsa",
-    "schnorr_public_key",
-    "sign_with_schnorr",
-    "vetkd_public_key",
-    "vetkd_derive_key",
     "subnet_info",
     "node_metrics_history",
     "bitcoin_get_balance",
@@ -194,6 +189,12 @@ impl Method {
             "canister_info" => Method::CanisterInfo,
             "fetch_canister_logs" => Method::FetchCanisterLogs,
             "canister_metadata" => Method::CanisterMetadata,
+            "ecdsa_public_key" => Method::EcdsaPublicKey,
+            "sign_with_ecdsa" => Method::SignWithEcdsa,
+            "schnorr_public_key" => Method::SchnorrPublicKey,
+            "sign_with_schnorr" => Method::SignWithSchnorr,
+            "vetkd_public_key" => Method::VetKdPublicKey,
+            "vetkd_derive_key" => Method::VetKdDeriveKey,
             _ => return None,
         })
     }
@@ -202,7 +203,16 @@ impl Method {
     fn is_canister_only(self) -> bool {
         matches!(
             self,
-            Method::CreateCanister | Method::DepositCycles | Method::RawRand | Method::CanisterInfo
+            Method::CreateCanister
+                | Method::DepositCycles
+                | Method::RawRand
+                | Method::CanisterInfo
+                | Method::EcdsaPublicKey
+                | Method::SignWithEcdsa
+                | Method::SchnorrPublicKey
+                | Method::SignWithSchnorr
+                | Method::VetKdPublicKey
+                | Method::VetKdDeriveKey
         )
     }
 
@@ -356,6 +366,12 @@ fn dispatch(
         )
         .map(Handled::reply),
         Method::FetchCanisterLogs => Err(errors::query_only(context.method)),
+        Method::EcdsaPublicKey => chain_keys::public_key(context, false),
+        Method::SchnorrPublicKey => chain_keys::public_key(context, true),
+        Method::SignWithEcdsa => chain_keys::sign_with_ecdsa(context, state),
+        Method::SignWithSchnorr => chain_keys::sign_with_schnorr(context, state),
+        Method::VetKdPublicKey => chain_keys::vetkd_public_key(context),
+        Method::VetKdDeriveKey => chain_keys::vetkd_derive_key(context, state),
     }
 }
 
