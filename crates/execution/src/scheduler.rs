@@ -151,10 +151,7 @@ impl Scheduler {
             canister.system_state.cycles_balance =
                 canister.system_state.cycles_balance.saturating_sub(charged);
             canister.system_state.last_charged_time = now;
-            state.metadata.consumed_cycles_total = state
-                .metadata
-                .consumed_cycles_total
-                .saturating_add(charged.get());
+            state.metadata.burn_cycles(charged);
         }
     }
 
@@ -231,10 +228,7 @@ impl Scheduler {
             .system_state
             .input_queue
             .push_back(CanisterMessage::Ingress(ingress.clone()));
-        state.metadata.consumed_cycles_total = state
-            .metadata
-            .consumed_cycles_total
-            .saturating_add(fee.get());
+        state.metadata.burn_cycles(fee);
         Ok(())
     }
 
@@ -858,10 +852,7 @@ impl Scheduler {
                 context.instructions_executed = context.instructions_executed.saturating_add(used);
             }
         }
-        state.metadata.consumed_cycles_total = state
-            .metadata
-            .consumed_cycles_total
-            .saturating_add(fee.get());
+        state.metadata.burn_cycles(fee);
 
         let failure = match self.apply_output(state, id, call_context_id, output, is_query) {
             Ok(()) => None,
@@ -990,10 +981,7 @@ impl Scheduler {
         {
             context.available_cycles = context.available_cycles.saturating_sub(cycles_accepted);
         }
-        state.metadata.consumed_cycles_total = state
-            .metadata
-            .consumed_cycles_total
-            .saturating_add(burned.get());
+        state.metadata.burn_cycles(burned);
 
         for call in calls {
             self.send_call(state, id, call_context_id, call, time);
@@ -1070,10 +1058,7 @@ impl Scheduler {
             return;
         }
         system_state.cycles_balance = system_state.cycles_balance.saturating_sub(needed);
-        state.metadata.consumed_cycles_total = state
-            .metadata
-            .consumed_cycles_total
-            .saturating_add(fee.get());
+        state.metadata.burn_cycles(fee);
         let request = Request {
             sender: id,
             receiver: call.callee,
@@ -1188,17 +1173,11 @@ impl Scheduler {
                 if let Some(timer) = changes.global_timer_nanos {
                     system_state.global_timer_nanos = timer;
                 }
-                state.metadata.consumed_cycles_total = state
-                    .metadata
-                    .consumed_cycles_total
-                    .saturating_add(burned.get().saturating_add(charged.get()));
+                state.metadata.burn_cycles(burned.saturating_add(charged));
             }
             Err(error) => {
                 tracing::debug!(canister = %id.get(), %error, "cleanup callback failed");
-                state.metadata.consumed_cycles_total = state
-                    .metadata
-                    .consumed_cycles_total
-                    .saturating_add(charged.get());
+                state.metadata.burn_cycles(charged);
             }
         }
     }

@@ -17,7 +17,7 @@ pub use canister::*;
 pub use ingress_history::IngressHistory;
 pub use page_map::{PAGE_SIZE, Page, PageIndex, PageMap};
 
-use openic_types::{CanisterId, Height, SubnetId, Time};
+use openic_types::{CanisterId, Cycles, Height, SubnetId, Time};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -39,6 +39,14 @@ pub struct SystemMetadata {
     pub update_transactions_total: u64,
     /// Cycles consumed by the subnet so far.
     pub consumed_cycles_total: u128,
+}
+
+impl SystemMetadata {
+    /// Records `cycles` as burned: taken from a canister or a payment and not credited anywhere.
+    /// Every burn goes through here, so the subnet's cycles can be audited against the total.
+    pub fn burn_cycles(&mut self, cycles: Cycles) {
+        self.consumed_cycles_total = self.consumed_cycles_total.saturating_add(cycles.get());
+    }
 }
 
 /// The replicated state of a subnet.

@@ -115,14 +115,8 @@ fn reply_burning(
     reply: Vec<u8>,
     fee: Cycles,
 ) -> Result<Handled, UserError> {
-    state.metadata.consumed_cycles_total =
-        state.metadata.consumed_cycles_total.saturating_add(fee.0);
+    state.metadata.burn_cycles(fee);
     Ok(Handled::reply_keeping(reply, fee))
-}
-
-fn encode<T: candid::CandidType>(method: &str, value: &T) -> Result<Vec<u8>, UserError> {
-    let _ = method;
-    args::encode(value)
 }
 
 fn key_error(error: crypto::ChainKeyError) -> UserError {
@@ -184,7 +178,7 @@ pub(super) fn public_key(context: &Context<'_>, schnorr: bool) -> Result<Handled
         chain_code: derived.chain_code,
     };
     // `schnorr_public_key_result` has the same fields.
-    encode(context.method, &reply).map(Handled::reply)
+    args::encode(&reply).map(Handled::reply)
 }
 
 /// `sign_with_ecdsa`.
@@ -213,12 +207,9 @@ pub(super) fn sign_with_ecdsa(
         &message_hash,
     )
     .map_err(key_error)?;
-    let reply = encode(
-        context.method,
-        &mct::SignWithEcdsaResult {
-            signature: signature.to_vec(),
-        },
-    )?;
+    let reply = args::encode(&mct::SignWithEcdsaResult {
+        signature: signature.to_vec(),
+    })?;
     reply_burning(state, reply, fee)
 }
 
@@ -244,12 +235,9 @@ pub(super) fn sign_with_schnorr(
         merkle_root,
     )
     .map_err(key_error)?;
-    let reply = encode(
-        context.method,
-        &mct::SignWithSchnorrResult {
-            signature: signature.to_vec(),
-        },
-    )?;
+    let reply = args::encode(&mct::SignWithSchnorrResult {
+        signature: signature.to_vec(),
+    })?;
     reply_burning(state, reply, fee)
 }
 
@@ -261,12 +249,9 @@ pub(super) fn vetkd_public_key(context: &Context<'_>) -> Result<Handled, UserErr
         .canister_id
         .unwrap_or_else(|| context.caller.principal());
     let public_key = crypto::vetkd_public_key(&key.name, canister.as_slice(), &args.context);
-    encode(
-        context.method,
-        &mct::VetKDPublicKeyResult {
-            public_key: public_key.to_vec(),
-        },
-    )
+    args::encode(&mct::VetKDPublicKeyResult {
+        public_key: public_key.to_vec(),
+    })
     .map(Handled::reply)
 }
 
@@ -306,12 +291,9 @@ pub(super) fn vetkd_derive_key(
         &randomness,
     )
     .map_err(key_error)?;
-    let reply = encode(
-        context.method,
-        &mct::VetKDDeriveKeyResult {
-            encrypted_key: encrypted_key.to_vec(),
-        },
-    )?;
+    let reply = args::encode(&mct::VetKDDeriveKeyResult {
+        encrypted_key: encrypted_key.to_vec(),
+    })?;
     reply_burning(state, reply, fee)
 }
 

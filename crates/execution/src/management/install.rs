@@ -266,10 +266,7 @@ fn install(
             module_hash,
         },
     );
-    state.metadata.consumed_cycles_total = state
-        .metadata
-        .consumed_cycles_total
-        .saturating_add(cycles_burned.get());
+    state.metadata.burn_cycles(cycles_burned);
     state.put_canister(canister);
     Ok(())
 }

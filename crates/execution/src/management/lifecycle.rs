@@ -251,10 +251,7 @@ pub(super) fn create_canister(
         balance,
         args.sender_canister_version,
     );
-    state.metadata.consumed_cycles_total = state
-        .metadata
-        .consumed_cycles_total
-        .saturating_add(fee.get());
+    state.metadata.burn_cycles(fee);
     let mut handled = reply_canister_id(id)?;
     handled.cycles_kept = context.cycles;
     Ok(handled)
@@ -390,10 +387,9 @@ pub(super) fn delete_canister(
     };
     state.deleted_canisters.insert(id);
     let removed = std::sync::Arc::unwrap_or_clone(removed);
-    state.metadata.consumed_cycles_total = state
+    state
         .metadata
-        .consumed_cycles_total
-        .saturating_add(removed.system_state.cycles_balance.get());
+        .burn_cycles(removed.system_state.cycles_balance);
     let message = format!("Canister {} has been deleted.", id.get());
     for queued in removed.system_state.input_queue {
         match queued {
