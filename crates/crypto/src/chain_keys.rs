@@ -358,6 +358,48 @@ mod tests {
         assert!(key.verify_signature(b"hellO", &signature).is_err());
     }
 
+    /// Replicas sign inside execution, so the same request must give the same bytes on every
+    /// replica: no signing path may draw local randomness.
+    #[test]
+    fn every_answer_is_a_function_of_its_inputs() {
+        let path = vec![b"p".to_vec()];
+        let twice = |f: &dyn Fn() -> Vec<u8>| assert_eq!(f(), f());
+        twice(&|| {
+            sign_with_ecdsa("key_1", CANISTER, &path, &[3; 32])
+                .unwrap()
+                .to_vec()
+        });
+        for algorithm in [
+            ChainKeyAlgorithm::SchnorrBip340Secp256k1,
+            ChainKeyAlgorithm::SchnorrEd25519,
+        ] {
+            twice(&|| {
+                sign_with_schnorr(algorithm, "key_1", CANISTER, &path, b"m", None)
+                    .unwrap()
+                    .to_vec()
+            });
+        }
+        let root = [5u8; 32];
+        twice(&|| {
+            sign_with_schnorr(
+                ChainKeyAlgorithm::SchnorrBip340Secp256k1,
+                "key_1",
+                CANISTER,
+                &path,
+                b"m",
+                Some(&root),
+            )
+            .unwrap()
+            .to_vec()
+        });
+        let transport = G1Affine::generator().to_compressed();
+        twice(&|| {
+            vetkd_derive_key("key_1", CANISTER, b"c", b"i", &transport, &[1; 32])
+                .unwrap()
+                .to_vec()
+        });
+    }
+
     #[test]
     fn bad_inputs_get_the_ics_errors() {
         let long = vec![vec![]; MAX_DERIVATION_PATH_LEN];
