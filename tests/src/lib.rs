@@ -975,7 +975,7 @@ impl Drop for SubnetProcesses {
 ///
 /// # Panics
 /// If it cannot run or fails; the message includes its output.
-fn run_openic(arguments: &[OsString]) -> String {
+pub fn run_openic(arguments: &[OsString]) -> String {
     let binary = openic_binary();
     let output = Command::new(&binary)
         .args(arguments)

@@ -7,8 +7,12 @@ use candid::Principal;
 use clap::{Parser, Subcommand};
 use ic_agent::Agent;
 use ic_agent::identity::BasicIdentity;
+use ic_utils::call::SyncCall as _;
 use ic_utils::interfaces::ManagementCanister;
 use ic_utils::interfaces::management_canister::builders::CanisterInstallMode as InstallMode;
+use ic_utils::interfaces::management_canister::{
+    CanisterLogFilter, CanisterLogRecord, FetchCanisterLogsArgs,
+};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -126,6 +130,21 @@ enum Command {
         #[command(flatten)]
         connection: Connection,
     },
+    /// Print a canister's log (what it printed with `debug_print` and why it trapped), oldest
+    /// first, as `[index. time]: content`. Needs the right to read it (a controller by default;
+    /// see the `log_visibility` setting).
+    Logs {
+        /// The canister id.
+        canister: String,
+        /// Keep printing new records as they arrive (until interrupted).
+        #[arg(long, short)]
+        follow: bool,
+        /// With --follow: milliseconds between fetches.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+        interval_ms: u64,
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// Show the status of a running network.
     Status {
         #[command(flatten)]
@@ -225,6 +244,12 @@ fn run(cli: Cli) -> Result<()> {
                 query,
                 connection,
             } => call(&connection, &canister, &method, args.as_deref(), query).await,
+            Command::Logs {
+                canister,
+                follow,
+                interval_ms,
+                connection,
+            } => logs(&connection, &canister, follow, interval_ms).await,
             Command::Status { connection } => status(&connection).await,
         }
     })
@@ -643,6 +668,63 @@ async fn call(
     .with_context(|| format!("calling {canister_id}.{method}"))?;
     print_reply(&reply);
     Ok(())
+}
+
+/// One log record as `openic logs` prints it: `[idx. RFC 3339 time]: content` (content as text,
+/// bytes that are not UTF-8 replaced).
+fn format_log_record(record: &CanisterLogRecord) -> String {
+    let time = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(record.timestamp_nanos))
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{}ns", record.timestamp_nanos));
+    format!(
+        "[{}. {time}]: {}",
+        record.idx,
+        String::from_utf8_lossy(&record.content)
+    )
+}
+
+async fn logs(
+    connection: &Connection,
+    canister: &str,
+    follow: bool,
+    interval_ms: u64,
+) -> Result<()> {
+    let canister_id = parse_canister(canister)?;
+    let agent = agent(connection).await?;
+    let management = ManagementCanister::create(&agent);
+    // Without --follow one fetch of the newest records; with it, each later fetch asks only for
+    // records after the last one printed (indexes only grow).
+    let mut next_idx: Option<u64> = None;
+    loop {
+        let filter = next_idx.map(|start| CanisterLogFilter::ByIdx {
+            start,
+            end: u64::MAX,
+        });
+        let (result,) = management
+            .fetch_canister_logs(&FetchCanisterLogsArgs {
+                canister_id,
+                filter,
+            })
+            .call()
+            .await
+            .with_context(|| format!("fetching the logs of {canister_id}"))?;
+        for record in &result.canister_log_records {
+            println!("{}", format_log_record(record));
+        }
+        if let Some(last) = result.canister_log_records.last() {
+            next_idx = Some(last.idx.saturating_add(1));
+        } else if next_idx.is_none() {
+            next_idx = Some(0);
+        }
+        if !follow {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(interval_ms)).await;
+    }
 }
 
 async fn status(connection: &Connection) -> Result<()> {

@@ -13,7 +13,7 @@ use openic_interfaces::{
     CanistersSnapshot, CertificationError, CertifiedStateReader, IngressStatusMeta, LabelPath,
     MetadataVisibility, StateSnapshotSource,
 };
-use openic_replicated_state::{CanisterState, ReplicatedState};
+use openic_replicated_state::{CanisterLogs, CanisterState, ReplicatedState};
 use openic_types::ids::CanisterIdRange;
 use openic_types::{
     CanisterId, Height, IngressStatus, NodeId, Principal, RequestId, SubnetId, Time,
@@ -148,6 +148,7 @@ struct Published {
     tree: StateTree,
     signature: [u8; openic_crypto::bls::BLS_SIGNATURE_LENGTH],
     canisters: Arc<BTreeMap<CanisterId, Arc<CanisterState>>>,
+    logs: Arc<CanisterLogs>,
     /// Data certificates already built at this height (every query of a canister gets the same
     /// one until the next height), at most [`MAX_CACHED_DATA_CERTIFICATES`].
     data_certificates: Mutex<BTreeMap<CanisterId, Vec<u8>>>,
@@ -167,6 +168,7 @@ struct Pending {
     time: Time,
     tree: StateTree,
     canisters: Arc<BTreeMap<CanisterId, Arc<CanisterState>>>,
+    logs: Arc<CanisterLogs>,
 }
 
 /// Why [`CertifiedStateStore::prepare`] or [`CertifiedStateStore::publish`] refused.
@@ -394,6 +396,7 @@ impl CertifiedStateStore {
                 time: state.metadata.time,
                 tree,
                 canisters: Arc::new(state.canisters_snapshot()),
+                logs: Arc::new(state.canister_logs.clone()),
             },
         );
         Ok(root_hash)
@@ -435,6 +438,7 @@ impl CertifiedStateStore {
             tree: pending.tree,
             signature,
             canisters: pending.canisters,
+            logs: pending.logs,
             data_certificates: Mutex::new(BTreeMap::new()),
         });
         // Swap under the lock; drop the previous height (its unshared nodes, maybe the last
@@ -458,6 +462,7 @@ impl CertifiedStateStore {
             height: published.height,
             time: published.time,
             canisters: Arc::clone(&published.canisters),
+            logs: Arc::clone(&published.logs),
         };
         Ok((snapshot, self.certificate(&published, &set)))
     }
@@ -683,11 +688,13 @@ impl StateSnapshotSource for CertifiedStateStore {
                 height: published.height,
                 time: published.time,
                 canisters: Arc::clone(&published.canisters),
+                logs: Arc::clone(&published.logs),
             },
             None => CanistersSnapshot {
                 height: Height(0),
                 time: Time(0),
                 canisters: Arc::new(BTreeMap::new()),
+                logs: Arc::new(BTreeMap::new()),
             },
         }
     }

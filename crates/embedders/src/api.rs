@@ -296,7 +296,8 @@ pub struct WasmExecutionOutput {
     pub result:
         Result<(NewExecutionState, Option<WasmResponse>, SystemStateChanges), ExecutionError>,
     /// Lines printed with `debug_print` and the trap message, in order (for logs; kept on failure).
-    pub debug_prints: Vec<String>,
+    /// Bytes as printed: the log's content is a blob.
+    pub debug_prints: Vec<Vec<u8>>,
 }
 
 /// Why a module was refused at install.

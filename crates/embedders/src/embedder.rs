@@ -479,7 +479,7 @@ impl WasmtimeEmbedder {
         &self,
         input: WasmExecutionInput<'_>,
         instructions_used: &mut u64,
-        debug_prints: &mut Vec<String>,
+        debug_prints: &mut Vec<Vec<u8>>,
     ) -> Result<
         (
             NewExecutionState,
@@ -548,7 +548,7 @@ impl WasmtimeEmbedder {
             };
             if let Some(mut api) = api {
                 if let Some(line) = line {
-                    api.record_debug_line(line);
+                    api.record_debug_line(line.into_bytes());
                 }
                 *debug_prints = api.take_debug_prints();
             }

@@ -146,7 +146,7 @@ pub(crate) struct SystemApi {
     stable_memory: PageMap,
     stable_memory_pages: u64,
     stable_memory_limit_pages: u64,
-    debug_prints: Vec<String>,
+    debug_prints: Vec<Vec<u8>>,
     debug_print_bytes: usize,
     max_debug_print_bytes: usize,
     max_reply_bytes: usize,
@@ -162,7 +162,7 @@ pub(crate) struct SystemApiOutcome {
     pub changes: SystemStateChanges,
     pub stable_memory: PageMap,
     pub stable_memory_pages: u64,
-    pub debug_prints: Vec<String>,
+    pub debug_prints: Vec<Vec<u8>>,
 }
 
 impl SystemApi {
@@ -215,12 +215,13 @@ impl SystemApi {
     }
 
     /// Lines printed so far (kept when the execution traps).
-    pub(crate) fn take_debug_prints(&mut self) -> Vec<String> {
+    pub(crate) fn take_debug_prints(&mut self) -> Vec<Vec<u8>> {
         std::mem::take(&mut self.debug_prints)
     }
 
-    /// Records a line in the debug log, within the byte budget.
-    pub(crate) fn record_debug_line(&mut self, line: String) {
+    /// Records a line in the debug log, within the byte budget (a line past it is cut; the log
+    /// keeps bytes, as the canister printed them).
+    pub(crate) fn record_debug_line(&mut self, line: Vec<u8>) {
         let remaining = self
             .max_debug_print_bytes
             .saturating_sub(self.debug_print_bytes);
@@ -228,13 +229,7 @@ impl SystemApi {
             return;
         }
         let mut line = line;
-        if line.len() > remaining {
-            let mut cut = remaining;
-            while !line.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            line.truncate(cut);
-        }
+        line.truncate(remaining);
         self.debug_print_bytes += line.len();
         self.debug_prints.push(line);
     }
@@ -1282,7 +1277,7 @@ impl SystemApi {
         let Ok(bytes) = heap_read(heap, src, size, "debug_print") else {
             return;
         };
-        let line = String::from_utf8_lossy(bytes).into_owned();
+        let line = bytes.to_vec();
         self.charge_bytes(bytes.len());
         self.record_debug_line(line);
     }

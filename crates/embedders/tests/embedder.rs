@@ -318,8 +318,8 @@ fn trap_rolls_back_memory_and_globals() {
             output.result.unwrap_err(),
             ExecutionError::CalledTrap("hello".to_string())
         );
-        assert_eq!(output.debug_prints[0], "greet");
-        assert_eq!(output.debug_prints[1], "[TRAP]: hello");
+        assert_eq!(output.debug_prints[0], b"greet");
+        assert_eq!(output.debug_prints[1], b"[TRAP]: hello");
         // The state was not touched: the next increment sees 1.
         assert_eq!(
             call(&e, &mut state, "inc"),
@@ -845,12 +845,12 @@ fn trap_message_goes_through_the_debug_print_budget() {
     let state = install(&e, &wat::parse_str(canister_wat(false)).unwrap());
     let output = run(&e, &state, update(), "inc_then_trap");
     assert!(matches!(output.result, Err(ExecutionError::CalledTrap(_))));
-    let total: usize = output.debug_prints.iter().map(String::len).sum();
+    let total: usize = output.debug_prints.iter().map(Vec::len).sum();
     assert!(total <= 10, "{:?}", output.debug_prints);
     // The trap line is cut to what is left of the budget after "greet".
     assert_eq!(
         output.debug_prints,
-        vec!["greet".to_string(), "[TRAP".to_string()]
+        vec![b"greet".to_vec(), b"[TRAP".to_vec()]
     );
 }
 

@@ -3,7 +3,7 @@
 //! user-visible errors.
 
 use crate::config::{ExecutionConfig, SubnetContext};
-use openic_embedders::{ExecutionError, SystemStateView};
+use openic_embedders::{ApiType, ExecutionError, SystemStateView};
 use openic_replicated_state::{
     CanisterState, CanisterStatus, Payload, ReplicatedState, Request, Response, WASM_PAGE_SIZE,
 };
@@ -299,22 +299,42 @@ pub(crate) fn management_response(request: Request, payload: Payload) -> Respons
     }
 }
 
-/// The heap limit for `canister`: its `wasm_memory_limit` setting if set, capped by the platform.
-pub fn wasm_memory_limit_bytes(config: &ExecutionConfig, canister: &CanisterState) -> u64 {
+/// The heap limit of an execution of `api_type` in `canister`. The canister's `wasm_memory_limit`
+/// setting (0 = none) applies where the spec applies it: update methods, `canister_init`,
+/// `canister_post_upgrade` (and the `(start)` function that precedes them). Queries, response
+/// callbacks and cleanup, heartbeats, global timers, the low-memory hook and `canister_pre_upgrade`
+/// ignore it (spec: `wasm_memory_limit`), so a canister over its limit can still be upgraded,
+/// answer calls and run the hook that frees memory. The platform's limit always applies.
+pub fn wasm_memory_limit_bytes(
+    config: &ExecutionConfig,
+    canister: &CanisterState,
+    api_type: &ApiType,
+) -> u64 {
+    let enforced = matches!(
+        api_type,
+        ApiType::Update { .. } | ApiType::Init { .. } | ApiType::Start
+    );
     match canister.system_state.settings.wasm_memory_limit {
-        0 => config.max_wasm_memory_bytes,
-        limit => limit.min(config.max_wasm_memory_bytes),
+        limit if enforced && limit != 0 => limit.min(config.max_wasm_memory_bytes),
+        _ => config.max_wasm_memory_bytes,
     }
 }
 
-/// Whether the low-wasm-memory condition holds for a heap of `heap_pages` pages.
+/// The `wasm_memory_limit` the low-memory condition compares with when the setting is 0 (none),
+/// as the IC does.
+const LOW_MEMORY_DEFAULT_LIMIT_BYTES: u64 = 4 << 30;
+
+/// Whether the low-wasm-memory condition holds for a heap of `heap_pages` pages: the remaining
+/// heap (`wasm_memory_limit` minus the heap) is below `wasm_memory_threshold`. A heap above the
+/// limit (which executions that ignore the limit can reach) satisfies it, also with threshold 0.
 pub fn low_wasm_memory_condition(canister: &CanisterState, heap_pages: u64) -> bool {
     let settings = &canister.system_state.settings;
-    if settings.wasm_memory_threshold == 0 || settings.wasm_memory_limit == 0 {
-        return false;
-    }
+    let limit = match settings.wasm_memory_limit {
+        0 => LOW_MEMORY_DEFAULT_LIMIT_BYTES,
+        limit => limit,
+    };
     let used = heap_pages.saturating_mul(WASM_PAGE_SIZE);
-    settings.wasm_memory_limit.saturating_sub(used) < settings.wasm_memory_threshold
+    limit < used.saturating_add(settings.wasm_memory_threshold)
 }
 
 #[cfg(test)]

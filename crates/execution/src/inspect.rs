@@ -105,17 +105,19 @@ impl IngressInspector for IngressFilter {
             canister.system_state.cycles_balance,
             false,
         );
+        let api_type = ApiType::InspectMessage {
+            caller: message.sender,
+            method_name: message.method_name.clone(),
+            arg: message.arg.clone(),
+        };
+        let wasm_memory_limit = wasm_memory_limit_bytes(&self.config, canister, &api_type);
         let output = self.embedder.execute(WasmExecutionInput {
-            api_type: ApiType::InspectMessage {
-                caller: message.sender,
-                method_name: message.method_name.clone(),
-                arg: message.arg.clone(),
-            },
+            api_type,
             entry_point: EntryPoint::Export(INSPECT_MESSAGE_EXPORT.to_string()),
             execution_state,
             system_state: view,
             instruction_limit: self.config.max_instructions_per_inspect,
-            wasm_memory_limit_bytes: wasm_memory_limit_bytes(&self.config, canister),
+            wasm_memory_limit_bytes: wasm_memory_limit,
             stable_memory_limit_bytes: self.config.max_stable_memory_bytes,
         });
         match output.result {

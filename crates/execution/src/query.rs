@@ -55,7 +55,7 @@ impl QueryExecution {
             return execute_management_query(
                 &self.config,
                 &snapshot.canisters,
-                snapshot.time,
+                &snapshot.logs,
                 query.sender,
                 &query.method_name,
                 &query.arg,
@@ -192,13 +192,14 @@ impl<'a> QueryContext<'a> {
         // replicated callbacks the canister has outstanding.
         view.can_make_calls = true;
         view.remaining_callbacks = u64::from(self.config.max_composite_query_calls);
+        let wasm_memory_limit = wasm_memory_limit_bytes(self.config, canister, &api_type);
         let output = self.embedder.execute(WasmExecutionInput {
             api_type,
             entry_point,
             execution_state,
             system_state: view,
             instruction_limit: self.instructions_left,
-            wasm_memory_limit_bytes: wasm_memory_limit_bytes(self.config, canister),
+            wasm_memory_limit_bytes: wasm_memory_limit,
             stable_memory_limit_bytes: self.config.max_stable_memory_bytes,
         });
         self.instructions_left = self

@@ -823,18 +823,18 @@ impl Scheduler {
             .call_contexts
             .get(&call_context_id)
             .map_or(0, |context| context.instructions_executed);
-        let output = self.embedder.execute(WasmExecutionInput {
+        let wasm_memory_limit = wasm_memory_limit_bytes(&self.config, canister, &api_type);
+        let mut output = self.embedder.execute(WasmExecutionInput {
             api_type,
             entry_point,
             execution_state,
             system_state: view,
             instruction_limit,
-            wasm_memory_limit_bytes: wasm_memory_limit_bytes(&self.config, canister),
+            wasm_memory_limit_bytes: wasm_memory_limit,
             stable_memory_limit_bytes: self.config.max_stable_memory_bytes,
         });
-        for line in &output.debug_prints {
-            tracing::debug!(canister = %id.get(), "{line}");
-        }
+        // Every replicated execution logs, also one that traps (spec: `canister_logs`).
+        record_logs(state, id, std::mem::take(&mut output.debug_prints));
         let used = output.instructions_used.min(instruction_limit);
         counters.instructions = counters.instructions.saturating_add(used);
         let fee = execution_fee(&self.config, used).min(prepaid);
@@ -950,7 +950,11 @@ impl Scheduler {
                 execution_state.stable_memory_size_pages = new_state.stable_memory_size_pages;
                 execution_state.globals = new_state.globals;
             }
-            if !low_memory_before && low_memory_after {
+            // Level-triggered as on the IC: due once the condition starts to hold, dropped if it
+            // stops holding before the hook ran.
+            if !low_memory_after {
+                canister.system_state.low_wasm_memory_hook_pending = false;
+            } else if !low_memory_before {
                 canister.system_state.low_wasm_memory_hook_pending = true;
             }
             let system_state = &mut canister.system_state;
@@ -1139,15 +1143,17 @@ impl Scheduler {
             canister.system_state.cycles_balance,
             false,
         );
-        let output = self.embedder.execute(WasmExecutionInput {
+        let wasm_memory_limit = wasm_memory_limit_bytes(&self.config, canister, &api_type);
+        let mut output = self.embedder.execute(WasmExecutionInput {
             api_type,
             entry_point: EntryPoint::Closure(cleanup),
             execution_state,
             system_state: view,
             instruction_limit: self.config.max_instructions_per_update,
-            wasm_memory_limit_bytes: wasm_memory_limit_bytes(&self.config, canister),
+            wasm_memory_limit_bytes: wasm_memory_limit,
             stable_memory_limit_bytes: self.config.max_stable_memory_bytes,
         });
+        record_logs(state, id, std::mem::take(&mut output.debug_prints));
         let used = output.instructions_used;
         counters.instructions = counters.instructions.saturating_add(used);
         let fee = execution_fee(&self.config, used);
@@ -1553,4 +1559,13 @@ fn answer_stop_context(state: &mut ReplicatedState, stop_context: StopContext) {
             management_response(request, Payload::Data(EMPTY_CANDID_REPLY.to_vec())),
         ),
     }
+}
+
+/// Appends what an execution printed (and its trap message) to the canister's log, and to the
+/// node's debug trace.
+fn record_logs(state: &mut ReplicatedState, id: CanisterId, lines: Vec<Vec<u8>>) {
+    for line in &lines {
+        tracing::debug!(canister = %id.get(), "{}", String::from_utf8_lossy(line));
+    }
+    state.append_log(id, lines);
 }

@@ -1162,6 +1162,7 @@ fn snapshot_of(canisters: Vec<CanisterState>) -> Arc<FixedSnapshot> {
         height: Height(1),
         time: Time(1_000_000_000),
         canisters: Arc::new(state.canisters_snapshot()),
+        logs: Arc::new(state.canister_logs.clone()),
     }))
 }
 

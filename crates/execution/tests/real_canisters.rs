@@ -313,6 +313,7 @@ impl StateSnapshotSource for LatestState {
             height: state.metadata.height,
             time: state.metadata.time,
             canisters: Arc::new(state.canisters_snapshot()),
+            logs: Arc::new(state.canister_logs.clone()),
         }
     }
 }
@@ -450,4 +451,99 @@ fn heartbeat_and_inspect_message_of_a_wat_canister() {
     let error = filter.inspect(&message("deny")).unwrap_err();
     assert_eq!(error.code, RejectCode::CanisterReject);
     assert_eq!(error.error_code, Some(ErrorCode::CanisterRejectedMessage));
+}
+
+/// A canister whose heartbeat, once armed, grows the heap by four pages, and whose
+/// `canister_on_low_wasm_memory` counts its runs (read with the query `hooks`). `grow` tries the
+/// same growth in an update method and replies with what `memory.grow` returned.
+const LOW_MEMORY_WAT: &str = r#"
+(module
+  (import "ic0" "msg_reply" (func $msg_reply))
+  (import "ic0" "msg_reply_data_append" (func $append (param i32 i32)))
+  (memory 1)
+  (global $armed (mut i32) (i32.const 0))
+  (global $hooks (mut i32) (i32.const 0))
+  (func (export "canister_update arm")
+    (global.set $armed (i32.const 1))
+    (call $msg_reply))
+  (func (export "canister_heartbeat")
+    (if (global.get $armed)
+      (then
+        (global.set $armed (i32.const 0))
+        (drop (memory.grow (i32.const 4))))))
+  (func (export "canister_on_low_wasm_memory")
+    (global.set $hooks (i32.add (global.get $hooks) (i32.const 1))))
+  (func (export "canister_update grow")
+    (i32.store (i32.const 0) (memory.grow (i32.const 4)))
+    (call $append (i32.const 0) (i32.const 4))
+    (call $msg_reply))
+  (func (export "canister_query hooks")
+    (i32.store (i32.const 0) (global.get $hooks))
+    (call $append (i32.const 0) (i32.const 4))
+    (call $msg_reply))
+)
+"#;
+
+/// The spec applies `wasm_memory_limit` to update methods, init and post_upgrade only: a heartbeat
+/// may grow the heap past it in one step, and the low-memory hook then runs (the remaining heap is
+/// below the threshold), as the IC runs it; an update method cannot grow past the limit.
+#[test]
+fn a_heartbeat_past_the_wasm_memory_limit_runs_the_low_memory_hook() {
+    let mut harness = Harness::new();
+    let canister = harness.install(LOW_MEMORY_WAT);
+    let settings = ic_management_canister_types::UpdateSettingsArgs {
+        canister_id: canister.get(),
+        settings: ic_management_canister_types::CanisterSettings {
+            wasm_memory_limit: Some(Nat::from(3u64 * 65_536)),
+            wasm_memory_threshold: Some(Nat::from(65_536u64)),
+            ..Default::default()
+        },
+        sender_canister_version: None,
+    };
+    let updated = harness.call(
+        CanisterId::management(),
+        "update_settings",
+        Encode!(&settings).unwrap(),
+    );
+    assert!(matches!(updated, IngressState::Replied(_)), "{updated:?}");
+    // One page of three used, two remain: above the one-page threshold.
+    harness.block(vec![]);
+    assert_eq!(counter_reply(&harness.call(canister, "hooks", vec![])), 0);
+
+    // An update may not grow past the limit: memory.grow fails (-1).
+    assert_eq!(
+        counter_reply(&harness.call(canister, "grow", vec![])),
+        u32::MAX
+    );
+    let pages = |harness: &Harness| {
+        harness
+            .state
+            .canister(&canister)
+            .unwrap()
+            .execution_state
+            .as_ref()
+            .unwrap()
+            .wasm_memory_size_pages
+    };
+    assert_eq!(pages(&harness), 1);
+
+    // The heartbeat grows from one page to five in one step, past threshold and limit together.
+    assert!(matches!(
+        harness.call(canister, "arm", vec![]),
+        IngressState::Replied(_)
+    ));
+    harness.block(vec![]);
+    harness.block(vec![]);
+    assert_eq!(pages(&harness), 5);
+    assert_eq!(
+        counter_reply(&harness.call(canister, "hooks", vec![])),
+        1,
+        "the hook ran once"
+    );
+    harness.block(vec![]);
+    assert_eq!(
+        counter_reply(&harness.call(canister, "hooks", vec![])),
+        1,
+        "and only once while the condition keeps holding"
+    );
 }

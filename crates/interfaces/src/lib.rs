@@ -180,6 +180,8 @@ pub struct CanistersSnapshot {
     pub time: openic_types::Time,
     /// The canisters.
     pub canisters: Arc<BTreeMap<CanisterId, Arc<CanisterState>>>,
+    /// Their logs (for `fetch_canister_logs` and `canister_status`).
+    pub logs: Arc<openic_replicated_state::CanisterLogs>,
 }
 
 /// Source of the latest certified canister snapshot (for queries and ingress inspection).

@@ -99,7 +99,7 @@ impl Default for CanisterSettings {
             wasm_memory_threshold: 0,
             log_visibility: Visibility::Controllers,
             snapshot_visibility: Visibility::Controllers,
-            log_memory_limit: 4096,
+            log_memory_limit: crate::canister_log::DEFAULT_LOG_MEMORY_LIMIT,
             environment_variables: BTreeMap::new(),
         }
     }

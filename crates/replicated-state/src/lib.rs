@@ -10,10 +10,15 @@
 //! a map of pointers rather than a copy of every canister's memory.
 
 pub mod canister;
+pub mod canister_log;
 pub mod ingress_history;
 pub mod page_map;
 
 pub use canister::*;
+pub use canister_log::{CanisterLog, LogFilter, LogRecord};
+
+/// Every canister's log, by canister id (as [`ReplicatedState::canister_logs`] holds them).
+pub type CanisterLogs = BTreeMap<CanisterId, Arc<CanisterLog>>;
 pub use ingress_history::IngressHistory;
 pub use page_map::{PAGE_SIZE, Page, PageIndex, PageMap};
 
@@ -68,6 +73,9 @@ pub struct ReplicatedState {
     /// `raw_rand` calls waiting for randomness that nobody knew when they were made, oldest
     /// first (execution answers them a fixed number of heights later).
     pub raw_rand_requests: std::collections::VecDeque<PendingRawRand>,
+    /// Each canister's log (spec: `canister_logs`), by id; a canister that never logged has no
+    /// entry. Behind `Arc`s so the snapshot for queries shares them.
+    pub canister_logs: CanisterLogs,
 }
 
 /// A `raw_rand` call waiting for its randomness.
@@ -101,6 +109,7 @@ impl ReplicatedState {
             subnet_queue: Default::default(),
             deleted_canisters: Default::default(),
             raw_rand_requests: Default::default(),
+            canister_logs: BTreeMap::new(),
         }
     }
 
@@ -118,6 +127,47 @@ impl ReplicatedState {
     pub fn put_canister(&mut self, canister: CanisterState) {
         self.canisters
             .insert(canister.canister_id(), Arc::new(canister));
+    }
+
+    /// Appends records to a canister's log, stamped with this state's block time and kept within
+    /// its `log_memory_limit`. Does nothing for a canister that does not exist.
+    pub fn append_log(&mut self, id: CanisterId, lines: impl IntoIterator<Item = Vec<u8>>) {
+        let Some(canister) = self.canisters.get(&id) else {
+            return;
+        };
+        let limit = canister.system_state.settings.log_memory_limit;
+        let mut lines = lines.into_iter().peekable();
+        if lines.peek().is_none() {
+            return;
+        }
+        let time = self.metadata.time;
+        let log = Arc::make_mut(self.canister_logs.entry(id).or_default());
+        for line in lines {
+            log.append(limit, time, line);
+        }
+    }
+
+    /// Purges a canister's log records (reinstall, uninstall); its indexes keep counting.
+    pub fn clear_log(&mut self, id: &CanisterId) {
+        if let Some(log) = self.canister_logs.get_mut(id) {
+            Arc::make_mut(log).clear();
+        }
+    }
+
+    /// Fits a canister's log to its current `log_memory_limit` (after the setting changed).
+    pub fn resize_log(&mut self, id: &CanisterId) {
+        let Some(canister) = self.canisters.get(id) else {
+            return;
+        };
+        let limit = canister.system_state.settings.log_memory_limit;
+        if let Some(log) = self.canister_logs.get_mut(id) {
+            Arc::make_mut(log).resize(limit);
+        }
+    }
+
+    /// Bytes a canister's log holds.
+    pub fn log_bytes(&self, id: &CanisterId) -> u64 {
+        self.canister_logs.get(id).map_or(0, |log| log.bytes_used())
     }
 
     /// A snapshot of every canister, sharing their state with this one (for queries).

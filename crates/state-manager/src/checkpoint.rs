@@ -40,7 +40,7 @@ use crate::state_sync::{StateSyncError, SyncSnapshot};
 use openic_interfaces::{CheckpointStore, StorageError};
 use openic_replicated_state::{
     CanisterMessage, CanisterState, IngressHistory, PAGE_SIZE, Page, PageIndex, PageMap,
-    ReplicatedState, SystemMetadata, WasmBinary,
+    PendingRawRand, ReplicatedState, SystemMetadata, WasmBinary,
 };
 use openic_types::{CanisterId, Height};
 use serde::{Deserialize, Serialize};
@@ -59,9 +59,9 @@ pub const PAGE_FILE_MAGIC: [u8; 8] = *b"OICPAG01";
 
 /// Version of the manifest and state file formats written.
 ///
-/// Version 2 added `raw_rand_requests` at the end of the state; version 1 checkpoints still load
-/// (see [`decode_state`]).
-const FORMAT_VERSION: u32 = 2;
+/// Version 2 added `raw_rand_requests` at the end of the state, version 3 `canister_logs` after
+/// it; version 1 and 2 checkpoints still load (see [`decode_state`]).
+const FORMAT_VERSION: u32 = 3;
 
 /// The oldest format version that still loads.
 const FORMAT_VERSION_MIN: u32 = 1;
@@ -834,20 +834,44 @@ struct StateV1 {
     deleted_canisters: BTreeSet<CanisterId>,
 }
 
-/// Decodes a state file of a supported format version (the caller checked the version).
+/// The state file of format version 2: the state before `canister_logs` existed.
+#[derive(Deserialize)]
+struct StateV2 {
+    metadata: SystemMetadata,
+    canisters: BTreeMap<CanisterId, Arc<CanisterState>>,
+    ingress_history: IngressHistory,
+    subnet_queue: VecDeque<CanisterMessage>,
+    deleted_canisters: BTreeSet<CanisterId>,
+    raw_rand_requests: VecDeque<PendingRawRand>,
+}
+
+/// Decodes a state file of a supported format version (the caller checked the version). Older
+/// versions load with the fields they did not have empty.
 fn decode_state(format_version: u32, bytes: &[u8]) -> Result<ReplicatedState, postcard::Error> {
-    if format_version == 1 {
-        let old: StateV1 = postcard::from_bytes(bytes)?;
-        return Ok(ReplicatedState {
-            metadata: old.metadata,
-            canisters: old.canisters,
-            ingress_history: old.ingress_history,
-            subnet_queue: old.subnet_queue,
-            deleted_canisters: old.deleted_canisters,
-            raw_rand_requests: VecDeque::new(),
-        });
-    }
-    postcard::from_bytes(bytes)
+    let old = match format_version {
+        1 => {
+            let v1: StateV1 = postcard::from_bytes(bytes)?;
+            StateV2 {
+                metadata: v1.metadata,
+                canisters: v1.canisters,
+                ingress_history: v1.ingress_history,
+                subnet_queue: v1.subnet_queue,
+                deleted_canisters: v1.deleted_canisters,
+                raw_rand_requests: VecDeque::new(),
+            }
+        }
+        2 => postcard::from_bytes(bytes)?,
+        _ => return postcard::from_bytes(bytes),
+    };
+    Ok(ReplicatedState {
+        metadata: old.metadata,
+        canisters: old.canisters,
+        ingress_history: old.ingress_history,
+        subnet_queue: old.subnet_queue,
+        deleted_canisters: old.deleted_canisters,
+        raw_rand_requests: old.raw_rand_requests,
+        canister_logs: BTreeMap::new(),
+    })
 }
 
 /// Checks that the encoded state decodes and encodes to the same bytes, so a checkpoint is never
@@ -1285,6 +1309,10 @@ mod tests {
                 deadline: None,
             },
         });
+        state.append_log(
+            CanisterId::from_u64(1),
+            [b"printed".to_vec(), b"[TRAP]: why".to_vec()],
+        );
         state
     }
 
@@ -1300,6 +1328,7 @@ mod tests {
         assert_eq!(a.subnet_queue, b.subnet_queue);
         assert_eq!(a.deleted_canisters, b.deleted_canisters);
         assert_eq!(a.raw_rand_requests, b.raw_rand_requests);
+        assert_eq!(a.canister_logs, b.canister_logs);
         assert_eq!(
             postcard::to_allocvec(a).unwrap(),
             postcard::to_allocvec(b).unwrap()
@@ -1324,24 +1353,40 @@ mod tests {
     }
 
     #[test]
-    fn a_version_1_state_file_decodes_without_raw_rand_requests() {
-        let mut current = state(3);
-        current.raw_rand_requests.clear();
-        let stripped = state_without_pages(&current);
-        // Version 1 is today's state without its last field; postcard encodes a struct as its
-        // fields in order, so the tuple of the first five is a version 1 state file.
+    fn version_1_and_2_state_files_decode_with_the_newer_fields_empty() {
+        let current = state(3);
+        assert!(!current.raw_rand_requests.is_empty());
+        assert!(!current.canister_logs.is_empty());
+        let full = state_without_pages(&current);
+        let mut without_logs = full.clone();
+        without_logs.canister_logs.clear();
+        let mut without_rand = without_logs.clone();
+        without_rand.raw_rand_requests.clear();
+        // An older version is today's state without its last fields; postcard encodes a struct as
+        // its fields in order, so a tuple of the first fields is an older state file.
         let v1 = postcard::to_allocvec(&(
-            &stripped.metadata,
-            &stripped.canisters,
-            &stripped.ingress_history,
-            &stripped.subnet_queue,
-            &stripped.deleted_canisters,
+            &full.metadata,
+            &full.canisters,
+            &full.ingress_history,
+            &full.subnet_queue,
+            &full.deleted_canisters,
         ))
         .unwrap();
-        assert_same(&decode_state(1, &v1).unwrap(), &stripped);
+        let v2 = postcard::to_allocvec(&(
+            &full.metadata,
+            &full.canisters,
+            &full.ingress_history,
+            &full.subnet_queue,
+            &full.deleted_canisters,
+            &full.raw_rand_requests,
+        ))
+        .unwrap();
+        assert_same(&decode_state(1, &v1).unwrap(), &without_rand);
+        assert_same(&decode_state(2, &v2).unwrap(), &without_logs);
         assert!(decode_state(FORMAT_VERSION, &v1).is_err());
-        let v2 = postcard::to_allocvec(&stripped).unwrap();
-        assert_same(&decode_state(FORMAT_VERSION, &v2).unwrap(), &stripped);
+        assert!(decode_state(FORMAT_VERSION, &v2).is_err());
+        let v3 = postcard::to_allocvec(&full).unwrap();
+        assert_same(&decode_state(FORMAT_VERSION, &v3).unwrap(), &full);
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //!   inter-canister calls and timers with ic-utils and ic-agent;
 //! - `chain_keys`: ECDSA, Schnorr and vetKD keys from a canister built with ic-cdk-management-canister,
 //!   verified with k256, ic-ed25519 and ic-vetkeys, and fees that agree with `ic0.cost_*`;
+//! - `logs`: canister logs (prints and traps) through `fetch_canister_logs`, visibility, filters, upgrade,
+//!   restart and reinstall;
 //! - `identities`: anonymous, Ed25519, secp256k1 and P-256 senders, and controller checks;
 //! - `durability`: state survives a clean shutdown, SIGTERM and SIGKILL of the `openic` process;
 //! - `raw_http`: hand-made envelopes over raw HTTP/1.1 (bad signature, expiry, oversized body);
@@ -25,6 +27,7 @@ mod chain_keys;
 mod durability;
 mod identities;
 mod js;
+mod logs;
 mod raw_http;
 mod subnet;
 mod subnet_faults;

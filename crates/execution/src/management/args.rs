@@ -199,7 +199,11 @@ pub(super) fn validate_settings(
         valid.log_visibility = Some(log_visibility(value)?);
     }
     if let Some(value) = &settings.log_memory_limit {
-        valid.log_memory_limit = Some(nat_to_u64_at_most(value, "log_memory_limit", u64::MAX)?);
+        valid.log_memory_limit = Some(nat_to_u64_at_most(
+            value,
+            "log_memory_limit",
+            openic_replicated_state::canister_log::MAX_LOG_MEMORY_LIMIT,
+        )?);
     }
     if let Some(value) = &settings.snapshot_visibility {
         valid.snapshot_visibility = Some(snapshot_visibility(value)?);

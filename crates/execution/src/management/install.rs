@@ -57,6 +57,9 @@ struct Installation<'c, 'a> {
     time: openic_types::Time,
     instructions_left: u64,
     cycles_burned: Cycles,
+    /// What the hooks printed and why one trapped, for the canister's log (kept also when the
+    /// installation fails).
+    logs: &'c mut Vec<Vec<u8>>,
 }
 
 impl Installation<'_, '_> {
@@ -78,18 +81,20 @@ impl Installation<'_, '_> {
             self.canister.system_state.cycles_balance,
             false,
         );
+        let wasm_memory_limit = wasm_memory_limit_bytes(config, &self.canister, &api_type);
         let output = self.context.embedder.execute(WasmExecutionInput {
             api_type,
             entry_point,
             execution_state: &execution_state,
             system_state: view,
             instruction_limit: self.instructions_left,
-            wasm_memory_limit_bytes: wasm_memory_limit_bytes(config, &self.canister),
+            wasm_memory_limit_bytes: wasm_memory_limit,
             stable_memory_limit_bytes: config.max_stable_memory_bytes,
         });
         self.instructions_left = self
             .instructions_left
             .saturating_sub(output.instructions_used);
+        self.logs.extend(output.debug_prints);
         match output.result {
             Ok((new_state, _response, changes)) => {
                 let system_state = &mut self.canister.system_state;
@@ -144,6 +149,10 @@ impl Installation<'_, '_> {
 }
 
 /// Installs `wasm` into canister `id` in `mode`. The caller has been checked to be a controller.
+///
+/// The canister's log: a successful install or reinstall purges it (spec), then what the hooks
+/// printed is appended; an upgrade appends. A failed installation changes nothing but the log,
+/// which gets what the hooks printed and the trap, so a developer can see why it failed.
 fn install(
     context: &Context<'_>,
     state: &mut ReplicatedState,
@@ -152,6 +161,41 @@ fn install(
     wasm: &[u8],
     arg: Vec<u8>,
     sender_canister_version: Option<u64>,
+) -> Result<(), UserError> {
+    let mut logs = Vec::new();
+    let purges_log = matches!(
+        mode,
+        mct::CanisterInstallMode::Install | mct::CanisterInstallMode::Reinstall
+    );
+    let result = run_install(
+        context,
+        state,
+        id,
+        mode,
+        wasm,
+        arg,
+        sender_canister_version,
+        &mut logs,
+    );
+    if result.is_ok() && purges_log {
+        state.clear_log(&id);
+    }
+    state.append_log(id, logs);
+    result
+}
+
+/// [`install`] without the log: runs the hooks on a working copy, collecting what they print in
+/// `logs`, and writes the copy back if all succeeded.
+#[allow(clippy::too_many_arguments)]
+fn run_install(
+    context: &Context<'_>,
+    state: &mut ReplicatedState,
+    id: CanisterId,
+    mode: mct::CanisterInstallMode,
+    wasm: &[u8],
+    arg: Vec<u8>,
+    sender_canister_version: Option<u64>,
+    logs: &mut Vec<Vec<u8>>,
 ) -> Result<(), UserError> {
     if wasm.len() > MAX_WASM_MODULE_BYTES {
         return Err(ManagementError::ModuleTooLarge {
@@ -184,6 +228,7 @@ fn install(
         time,
         instructions_left: context.config.max_instructions_per_install,
         cycles_burned: Cycles::ZERO,
+        logs,
     };
     {
         let system_state = &mut installation.canister.system_state;
@@ -452,6 +497,7 @@ pub(super) fn uninstall_code(
     system_state.canister_version = system_state.canister_version.saturating_add(1);
     record_change(system_state, time, origin, ChangeDetails::CodeUninstall);
     canister.execution_state = None;
+    state.clear_log(&id);
 
     let message = "Canister has been uninstalled.";
     for call_context in call_contexts.into_values() {

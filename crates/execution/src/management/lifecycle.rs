@@ -285,6 +285,9 @@ pub(super) fn update_settings(
             },
         );
     }
+    if settings.log_memory_limit.is_some() {
+        state.resize_log(&id);
+    }
     Ok(Handled::reply(crate::common::EMPTY_CANDID_REPLY.to_vec()))
 }
 
@@ -386,6 +389,7 @@ pub(super) fn delete_canister(
         return Err(crate::common::canister_not_found_error(&id));
     };
     state.deleted_canisters.insert(id);
+    state.canister_logs.remove(&id);
     let removed = std::sync::Arc::unwrap_or_clone(removed);
     state
         .metadata

@@ -36,8 +36,10 @@ use crate::common::EMPTY_CANDID_REPLY;
 use crate::config::{ExecutionConfig, SubnetContext};
 use candid::Principal;
 use openic_embedders::Embedder;
-use openic_replicated_state::{CanisterState, ChangeOrigin, ReplicatedState, StopContext};
-use openic_types::{CanisterId, Cycles, Time, UserError};
+use openic_replicated_state::{
+    CanisterLogs, CanisterState, ChangeOrigin, ReplicatedState, StopContext,
+};
+use openic_types::{CanisterId, Cycles, UserError};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -349,7 +351,8 @@ fn dispatch(
             let canister_id = CanisterId::unchecked_from_principal(args.canister_id);
             let canister = existing(state, &canister_id)?;
             status::check_status_caller(canister, &context.caller.principal())?;
-            status::canister_status_reply(context.config, canister).map(Handled::reply)
+            status::canister_status_reply(context.config, canister, state.log_bytes(&canister_id))
+                .map(Handled::reply)
         }
         Method::UpdateSettings => lifecycle::update_settings(context, state),
         Method::StartCanister => lifecycle::start_canister(context, state),
@@ -379,26 +382,30 @@ fn dispatch(
 ///
 /// Supported: `canister_status` (controllers and the canister itself), `fetch_canister_logs`
 /// (following the canister's `log_visibility`) and `canister_metadata` (public sections for
-/// anyone, private ones for controllers; also callable as an update). `time` is the snapshot's time.
+/// anyone, private ones for controllers; also callable as an update). `logs` are the snapshot's
+/// canister logs.
 pub fn execute_management_query(
     config: &ExecutionConfig,
     canisters: &BTreeMap<CanisterId, Arc<CanisterState>>,
-    time: Time,
+    logs: &CanisterLogs,
     caller: Principal,
     method: &str,
     payload: &[u8],
 ) -> Result<Vec<u8>, UserError> {
-    // No query method depends on the time yet (logs are empty); it is part of the contract so
-    // that log filtering by timestamp can use it.
-    let _ = time;
+    let log_bytes = |id: &Principal| {
+        logs.get(&CanisterId::unchecked_from_principal(*id))
+            .map_or(0, |log| log.bytes_used())
+    };
     match Method::parse(method) {
         Some(Method::CanisterStatus) => {
             let args: args::CanisterIdRecord = args::decode(method, payload)?;
             let canister = existing_in(canisters, &args.canister_id)?;
             status::check_status_caller(canister, &caller)?;
-            status::canister_status_reply(config, canister)
+            status::canister_status_reply(config, canister, log_bytes(&args.canister_id))
         }
-        Some(Method::FetchCanisterLogs) => status::fetch_canister_logs(canisters, caller, payload),
+        Some(Method::FetchCanisterLogs) => {
+            status::fetch_canister_logs(canisters, logs, caller, payload)
+        }
         Some(Method::CanisterMetadata) => status::canister_metadata(canisters, caller, payload),
         Some(_) => Err(errors::not_a_query(method)),
         None => Err(errors::unknown_method(method)),
@@ -1231,7 +1238,7 @@ mod tests {
         let reply = execute_management_query(
             &h.config,
             &snapshot,
-            h.state.metadata.time,
+            &h.state.canister_logs,
             user(1),
             "canister_status",
             &id_record(id),
@@ -1241,7 +1248,7 @@ mod tests {
         let error = execute_management_query(
             &h.config,
             &snapshot,
-            h.state.metadata.time,
+            &h.state.canister_logs,
             user(2),
             "canister_status",
             &id_record(id),
@@ -1532,7 +1539,7 @@ mod tests {
             execute_management_query(
                 &h.config,
                 &h.state.canisters_snapshot(),
-                h.state.metadata.time,
+                &h.state.canister_logs,
                 caller,
                 "fetch_canister_logs",
                 &payload,
@@ -1552,6 +1559,131 @@ mod tests {
             .log_visibility = openic_replicated_state::Visibility::AllowedViewers(vec![user(2)]);
         assert!(query(&h, user(2)).is_ok());
         assert!(query(&h, user(3)).is_err());
+    }
+
+    #[test]
+    fn logs_filter_resize_and_are_purged_by_reinstall_and_uninstall() {
+        let mut h = Harness::new();
+        let id = h.create_canister(user(1));
+        let install = |h: &mut Harness, mode| {
+            h.reply(
+                ManagementCaller::User(user(1)),
+                "install_code",
+                &install_args(id, mode, fake_module("v=1"), b""),
+            );
+        };
+        install(&mut h, mct::CanisterInstallMode::Install);
+        for i in 0..10u8 {
+            h.state.metadata.time = openic_types::Time(1_000 + u64::from(i));
+            h.state.append_log(id, [vec![b'0' + i]]);
+        }
+        let fetch = |h: &Harness, filter| {
+            let payload = Encode!(&mct::FetchCanisterLogsArgs {
+                canister_id: id.get(),
+                filter,
+            })
+            .unwrap();
+            let reply = execute_management_query(
+                &h.config,
+                &h.state.canisters_snapshot(),
+                &h.state.canister_logs,
+                user(1),
+                "fetch_canister_logs",
+                &payload,
+            )
+            .unwrap();
+            Decode!(&reply, mct::FetchCanisterLogsResult)
+                .unwrap()
+                .canister_log_records
+                .into_iter()
+                .map(|r| (r.idx, r.timestamp_nanos, r.content))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(fetch(&h, None).len(), 10);
+        assert_eq!(
+            fetch(&h, Some(mct::CanisterLogFilter::ByIdx { start: 2, end: 3 })),
+            [(2, 1_002, b"2".to_vec()), (3, 1_003, b"3".to_vec())]
+        );
+        assert_eq!(
+            fetch(
+                &h,
+                Some(mct::CanisterLogFilter::ByTimestampNanos {
+                    start: 1_009,
+                    end: u64::MAX
+                })
+            ),
+            [(9, 1_009, b"9".to_vec())]
+        );
+        // canister_status counts the log's bytes.
+        let status = Decode!(
+            &h.reply(
+                ManagementCaller::User(user(1)),
+                "canister_status",
+                &id_record(id)
+            ),
+            mct::CanisterStatusResult
+        )
+        .unwrap();
+        assert_eq!(
+            status.memory_metrics.log_memory_store_size,
+            10u64 * (openic_replicated_state::canister_log::LOG_RECORD_OVERHEAD_BYTES + 1)
+        );
+
+        // A limit above the maximum is refused; a smaller one drops the oldest records.
+        let settings = |limit: u64| {
+            Encode!(&mct::UpdateSettingsArgs {
+                canister_id: id.get(),
+                settings: mct::CanisterSettings {
+                    log_memory_limit: Some(Nat::from(limit)),
+                    ..Default::default()
+                },
+                sender_canister_version: None,
+            })
+            .unwrap()
+        };
+        let error = h.reject(
+            ManagementCaller::User(user(1)),
+            "update_settings",
+            &settings(openic_replicated_state::canister_log::MAX_LOG_MEMORY_LIMIT + 1),
+        );
+        assert!(
+            error.message.contains("log_memory_limit"),
+            "{}",
+            error.message
+        );
+        for i in 0..100u8 {
+            h.state.append_log(id, [vec![i; 200]]);
+        }
+        h.reply(
+            ManagementCaller::User(user(1)),
+            "update_settings",
+            &settings(openic_replicated_state::canister_log::MAX_LOG_MEMORY_LIMIT),
+        );
+        for i in 0..100u8 {
+            h.state.append_log(id, [vec![i; 200]]);
+        }
+        assert_eq!(fetch(&h, None).len(), 4096 / 240 + 100);
+        h.reply(
+            ManagementCaller::User(user(1)),
+            "update_settings",
+            &settings(4096),
+        );
+        assert_eq!(fetch(&h, None).len(), 4096 / 240);
+        assert_eq!(fetch(&h, None).last().unwrap().0, 209);
+
+        // An upgrade keeps the log, a reinstall purges it, indexes keep counting.
+        install(&mut h, mct::CanisterInstallMode::Upgrade(None));
+        assert_eq!(fetch(&h, None).len(), 4096 / 240);
+        install(&mut h, mct::CanisterInstallMode::Reinstall);
+        assert!(fetch(&h, None).is_empty());
+        h.state.append_log(id, [b"again".to_vec()]);
+        assert_eq!(fetch(&h, None)[0].0, 210);
+        h.reply(
+            ManagementCaller::User(user(1)),
+            "uninstall_code",
+            &id_record(id),
+        );
+        assert!(fetch(&h, None).is_empty());
     }
 
     #[test]
@@ -1577,7 +1709,7 @@ mod tests {
             execute_management_query(
                 &h.config,
                 &h.state.canisters_snapshot(),
-                h.state.metadata.time,
+                &h.state.canister_logs,
                 caller,
                 "canister_metadata",
                 &payload,

@@ -12,8 +12,8 @@ use crate::config::ExecutionConfig;
 use candid::{Nat, Principal};
 use ic_management_canister_types as mct;
 use openic_replicated_state::{
-    CanisterState, CanisterStatus, ChangeDetails, ChangeOrigin, GlobalValue, ReplicatedState,
-    Visibility, WASM_PAGE_SIZE,
+    CanisterLogs, CanisterState, CanisterStatus, ChangeDetails, ChangeOrigin, GlobalValue,
+    LogFilter, ReplicatedState, Visibility, WASM_PAGE_SIZE,
 };
 use openic_types::{CanisterId, UserError};
 use std::collections::BTreeMap;
@@ -50,7 +50,7 @@ fn global_bytes(global: &GlobalValue) -> u64 {
     }
 }
 
-fn memory_metrics(canister: &CanisterState) -> mct::MemoryMetrics {
+fn memory_metrics(canister: &CanisterState, log_bytes: u64) -> mct::MemoryMetrics {
     let system_state = &canister.system_state;
     let (wasm_memory, stable_memory, globals, binary, custom_sections) =
         match &canister.execution_state {
@@ -97,7 +97,7 @@ fn memory_metrics(canister: &CanisterState) -> mct::MemoryMetrics {
         canister_history_size: nat(history),
         wasm_chunk_store_size: nat(chunk_store),
         snapshots_size: nat(0u64),
-        log_memory_store_size: nat(0u64),
+        log_memory_store_size: nat(log_bytes),
     }
 }
 
@@ -105,10 +105,11 @@ fn memory_metrics(canister: &CanisterState) -> mct::MemoryMetrics {
 pub(super) fn canister_status_result(
     config: &ExecutionConfig,
     canister: &CanisterState,
+    log_bytes: u64,
 ) -> mct::CanisterStatusResult {
     let system_state = &canister.system_state;
     let settings = &system_state.settings;
-    let metrics = memory_metrics(canister);
+    let metrics = memory_metrics(canister, log_bytes);
     let memory_size = [
         &metrics.wasm_memory_size,
         &metrics.stable_memory_size,
@@ -169,12 +170,13 @@ pub(super) fn canister_status_result(
     }
 }
 
-/// The Candid-encoded `canister_status` reply.
+/// The Candid-encoded `canister_status` reply; `log_bytes` is what the canister's log holds.
 pub(super) fn canister_status_reply(
     config: &ExecutionConfig,
     canister: &CanisterState,
+    log_bytes: u64,
 ) -> Result<Vec<u8>, UserError> {
-    args::encode(&canister_status_result(config, canister))
+    args::encode(&canister_status_result(config, canister, log_bytes))
 }
 
 fn change_to_mct(change: &openic_replicated_state::CanisterChange) -> mct::Change {
@@ -251,10 +253,12 @@ fn may_view(visibility: &Visibility, canister: &CanisterState, caller: &Principa
     }
 }
 
-/// `fetch_canister_logs` (query only). openic keeps no canister log yet, so the list is empty; the
-/// canister's `log_visibility` is enforced all the same.
+/// `fetch_canister_logs` (query only): the canister's log records, following its `log_visibility`
+/// and the request's filter (see [`openic_replicated_state::canister_log`] for what a fetch
+/// returns).
 pub(super) fn fetch_canister_logs(
     canisters: &BTreeMap<CanisterId, Arc<CanisterState>>,
+    logs: &CanisterLogs,
     caller: Principal,
     payload: &[u8],
 ) -> Result<Vec<u8>, UserError> {
@@ -271,8 +275,27 @@ pub(super) fn fetch_canister_logs(
         }
         .into());
     }
+    let filter = args.filter.map(|filter| match filter {
+        mct::CanisterLogFilter::ByIdx { start, end } => LogFilter::ByIdx { start, end },
+        mct::CanisterLogFilter::ByTimestampNanos { start, end } => {
+            LogFilter::ByTimestampNanos { start, end }
+        }
+    });
+    let canister_log_records = logs
+        .get(&CanisterId::unchecked_from_principal(args.canister_id))
+        .map(|log| {
+            log.fetch(filter)
+                .into_iter()
+                .map(|record| mct::CanisterLogRecord {
+                    idx: record.idx,
+                    timestamp_nanos: record.timestamp_nanos,
+                    content: record.content.clone(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     args::encode(&mct::FetchCanisterLogsResult {
-        canister_log_records: Vec::new(),
+        canister_log_records,
     })
 }
 

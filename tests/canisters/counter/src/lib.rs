@@ -1,6 +1,7 @@
 //! `counter`: the workhorse test canister.
 //!
-//! It exercises plain updates and queries, certified data, traps (state must roll back), the upgrade hooks
+//! It exercises plain updates and queries, certified data, traps (state must roll back), canister logs
+//! (`init`, `post_upgrade`, `print` and `print_query` print with `ic0.debug_print`), the upgrade hooks
 //! (the counter is carried across an upgrade in stable memory) and raw 64-bit stable memory.
 //!
 //! Stable memory layout (both regions are written with the raw `stable64_*` API):
@@ -49,6 +50,7 @@ fn stable_read_u64(offset: u64) -> u64 {
 #[ic_cdk::init]
 fn init(start: Option<u64>) {
     COUNTER.with(|counter| counter.set(start.unwrap_or(0)));
+    ic_cdk::api::debug_print(format!("init: counter at {}", start.unwrap_or(0)));
 }
 
 #[ic_cdk::pre_upgrade]
@@ -59,6 +61,22 @@ fn pre_upgrade() {
 #[ic_cdk::post_upgrade]
 fn post_upgrade() {
     COUNTER.with(|counter| counter.set(stable_read_u64(STABLE_COUNTER_OFFSET)));
+    ic_cdk::api::debug_print(format!(
+        "post_upgrade: counter at {}",
+        COUNTER.with(Cell::get)
+    ));
+}
+
+/// Prints `message` with `ic0.debug_print`, for the canister's log.
+#[ic_cdk::update]
+fn print(message: String) {
+    ic_cdk::api::debug_print(message);
+}
+
+/// Prints `message` from a query: logged only when the query runs replicated.
+#[ic_cdk::query]
+fn print_query(message: String) {
+    ic_cdk::api::debug_print(message);
 }
 
 /// Increments the counter and returns the new value.
