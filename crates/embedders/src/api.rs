@@ -229,9 +229,22 @@ pub enum ExecutionError {
     /// A wasm trap (unreachable, out-of-bounds access, division by zero, ...).
     #[error("Canister trapped: {0}")]
     Trapped(String),
-    /// A System API contract violation (wrong context, bad arguments, reply twice, ...).
+    /// A System API contract violation (bad arguments, reply twice, ...).
     #[error("Canister violated contract: {0}")]
     ContractViolation(String),
+    /// A System API function called in a context that may not call it.
+    #[error("Canister violated contract: {0}")]
+    WrongContext(String),
+    /// The heap grew past the canister's `wasm_memory_limit` where the limit applies.
+    #[error(
+        "Canister exceeded its current Wasm memory limit of {limit} bytes. The peak Wasm memory usage was {peak} bytes. If the canister reaches 4GiB, then it may stop functioning and may become unrecoverable. Please reach out to the canister owner to investigate the reason for the increased memory usage. It might be necessary to move data from the Wasm memory to the stable memory. If such high Wasm memory usage is expected and safe, then the developer can increase the Wasm memory limit in the canister settings."
+    )]
+    WasmMemoryLimitExceeded {
+        /// The setting.
+        limit: u64,
+        /// The heap size the growth asked for.
+        peak: u64,
+    },
     /// The instruction limit was reached.
     #[error("Canister exceeded the limit of {limit} instructions for single message execution.")]
     InstructionLimitExceeded {
@@ -241,12 +254,68 @@ pub enum ExecutionError {
     /// The heap or stable memory could not grow further (limit reached).
     #[error("Canister exceeded its allowed memory: {0}")]
     OutOfMemory(String),
-    /// The export does not exist.
-    #[error("Canister has no {0} method")]
+    /// The export does not exist: `<kind> method '<name>'.` (see [`ExecutionError::no_export`]).
+    #[error("Canister has no {0}")]
     MethodNotFound(String),
     /// The module could not be instantiated (should have been caught at install).
     #[error("Canister's module could not be instantiated: {0}")]
     Instantiation(String),
+}
+
+/// Where the IC's documentation explains execution errors (the IC links every user error there).
+pub const EXECUTION_ERRORS_DOC: &str =
+    "https://internetcomputer.org/docs/current/references/execution-errors";
+
+/// What the IC appends to a toolchain-caused error.
+const TOOLCHAIN_HELP: &str = "This is likely an error with the compiler/CDK toolchain being used to build the canister. Please report the error to IC devs on the forum: https://forum.dfinity.org and include which language/CDK was used to create the canister.";
+
+impl ExecutionError {
+    /// [`ExecutionError::MethodNotFound`] for a missing export (`canister_update m` names the
+    /// update method `m`, as the IC words it).
+    pub fn no_export(export: &str) -> ExecutionError {
+        let (kind, name) = [
+            ("canister_update ", "update"),
+            ("canister_query ", "query"),
+            ("canister_composite_query ", "composite_query"),
+        ]
+        .iter()
+        .find_map(|(prefix, kind)| export.strip_prefix(prefix).map(|name| (*kind, name)))
+        .unwrap_or(("system", export));
+        ExecutionError::MethodNotFound(format!("{kind} method '{name}'."))
+    }
+
+    /// The help the IC appends to this error's user-visible message (after `.\n`): a suggestion
+    /// with a link to the section of the execution-errors documentation, or the toolchain note.
+    pub fn help(&self) -> Option<String> {
+        let user = |suggestion: &str, section: &str| {
+            Some(format!(
+                "{suggestion} See documentation: {EXECUTION_ERRORS_DOC}#{section}"
+            ))
+        };
+        const HANDLE: &str = "Consider gracefully handling failures from this canister or altering the canister to handle exceptions.";
+        match self {
+            ExecutionError::CalledTrap(_) => user(HANDLE, "trapped-explicitly"),
+            ExecutionError::Trapped(_) => user(HANDLE, "trapped"),
+            ExecutionError::InstructionLimitExceeded { .. } => user(
+                "Try optimizing this method to consume fewer instructions or split the work across multiple messages.",
+                "instruction-limit-exceeded",
+            ),
+            ExecutionError::MethodNotFound(_) => user(
+                "Check that the method being called is exported by the target canister.",
+                "method-not-found",
+            ),
+            ExecutionError::WrongContext(_) => user(
+                "Check the ICP documentation to make sure APIs are being called in the correct message types.",
+                "calling-a-system-api-from-the-wrong-mode",
+            ),
+            ExecutionError::WasmMemoryLimitExceeded { .. } => user(
+                "Try checking the canister for a possible memory leak or modifying it to use more stable memory instead of Wasm memory.",
+                "wasm-memory-limit-exceeded",
+            ),
+            ExecutionError::ContractViolation(_) => Some(TOOLCHAIN_HELP.to_string()),
+            ExecutionError::OutOfMemory(_) | ExecutionError::Instantiation(_) => None,
+        }
+    }
 }
 
 /// Everything needed to run one entry point.
@@ -264,6 +333,10 @@ pub struct WasmExecutionInput<'a> {
     pub instruction_limit: u64,
     /// Maximum heap size in bytes (wasm32: at most 4 GiB).
     pub wasm_memory_limit_bytes: u64,
+    /// Whether `wasm_memory_limit_bytes` is the canister's `wasm_memory_limit` setting, enforced
+    /// here: growing past it traps ([`ExecutionError::WasmMemoryLimitExceeded`]) instead of making
+    /// `memory.grow` fail (spec: the limit traps in update methods, init and post_upgrade).
+    pub wasm_memory_limit_traps: bool,
     /// Maximum stable memory size in bytes.
     pub stable_memory_limit_bytes: u64,
 }

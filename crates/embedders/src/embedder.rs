@@ -104,10 +104,22 @@ fn classify(error: wasmtime::Error, limit: u64) -> ExecutionError {
         return e.clone();
     }
     if let Some(trap) = error.downcast_ref::<Trap>() {
-        return match trap {
-            Trap::OutOfFuel => ExecutionError::InstructionLimitExceeded { limit },
-            other => ExecutionError::Trapped(other.to_string()),
+        // The IC's names for wasm traps (`TrapCode`), which canisters' tests match on.
+        let code = match trap {
+            Trap::OutOfFuel => return ExecutionError::InstructionLimitExceeded { limit },
+            Trap::BadSignature => {
+                return ExecutionError::ContractViolation(
+                    "function invocation does not match its signature".to_string(),
+                );
+            }
+            Trap::UnreachableCodeReached => "unreachable",
+            Trap::MemoryOutOfBounds => "heap out of bounds",
+            Trap::IntegerDivisionByZero => "integer division by 0",
+            Trap::StackOverflow => "stack overflow",
+            Trap::TableOutOfBounds => "table out of bounds",
+            _ => "unknown",
         };
+        return ExecutionError::Trapped(code.to_string());
     }
     ExecutionError::Trapped(format!("{error:#}"))
 }
@@ -284,6 +296,7 @@ impl WasmtimeEmbedder {
                 memory: None,
                 limits: GrowthLimits {
                     memory_bytes: memory_limit_bytes,
+                    trap_at_setting: None,
                 },
                 instruction_limit,
             },
@@ -422,10 +435,10 @@ impl WasmtimeEmbedder {
             EntryPoint::Export(name) => {
                 let func = instance
                     .get_func(&mut *store, name)
-                    .ok_or_else(|| ExecutionError::MethodNotFound(name.clone()))?;
+                    .ok_or_else(|| ExecutionError::no_export(name))?;
                 let func = func
                     .typed::<(), ()>(&*store)
-                    .map_err(|_| ExecutionError::MethodNotFound(name.clone()))?;
+                    .map_err(|_| ExecutionError::no_export(name))?;
                 func.call(&mut *store, ())
             }
             EntryPoint::StartOnly => match &compiled.start {
@@ -519,6 +532,10 @@ impl WasmtimeEmbedder {
         let heap_bytes = state.wasm_memory_size_pages.saturating_mul(WASM_PAGE_BYTES);
         let (mut store, instance, stale_bytes) =
             self.instantiate(&compiled, Some(api), memory_limit, limit, Some(heap_bytes))?;
+        // The setting traps where it applies (and where it, not the platform, is the bound).
+        if input.wasm_memory_limit_traps && memory_limit == input.wasm_memory_limit_bytes {
+            store.data_mut().limits.trap_at_setting = Some(input.wasm_memory_limit_bytes);
+        }
         Self::restore(
             &compiled,
             &mut store,
@@ -541,9 +558,15 @@ impl WasmtimeEmbedder {
         let api = store.data_mut().api.take();
         if let Err(error) = result {
             // The trap line goes through the same per-execution byte budget as debug_print.
+            // As the IC logs traps: the message, or the trap's name.
             let line = match &error {
                 ExecutionError::MethodNotFound(_) => None,
-                ExecutionError::CalledTrap(message) => Some(format!("[TRAP]: {message}")),
+                ExecutionError::CalledTrap(message) if message.is_empty() => {
+                    Some("[TRAP]: (no message)".to_string())
+                }
+                ExecutionError::CalledTrap(message) | ExecutionError::Trapped(message) => {
+                    Some(format!("[TRAP]: {message}"))
+                }
                 other => Some(format!("[TRAP]: {other}")),
             };
             if let Some(mut api) = api {
@@ -724,7 +747,10 @@ mod tests {
                 StoreData {
                     api: None,
                     memory: None,
-                    limits: GrowthLimits { memory_bytes: 0 },
+                    limits: GrowthLimits {
+                        memory_bytes: 0,
+                        trap_at_setting: None,
+                    },
                     instruction_limit: 0,
                 },
             );

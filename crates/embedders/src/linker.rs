@@ -31,6 +31,9 @@ pub(crate) struct StoreData {
 pub(crate) struct GrowthLimits {
     /// Largest heap in bytes.
     pub memory_bytes: u64,
+    /// `Some(setting)` when `memory_bytes` is the canister's `wasm_memory_limit` where the spec
+    /// enforces it: growing past it traps instead of failing.
+    pub trap_at_setting: Option<u64>,
 }
 
 impl ResourceLimiter for GrowthLimits {
@@ -40,7 +43,18 @@ impl ResourceLimiter for GrowthLimits {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired as u64 <= self.memory_bytes)
+        let desired = desired as u64;
+        if desired <= self.memory_bytes {
+            return Ok(true);
+        }
+        match self.trap_at_setting {
+            Some(limit) => Err(HostError(ExecutionError::WasmMemoryLimitExceeded {
+                limit,
+                peak: desired,
+            })
+            .into()),
+            None => Ok(false),
+        }
     }
 
     fn table_growing(

@@ -237,8 +237,8 @@ impl SystemApi {
     /// Traps unless `function` may be called in this execution's context.
     pub(crate) fn check_context(&self, function: &str, mask: u32) -> Result<(), ExecutionError> {
         if mask & self.context.bit() == 0 {
-            return Err(violation(format!(
-                "\"ic0.{function}\" cannot be executed in {} mode",
+            return Err(ExecutionError::WrongContext(format!(
+                "\"ic0_{function}\" cannot be executed in {} mode",
                 self.context.describe()
             )));
         }
@@ -625,17 +625,17 @@ impl SystemApi {
 
     /// Available cycles, for the legacy 64-bit API (traps above 64 bits).
     pub(crate) fn cycles_available_64(&self) -> Result<u64, ExecutionError> {
-        to_u64(self.cycles_available(), "msg_cycles_available")
+        to_u64(self.cycles_available())
     }
 
     /// Refunded cycles, for the legacy 64-bit API.
     pub(crate) fn cycles_refunded_64(&self) -> Result<u64, ExecutionError> {
-        to_u64(self.cycles_refunded(), "msg_cycles_refunded")
+        to_u64(self.cycles_refunded())
     }
 
     /// Balance, for the legacy 64-bit API.
     pub(crate) fn balance_64(&self) -> Result<u64, ExecutionError> {
-        to_u64(self.balance(), "canister_cycle_balance")
+        to_u64(self.balance())
     }
 
     // ---- Identity and environment ----
@@ -989,8 +989,8 @@ impl SystemApi {
     /// Legacy `stable_size` (traps above 4 GiB).
     pub(crate) fn stable_size_32(&self) -> Result<i32, ExecutionError> {
         if self.stable_memory_pages > MAX_LEGACY_STABLE_PAGES {
-            return Err(violation(
-                "ic0.stable_size: stable memory is larger than 4 GiB; use the stable64 API",
+            return Err(ExecutionError::Trapped(
+                "32 bit stable memory api used on a memory larger than 4GB".to_string(),
             ));
         }
         Ok(self.stable_memory_pages as i32)
@@ -1009,13 +1009,14 @@ impl SystemApi {
         }
     }
 
-    fn stable_range(&self, offset: u64, size: u64, function: &str) -> Result<(), ExecutionError> {
+    fn stable_range(&self, offset: u64, size: u64) -> Result<(), ExecutionError> {
         let stable_bytes = self.stable_memory_pages * WASM_PAGE_BYTES;
         match offset.checked_add(size) {
             Some(end) if end <= stable_bytes => Ok(()),
-            _ => Err(violation(format!(
-                "ic0.{function}: stable memory range [{offset}, {offset}+{size}) is out of bounds of the {stable_bytes}-byte stable memory"
-            ))),
+            // The IC's trap (IC0502) and text, which canisters and their tests match on.
+            _ => Err(ExecutionError::Trapped(
+                "stable memory out of bounds".to_string(),
+            )),
         }
     }
 
@@ -1028,7 +1029,7 @@ impl SystemApi {
         size: u64,
         function: &str,
     ) -> Result<(), ExecutionError> {
-        self.stable_range(offset, size, function)?;
+        self.stable_range(offset, size)?;
         let bytes = heap_read(heap, src, size, function)?;
         self.stable_memory.write(offset, bytes);
         self.charge_bytes(bytes.len());
@@ -1044,7 +1045,7 @@ impl SystemApi {
         size: u64,
         function: &str,
     ) -> Result<(), ExecutionError> {
-        self.stable_range(offset, size, function)?;
+        self.stable_range(offset, size)?;
         let range = heap_range(heap.len(), dst, size, function)?;
         self.stable_memory.read(offset, &mut heap[range]);
         self.charge_bytes(size as usize);
@@ -1306,11 +1307,10 @@ impl SystemApi {
     }
 }
 
-fn to_u64(cycles: Cycles, function: &str) -> Result<u64, ExecutionError> {
+/// A cycles amount for the 64-bit System API (the IC's trap when it does not fit).
+fn to_u64(cycles: Cycles) -> Result<u64, ExecutionError> {
     u64::try_from(cycles.get()).map_err(|_| {
-        violation(format!(
-            "ic0.{function}: the amount {cycles} does not fit in 64 bits; use the 128-bit API"
-        ))
+        ExecutionError::Trapped("cycles amount exceeds 64-bit representation".to_string())
     })
 }
 

@@ -156,14 +156,12 @@ pub fn canister_not_found_error(canister_id: &CanisterId) -> UserError {
     )
 }
 
-/// The rejection for a method the canister does not export in the needed kind.
+/// The rejection for a method the canister does not export in the needed kind (`update`,
+/// `query` or `composite_query`), worded as the IC words it.
 pub fn method_not_found_error(canister_id: &CanisterId, kind: &str, method: &str) -> UserError {
-    UserError::new(
-        ErrorCode::CanisterMethodNotExported,
-        format!(
-            "Canister {} has no {kind} method '{method}'; check the method name and its kind in the canister's Candid interface.",
-            canister_id.get()
-        ),
+    execution_error_to_user(
+        canister_id,
+        &ExecutionError::MethodNotFound(format!("{kind} method '{method}'.")),
     )
 }
 
@@ -178,12 +176,19 @@ pub fn did_not_reply_error(canister_id: &CanisterId) -> UserError {
     )
 }
 
-/// The user error for a failed execution (`Error from Canister <id>: <what>`).
+/// The user error for a failed execution, worded as the IC words it:
+/// `Error from Canister <id>: <what>.\n<help>` (the help names the section of the IC's
+/// execution-errors documentation; a `<what>` that ends in a period gets a second one, as on the IC).
 pub fn execution_error_to_user(canister_id: &CanisterId, error: &ExecutionError) -> UserError {
     let code = match error {
         ExecutionError::CalledTrap(_) => ErrorCode::CanisterCalledTrap,
         ExecutionError::Trapped(_) => ErrorCode::CanisterTrapped,
-        ExecutionError::ContractViolation(_) => ErrorCode::CanisterContractViolation,
+        ExecutionError::ContractViolation(_) | ExecutionError::WrongContext(_) => {
+            ErrorCode::CanisterContractViolation
+        }
+        ExecutionError::WasmMemoryLimitExceeded { .. } => {
+            ErrorCode::CanisterWasmMemoryLimitExceeded
+        }
         ExecutionError::InstructionLimitExceeded { .. } => {
             ErrorCode::CanisterInstructionLimitExceeded
         }
@@ -191,10 +196,12 @@ pub fn execution_error_to_user(canister_id: &CanisterId, error: &ExecutionError)
         ExecutionError::MethodNotFound(_) => ErrorCode::CanisterMethodNotExported,
         ExecutionError::Instantiation(_) => ErrorCode::CanisterInvalidWasm,
     };
-    UserError::new(
-        code,
-        format!("Error from Canister {}: {error}", canister_id.get()),
-    )
+    let mut message = format!("Error from Canister {}: {error}", canister_id.get());
+    if let Some(help) = error.help() {
+        message.push_str(".\n");
+        message.push_str(&help);
+    }
+    UserError::new(code, message)
 }
 
 /// The user error for an explicit `msg_reject`.
@@ -305,18 +312,21 @@ pub(crate) fn management_response(request: Request, payload: Payload) -> Respons
 /// callbacks and cleanup, heartbeats, global timers, the low-memory hook and `canister_pre_upgrade`
 /// ignore it (spec: `wasm_memory_limit`), so a canister over its limit can still be upgraded,
 /// answer calls and run the hook that frees memory. The platform's limit always applies.
+///
+/// Returns the limit and whether it is the setting (growing past it traps, as on the IC) rather
+/// than the platform's (past which `memory.grow` fails).
 pub fn wasm_memory_limit_bytes(
     config: &ExecutionConfig,
     canister: &CanisterState,
     api_type: &ApiType,
-) -> u64 {
+) -> (u64, bool) {
     let enforced = matches!(
         api_type,
         ApiType::Update { .. } | ApiType::Init { .. } | ApiType::Start
     );
     match canister.system_state.settings.wasm_memory_limit {
-        limit if enforced && limit != 0 => limit.min(config.max_wasm_memory_bytes),
-        _ => config.max_wasm_memory_bytes,
+        limit if enforced && limit != 0 && limit < config.max_wasm_memory_bytes => (limit, true),
+        _ => (config.max_wasm_memory_bytes, false),
     }
 }
 

@@ -110,7 +110,8 @@ impl IngressInspector for IngressFilter {
             method_name: message.method_name.clone(),
             arg: message.arg.clone(),
         };
-        let wasm_memory_limit = wasm_memory_limit_bytes(&self.config, canister, &api_type);
+        let (wasm_memory_limit, wasm_memory_limit_traps) =
+            wasm_memory_limit_bytes(&self.config, canister, &api_type);
         let output = self.embedder.execute(WasmExecutionInput {
             api_type,
             entry_point: EntryPoint::Export(INSPECT_MESSAGE_EXPORT.to_string()),
@@ -118,6 +119,7 @@ impl IngressInspector for IngressFilter {
             system_state: view,
             instruction_limit: self.config.max_instructions_per_inspect,
             wasm_memory_limit_bytes: wasm_memory_limit,
+            wasm_memory_limit_traps,
             stable_memory_limit_bytes: self.config.max_stable_memory_bytes,
         });
         match output.result {

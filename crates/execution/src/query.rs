@@ -95,14 +95,12 @@ impl QueryExecution {
                     data_certificate,
                 },
             ),
+            // The IC answers a query to an update method as to a missing query method.
             Some(MethodKind::Update) => {
-                return Err(UserError::new(
-                    ErrorCode::CanisterMethodNotExported,
-                    format!(
-                        "Canister {} method '{}' is an update method, not a query method; call it as an update call.",
-                        query.canister_id.get(),
-                        query.method_name
-                    ),
+                return Err(method_not_found_error(
+                    &query.canister_id,
+                    "query",
+                    &query.method_name,
                 ));
             }
             None => {
@@ -192,7 +190,8 @@ impl<'a> QueryContext<'a> {
         // replicated callbacks the canister has outstanding.
         view.can_make_calls = true;
         view.remaining_callbacks = u64::from(self.config.max_composite_query_calls);
-        let wasm_memory_limit = wasm_memory_limit_bytes(self.config, canister, &api_type);
+        let (wasm_memory_limit, wasm_memory_limit_traps) =
+            wasm_memory_limit_bytes(self.config, canister, &api_type);
         let output = self.embedder.execute(WasmExecutionInput {
             api_type,
             entry_point,
@@ -200,6 +199,7 @@ impl<'a> QueryContext<'a> {
             system_state: view,
             instruction_limit: self.instructions_left,
             wasm_memory_limit_bytes: wasm_memory_limit,
+            wasm_memory_limit_traps,
             stable_memory_limit_bytes: self.config.max_stable_memory_bytes,
         });
         self.instructions_left = self

@@ -823,7 +823,8 @@ impl Scheduler {
             .call_contexts
             .get(&call_context_id)
             .map_or(0, |context| context.instructions_executed);
-        let wasm_memory_limit = wasm_memory_limit_bytes(&self.config, canister, &api_type);
+        let (wasm_memory_limit, wasm_memory_limit_traps) =
+            wasm_memory_limit_bytes(&self.config, canister, &api_type);
         let mut output = self.embedder.execute(WasmExecutionInput {
             api_type,
             entry_point,
@@ -831,6 +832,7 @@ impl Scheduler {
             system_state: view,
             instruction_limit,
             wasm_memory_limit_bytes: wasm_memory_limit,
+            wasm_memory_limit_traps,
             stable_memory_limit_bytes: self.config.max_stable_memory_bytes,
         });
         // Every replicated execution logs, also one that traps (spec: `canister_logs`).
@@ -1143,7 +1145,8 @@ impl Scheduler {
             canister.system_state.cycles_balance,
             false,
         );
-        let wasm_memory_limit = wasm_memory_limit_bytes(&self.config, canister, &api_type);
+        let (wasm_memory_limit, wasm_memory_limit_traps) =
+            wasm_memory_limit_bytes(&self.config, canister, &api_type);
         let mut output = self.embedder.execute(WasmExecutionInput {
             api_type,
             entry_point: EntryPoint::Closure(cleanup),
@@ -1151,6 +1154,7 @@ impl Scheduler {
             system_state: view,
             instruction_limit: self.config.max_instructions_per_update,
             wasm_memory_limit_bytes: wasm_memory_limit,
+            wasm_memory_limit_traps,
             stable_memory_limit_bytes: self.config.max_stable_memory_bytes,
         });
         record_logs(state, id, std::mem::take(&mut output.debug_prints));

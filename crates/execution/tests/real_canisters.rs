@@ -455,7 +455,7 @@ fn heartbeat_and_inspect_message_of_a_wat_canister() {
 
 /// A canister whose heartbeat, once armed, grows the heap by four pages, and whose
 /// `canister_on_low_wasm_memory` counts its runs (read with the query `hooks`). `grow` tries the
-/// same growth in an update method and replies with what `memory.grow` returned.
+/// same growth in an update method (which traps: the limit applies to updates).
 const LOW_MEMORY_WAT: &str = r#"
 (module
   (import "ic0" "msg_reply" (func $msg_reply))
@@ -486,7 +486,7 @@ const LOW_MEMORY_WAT: &str = r#"
 
 /// The spec applies `wasm_memory_limit` to update methods, init and post_upgrade only: a heartbeat
 /// may grow the heap past it in one step, and the low-memory hook then runs (the remaining heap is
-/// below the threshold), as the IC runs it; an update method cannot grow past the limit.
+/// below the threshold), as the IC runs it; an update method that grows past it traps (IC0539).
 #[test]
 fn a_heartbeat_past_the_wasm_memory_limit_runs_the_low_memory_hook() {
     let mut harness = Harness::new();
@@ -510,11 +510,29 @@ fn a_heartbeat_past_the_wasm_memory_limit_runs_the_low_memory_hook() {
     harness.block(vec![]);
     assert_eq!(counter_reply(&harness.call(canister, "hooks", vec![])), 0);
 
-    // An update may not grow past the limit: memory.grow fails (-1).
-    assert_eq!(
-        counter_reply(&harness.call(canister, "grow", vec![])),
-        u32::MAX
-    );
+    // An update may not grow past the limit: it traps as on the IC (IC0539), and the heap stays.
+    match harness.call(canister, "grow", vec![]) {
+        IngressState::Rejected(error) => {
+            assert_eq!(
+                error.error_code,
+                Some(ErrorCode::CanisterWasmMemoryLimitExceeded)
+            );
+            assert!(
+                error.message.contains(
+                    "Canister exceeded its current Wasm memory limit of 196608 bytes. \
+                     The peak Wasm memory usage was 327680 bytes."
+                ),
+                "{}",
+                error.message
+            );
+            assert!(
+                error.message.ends_with("#wasm-memory-limit-exceeded"),
+                "{}",
+                error.message
+            );
+        }
+        other => panic!("expected a reject, got {other:?}"),
+    }
     let pages = |harness: &Harness| {
         harness
             .state

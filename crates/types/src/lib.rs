@@ -221,6 +221,8 @@ pub enum ErrorCode {
     CanisterWasmModuleNotFound,
     /// IC0538: the canister already has a module installed.
     CanisterAlreadyInstalled,
+    /// IC0539: the heap grew past the canister's `wasm_memory_limit`.
+    CanisterWasmMemoryLimitExceeded,
     /// IC0503-like rejection for malformed arguments to the management canister (IC0505 in some paths).
     InvalidManagementPayload,
     /// IC0515: the chunk store is full / the chunk is missing or too large.
@@ -257,6 +259,7 @@ impl ErrorCode {
             ErrorCode::CanisterMethodNotExported => "IC0536",
             ErrorCode::CanisterWasmModuleNotFound => "IC0537",
             ErrorCode::CanisterAlreadyInstalled => "IC0538",
+            ErrorCode::CanisterWasmMemoryLimitExceeded => "IC0539",
             ErrorCode::InvalidManagementPayload => "IC0504",
             ErrorCode::CanisterChunkStoreError => "IC0515",
             ErrorCode::CanisterQueueFull => "IC0524",

@@ -81,7 +81,8 @@ impl Installation<'_, '_> {
             self.canister.system_state.cycles_balance,
             false,
         );
-        let wasm_memory_limit = wasm_memory_limit_bytes(config, &self.canister, &api_type);
+        let (wasm_memory_limit, wasm_memory_limit_traps) =
+            wasm_memory_limit_bytes(config, &self.canister, &api_type);
         let output = self.context.embedder.execute(WasmExecutionInput {
             api_type,
             entry_point,
@@ -89,6 +90,7 @@ impl Installation<'_, '_> {
             system_state: view,
             instruction_limit: self.instructions_left,
             wasm_memory_limit_bytes: wasm_memory_limit,
+            wasm_memory_limit_traps,
             stable_memory_limit_bytes: config.max_stable_memory_bytes,
         });
         self.instructions_left = self
