@@ -11,9 +11,9 @@
 //!
 //! # Limits
 //!
-//! `log_memory_limit` 0 turns logging off (records are counted but not kept); a non-zero limit
-//! below [`MIN_LOG_MEMORY_LIMIT`] keeps [`MIN_LOG_MEMORY_LIMIT`] bytes (room for one whole record);
-//! settings above [`MAX_LOG_MEMORY_LIMIT`] are refused by `update_settings`. A fetch returns at most
+//! `log_memory_limit` 0 turns logging off (records are counted but not kept); `update_settings`
+//! refuses other values outside [`MIN_LOG_MEMORY_LIMIT`]..=[`MAX_LOG_MEMORY_LIMIT`] with the IC's
+//! texts (a state that holds such a value anyway keeps at least one whole record's room). A fetch returns at most
 //! [`MAX_FETCH_RESULT_BYTES`] of records: the newest without a filter, the oldest matching ones with
 //! a filter, so a client pages forward with `by_idx`.
 

@@ -187,8 +187,6 @@ pub enum ErrorCode {
     IngressMessageTimeout,
     /// IC0301: no such canister.
     CanisterNotFound,
-    /// IC0302: no such method on the canister.
-    CanisterMethodNotFound,
     /// IC0406: the canister rejected the message (or refused it in inspect_message).
     CanisterRejectedMessage,
     /// IC0502: the canister trapped.
@@ -211,7 +209,7 @@ pub enum ErrorCode {
     CanisterNotStopped,
     /// IC0512: the caller is not a controller.
     CanisterInvalidController,
-    /// IC0513: the canister is not empty.
+    /// IC0514: the canister is not empty.
     CanisterNonEmpty,
     /// IC0522: the instruction limit was exceeded.
     CanisterInstructionLimitExceeded,
@@ -223,11 +221,9 @@ pub enum ErrorCode {
     CanisterAlreadyInstalled,
     /// IC0539: the heap grew past the canister's `wasm_memory_limit`.
     CanisterWasmMemoryLimitExceeded,
-    /// IC0503-like rejection for malformed arguments to the management canister (IC0505 in some paths).
+    /// IC0408: an argument to the management canister that does not decode or is out of range.
     InvalidManagementPayload,
-    /// IC0515: the chunk store is full / the chunk is missing or too large.
-    CanisterChunkStoreError,
-    /// IC0524: the canister's input queue is full.
+    /// IC0201: the canister's input queue is full (retry later).
     CanisterQueueFull,
     /// IC0601: a bounded-wait call's deadline expired.
     DeadlineExpired,
@@ -242,7 +238,6 @@ impl ErrorCode {
             ErrorCode::CanisterOutOfCycles => "IC0207",
             ErrorCode::IngressMessageTimeout => "IC0202",
             ErrorCode::CanisterNotFound => "IC0301",
-            ErrorCode::CanisterMethodNotFound => "IC0302",
             ErrorCode::CanisterRejectedMessage => "IC0406",
             ErrorCode::CanisterTrapped => "IC0502",
             ErrorCode::CanisterCalledTrap => "IC0503",
@@ -254,15 +249,14 @@ impl ErrorCode {
             ErrorCode::CanisterStopping => "IC0509",
             ErrorCode::CanisterNotStopped => "IC0510",
             ErrorCode::CanisterInvalidController => "IC0512",
-            ErrorCode::CanisterNonEmpty => "IC0513",
+            ErrorCode::CanisterNonEmpty => "IC0514",
             ErrorCode::CanisterInstructionLimitExceeded => "IC0522",
             ErrorCode::CanisterMethodNotExported => "IC0536",
             ErrorCode::CanisterWasmModuleNotFound => "IC0537",
             ErrorCode::CanisterAlreadyInstalled => "IC0538",
             ErrorCode::CanisterWasmMemoryLimitExceeded => "IC0539",
-            ErrorCode::InvalidManagementPayload => "IC0504",
-            ErrorCode::CanisterChunkStoreError => "IC0515",
-            ErrorCode::CanisterQueueFull => "IC0524",
+            ErrorCode::InvalidManagementPayload => "IC0408",
+            ErrorCode::CanisterQueueFull => "IC0201",
             ErrorCode::DeadlineExpired => "IC0601",
             ErrorCode::ResponseDropped => "IC0602",
         }

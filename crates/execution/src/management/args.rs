@@ -1,6 +1,6 @@
 //! Decoding management arguments under quotas, and validating and applying canister settings.
 
-use super::errors;
+use super::errors::{self, ManagementError};
 use candid::de::DecoderConfig;
 use candid::{CandidType, Nat, Principal};
 use ic_management_canister_types as mct;
@@ -199,11 +199,24 @@ pub(super) fn validate_settings(
         valid.log_visibility = Some(log_visibility(value)?);
     }
     if let Some(value) = &settings.log_memory_limit {
-        valid.log_memory_limit = Some(nat_to_u64_at_most(
-            value,
-            "log_memory_limit",
-            openic_replicated_state::canister_log::MAX_LOG_MEMORY_LIMIT,
-        )?);
+        use openic_replicated_state::canister_log::{MAX_LOG_MEMORY_LIMIT, MIN_LOG_MEMORY_LIMIT};
+        // The IC's refusals (IC0406) and texts; 0 turns the log off.
+        let bytes = u64::try_from(value.0.clone()).unwrap_or(u64::MAX);
+        if bytes > MAX_LOG_MEMORY_LIMIT {
+            return Err(ManagementError::LogMemoryLimitTooHigh {
+                bytes,
+                limit: MAX_LOG_MEMORY_LIMIT,
+            }
+            .into());
+        }
+        if bytes != 0 && bytes < MIN_LOG_MEMORY_LIMIT {
+            return Err(ManagementError::LogMemoryLimitTooLow {
+                bytes,
+                limit: MIN_LOG_MEMORY_LIMIT,
+            }
+            .into());
+        }
+        valid.log_memory_limit = Some(bytes);
     }
     if let Some(value) = &settings.snapshot_visibility {
         valid.snapshot_visibility = Some(snapshot_visibility(value)?);
@@ -380,7 +393,7 @@ mod tests {
             b"DIDL\x01\x6d\x7f\x01\x00\xff\xff\xff\xff\x0f",
         ] {
             let error = decode::<CanisterIdRecord>("canister_status", garbage).unwrap_err();
-            assert_eq!(error.code, RejectCode::CanisterError);
+            assert_eq!(error.code, RejectCode::CanisterReject);
             assert!(
                 error.message.contains("canister_status"),
                 "{}",

@@ -3,7 +3,7 @@
 
 use candid::Principal;
 use openic_replicated_state::CanisterState;
-use openic_types::{CanisterId, Cycles, ErrorCode, UserError};
+use openic_types::{CanisterId, Cycles, ErrorCode, RejectCode, UserError};
 
 /// Why a call to the management canister was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -79,6 +79,22 @@ pub enum ManagementError {
         controllers: String,
         /// The caller.
         caller: Principal,
+    },
+    /// `log_memory_limit` below the smallest log (0, no log, is allowed).
+    #[error("The canister log memory limit {bytes} is too low. It must be at least {limit}.")]
+    LogMemoryLimitTooLow {
+        /// The setting asked for.
+        bytes: u64,
+        /// The smallest allowed.
+        limit: u64,
+    },
+    /// `log_memory_limit` above the largest log.
+    #[error("The canister log memory limit {bytes} is too high. It must be at most {limit}.")]
+    LogMemoryLimitTooHigh {
+        /// The setting asked for.
+        bytes: u64,
+        /// The largest allowed.
+        limit: u64,
     },
     /// A setting is out of range.
     #[error("Invalid settings: {reason}")]
@@ -273,16 +289,20 @@ pub enum ManagementError {
 }
 
 impl ManagementError {
-    /// The IC error code of this refusal (its first digit is the reject code).
-    pub fn error_code(&self) -> ErrorCode {
+    /// The IC error code of this refusal (its first digit is the reject code); `None` for a method
+    /// the management canister does not have, which is refused with reject code 3 and no error
+    /// code, as the IC refuses a call it cannot route.
+    pub fn error_code(&self) -> Option<ErrorCode> {
         use ManagementError::*;
-        match self {
-            UnknownMethod { .. } | Unsupported { .. } => ErrorCode::CanisterMethodNotFound,
+        Some(match self {
+            UnknownMethod { .. } | Unsupported { .. } => return None,
+            LogMemoryLimitTooLow { .. } | LogMemoryLimitTooHigh { .. } => {
+                ErrorCode::CanisterRejectedMessage
+            }
             CanisterOnly { .. } => ErrorCode::CanisterRejectedMessage,
             QueryOnly { .. } | NotAQuery { .. } => ErrorCode::CanisterContractViolation,
             InvalidArgument { .. }
             | EffectiveCanisterIdMismatch { .. }
-            | InvalidSettings { .. }
             | SpecifiedIdOutsideRanges { .. }
             | SpecifiedIdInUse { .. }
             | AmountTooLarge { .. }
@@ -290,8 +310,10 @@ impl ManagementError {
             | KeepWithoutEnhancedPersistence
             | WasmHashMismatch { .. }
             | TooManyChunks { .. }
-            | TooManyStopRequests { .. }
-            | DeleteSelf { .. } => ErrorCode::InvalidManagementPayload,
+            | TooManyStopRequests { .. } => ErrorCode::InvalidManagementPayload,
+            // As the IC classifies them.
+            InvalidSettings { .. } => ErrorCode::CanisterContractViolation,
+            DeleteSelf { .. } => ErrorCode::CanisterInvalidController,
             NotAController { .. }
             | StatusNotVisible { .. }
             | LogsNotVisible { .. }
@@ -302,17 +324,24 @@ impl ManagementError {
             UpgradeOfEmptyCanister { .. } => ErrorCode::CanisterWasmModuleNotFound,
             ModuleTooLarge { .. } | InvalidWasm(_) => ErrorCode::CanisterInvalidWasm,
             ChunkTooLarge { .. } | ChunkStoreFull { .. } | ChunkNotFound { .. } => {
-                ErrorCode::CanisterChunkStoreError
+                ErrorCode::CanisterContractViolation
             }
             NotStopped { .. } => ErrorCode::CanisterNotStopped,
             MetadataNotFound { .. } => ErrorCode::CanisterContractViolation,
-        }
+        })
     }
 }
 
 impl From<ManagementError> for UserError {
     fn from(error: ManagementError) -> UserError {
-        UserError::new(error.error_code(), error.to_string())
+        match error.error_code() {
+            Some(code) => UserError::new(code, error.to_string()),
+            None => UserError {
+                code: RejectCode::DestinationInvalid,
+                message: error.to_string(),
+                error_code: None,
+            },
+        }
     }
 }
 
@@ -440,6 +469,10 @@ mod tests {
         let unsupported = unknown_method("take_canister_snapshot");
         assert!(unsupported.message.contains("not supported"));
         let invalid = invalid_argument("install_code", "bad");
-        assert_eq!(invalid.code, RejectCode::CanisterError);
+        assert_eq!(invalid.code, RejectCode::CanisterReject);
+        assert_eq!(
+            invalid.error_code,
+            Some(ErrorCode::InvalidManagementPayload)
+        );
     }
 }

@@ -678,7 +678,7 @@ mod tests {
             "{}",
             outside.message
         );
-        assert_eq!(outside.code, RejectCode::CanisterError);
+        assert_eq!(outside.code, RejectCode::CanisterReject);
         // A specified id in the user range is skipped by later allocation.
         let next = CanisterId::from_u64(FIRST_USER_CANISTER_INDEX);
         h.reply(
@@ -862,7 +862,7 @@ mod tests {
         assert!(error.message.contains("reinstall"), "{}", error.message);
 
         let error = h.reject(alice, "install_code", b"DIDL\x00\x00");
-        assert_eq!(error.code, RejectCode::CanisterError);
+        assert_eq!(error.code, RejectCode::CanisterReject);
         assert!(error.message.contains("install_code"), "{}", error.message);
     }
 
@@ -1077,7 +1077,7 @@ mod tests {
             "install_chunked_code",
             &chunked(missing, Sha256::digest(&wasm).to_vec()),
         );
-        assert_eq!(error.error_code, Some(ErrorCode::CanisterChunkStoreError));
+        assert_eq!(error.error_code, Some(ErrorCode::CanisterContractViolation));
         assert!(h.canister(&id).execution_state.is_none());
 
         h.reply(
@@ -1646,11 +1646,17 @@ mod tests {
             "update_settings",
             &settings(openic_replicated_state::canister_log::MAX_LOG_MEMORY_LIMIT + 1),
         );
-        assert!(
-            error.message.contains("log_memory_limit"),
-            "{}",
-            error.message
+        assert_eq!(
+            error.message,
+            "The canister log memory limit 2097153 is too high. It must be at most 2097152."
         );
+        assert_eq!(error.error_code, Some(ErrorCode::CanisterRejectedMessage));
+        let error = h.reject(
+            ManagementCaller::User(user(1)),
+            "update_settings",
+            &settings(1),
+        );
+        assert!(error.message.contains("is too low"), "{}", error.message);
         for i in 0..100u8 {
             h.state.append_log(id, [vec![i; 200]]);
         }
