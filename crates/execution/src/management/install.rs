@@ -10,7 +10,8 @@ use super::errors::ManagementError;
 use super::lifecycle::{self, WaitingCanisterCall, record_change};
 use super::{Context, Handled, controlled, existing};
 use crate::common::{
-    EMPTY_CANDID_REPLY, execution_error_to_user, system_state_view, wasm_memory_limit_bytes,
+    EMPTY_CANDID_REPLY, check_can_pay, execution_error_to_user, execution_fee, system_state_view,
+    wasm_memory_limit_bytes,
 };
 use ic_management_canister_types as mct;
 use openic_embedders::{ApiType, EntryPoint, ExecutionError, WasmExecutionInput};
@@ -57,9 +58,17 @@ struct Installation<'c, 'a> {
     time: openic_types::Time,
     instructions_left: u64,
     cycles_burned: Cycles,
-    /// What the hooks printed and why one trapped, for the canister's log (kept also when the
-    /// installation fails).
-    logs: &'c mut Vec<Vec<u8>>,
+    /// What the hooks did that outlives a failed installation: their log and their instructions.
+    meter: &'c mut InstallMeter,
+}
+
+/// What an installation's hooks leave behind even when it fails: what they printed (and why one
+/// trapped) for the canister's log, and the instructions they ran, which the canister pays for.
+#[derive(Default)]
+struct InstallMeter {
+    logs: Vec<Vec<u8>>,
+    /// `Some` once hooks were about to run (the installation got past validation).
+    instructions: Option<u64>,
 }
 
 impl Installation<'_, '_> {
@@ -96,7 +105,9 @@ impl Installation<'_, '_> {
         self.instructions_left = self
             .instructions_left
             .saturating_sub(output.instructions_used);
-        self.logs.extend(output.debug_prints);
+        self.meter.logs.extend(output.debug_prints);
+        let used = self.meter.instructions.unwrap_or(0);
+        self.meter.instructions = Some(used.saturating_add(output.instructions_used));
         match output.result {
             Ok((new_state, _response, changes)) => {
                 let system_state = &mut self.canister.system_state;
@@ -152,9 +163,16 @@ impl Installation<'_, '_> {
 
 /// Installs `wasm` into canister `id` in `mode`. The caller has been checked to be a controller.
 ///
+/// Cycles: the canister must be able to pay for [`ExecutionConfig::max_instructions_per_install`]
+/// above its freezing threshold before any hook runs (as the IC prepays), and pays the execution
+/// fee of the instructions its hooks ran, also when the installation fails.
+///
 /// The canister's log: a successful install or reinstall purges it (spec), then what the hooks
-/// printed is appended; an upgrade appends. A failed installation changes nothing but the log,
-/// which gets what the hooks printed and the trap, so a developer can see why it failed.
+/// printed is appended; an upgrade appends. A failed installation changes nothing but the log
+/// and the balance: the log gets what the hooks printed and the trap, so a developer can see why
+/// it failed.
+///
+/// [`ExecutionConfig::max_instructions_per_install`]: crate::ExecutionConfig
 fn install(
     context: &Context<'_>,
     state: &mut ReplicatedState,
@@ -164,7 +182,7 @@ fn install(
     arg: Vec<u8>,
     sender_canister_version: Option<u64>,
 ) -> Result<(), UserError> {
-    let mut logs = Vec::new();
+    let mut meter = InstallMeter::default();
     let purges_log = matches!(
         mode,
         mct::CanisterInstallMode::Install | mct::CanisterInstallMode::Reinstall
@@ -177,17 +195,26 @@ fn install(
         wasm,
         arg,
         sender_canister_version,
-        &mut logs,
+        &mut meter,
     );
+    if let Some(instructions) = meter.instructions {
+        let fee = execution_fee(context.config, instructions);
+        if let Some(canister) = state.canister_mut(&id) {
+            let charged = fee.min(canister.system_state.cycles_balance);
+            canister.system_state.cycles_balance =
+                canister.system_state.cycles_balance.saturating_sub(charged);
+            state.metadata.burn_cycles(charged);
+        }
+    }
     if result.is_ok() && purges_log {
         state.clear_log(&id);
     }
-    state.append_log(id, logs);
+    state.append_log(id, meter.logs);
     result
 }
 
-/// [`install`] without the log: runs the hooks on a working copy, collecting what they print in
-/// `logs`, and writes the copy back if all succeeded.
+/// [`install`] without the log and the fee: runs the hooks on a working copy, recording in `meter`
+/// what they print and the instructions they run, and writes the copy back if all succeeded.
 #[allow(clippy::too_many_arguments)]
 fn run_install(
     context: &Context<'_>,
@@ -197,7 +224,7 @@ fn run_install(
     wasm: &[u8],
     arg: Vec<u8>,
     sender_canister_version: Option<u64>,
-    logs: &mut Vec<Vec<u8>>,
+    meter: &mut InstallMeter,
 ) -> Result<(), UserError> {
     if wasm.len() > MAX_WASM_MODULE_BYTES {
         return Err(ManagementError::ModuleTooLarge {
@@ -220,17 +247,25 @@ fn run_install(
         .embedder
         .prepare_module(wasm)
         .map_err(invalid_wasm)?;
+    let prepay = execution_fee(context.config, context.config.max_instructions_per_install);
+    check_can_pay(context.config, &canister, prepay).map_err(|error| {
+        UserError::new(
+            ErrorCode::CanisterOutOfCycles,
+            format!("Canister installation failed with `{}`.", error.message),
+        )
+    })?;
     let module_hash = binary.module_hash;
     let binary = Arc::new(binary);
     let info = Arc::new(info);
     let time = state.metadata.time;
+    meter.instructions = Some(0);
     let mut installation = Installation {
         context,
         canister,
         time,
         instructions_left: context.config.max_instructions_per_install,
         cycles_burned: Cycles::ZERO,
-        logs,
+        meter,
     };
     {
         let system_state = &mut installation.canister.system_state;

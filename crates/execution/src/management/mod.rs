@@ -923,7 +923,11 @@ mod tests {
             ),
         );
         assert_eq!(error.error_code, Some(ErrorCode::CanisterCalledTrap));
-        assert_eq!(h.canister(&id), &before);
+        // Everything is as it was but the balance, which paid for the hooks that ran.
+        let mut after = h.canister(&id).clone();
+        assert!(after.system_state.cycles_balance < before.system_state.cycles_balance);
+        after.system_state.cycles_balance = before.system_state.cycles_balance;
+        assert_eq!(after, before);
     }
 
     #[test]
@@ -1218,9 +1222,13 @@ mod tests {
             status.settings.log_visibility,
             mct::LogVisibility::Controllers
         );
-        assert_eq!(
-            status.cycles,
-            Nat::from(h.config.default_provisional_cycles.get())
+        // The provisional balance less the install's execution fee: the base fee and the
+        // instructions the fake embedder reports for `(start)` and `canister_init`.
+        let paid = h.config.default_provisional_cycles.get()
+            - u128::try_from(status.cycles.0.clone()).unwrap();
+        assert!(
+            paid > h.config.update_message_execution_fee.get() && paid < 10_000_000,
+            "{paid}"
         );
         assert_eq!(
             status.module_hash,
@@ -1559,6 +1567,70 @@ mod tests {
             .log_visibility = openic_replicated_state::Visibility::AllowedViewers(vec![user(2)]);
         assert!(query(&h, user(2)).is_ok());
         assert!(query(&h, user(3)).is_err());
+    }
+
+    #[test]
+    fn install_needs_the_prepayment_and_pays_for_its_hooks() {
+        let mut h = Harness::new();
+        let id = h.create_canister(user(1));
+        h.state
+            .canister_mut(&id)
+            .unwrap()
+            .system_state
+            .cycles_balance = Cycles(1_000_000);
+        let error = h.reject(
+            ManagementCaller::User(user(1)),
+            "install_code",
+            &install_args(
+                id,
+                mct::CanisterInstallMode::Install,
+                fake_module("v=1"),
+                b"",
+            ),
+        );
+        assert_eq!(error.error_code, Some(ErrorCode::CanisterOutOfCycles));
+        assert!(
+            error.message.starts_with(&format!(
+                "Canister installation failed with `Canister {}",
+                id.get()
+            )),
+            "{}",
+            error.message
+        );
+        let canister = h.canister(&id);
+        assert!(canister.execution_state.is_none());
+        assert_eq!(
+            canister.system_state.cycles_balance,
+            Cycles(1_000_000),
+            "nothing ran, nothing is charged"
+        );
+
+        // With enough for the prepayment, the install succeeds and the fee is burned, so the
+        // subnet's consumed total grows by exactly what the canister paid.
+        let enough = crate::common::execution_fee(&h.config, h.config.max_instructions_per_install)
+            .saturating_add(Cycles(1_000_000_000_000));
+        h.state
+            .canister_mut(&id)
+            .unwrap()
+            .system_state
+            .cycles_balance = enough;
+        let consumed = h.state.metadata.consumed_cycles_total;
+        h.reply(
+            ManagementCaller::User(user(1)),
+            "install_code",
+            &install_args(
+                id,
+                mct::CanisterInstallMode::Install,
+                fake_module("v=1"),
+                b"",
+            ),
+        );
+        let paid = enough.get() - h.canister(&id).system_state.cycles_balance.get();
+        assert!(
+            paid >= h.config.update_message_execution_fee.get(),
+            "{paid}"
+        );
+        assert_eq!(h.state.metadata.consumed_cycles_total - consumed, paid);
     }
 
     #[test]
