@@ -162,12 +162,16 @@ impl<'a> QueryContext<'a> {
         Ok(canister)
     }
 
+    /// Runs one entry point. `call_context` counts the instructions of the call context so far
+    /// (the method and its earlier callbacks: what `ic0.performance_counter(1)` reports) and grows
+    /// by this execution's, also when it fails.
     fn execute(
         &mut self,
         canister: &CanisterState,
         execution_state: &ExecutionState,
         api_type: ApiType,
         entry_point: EntryPoint,
+        call_context: &mut u64,
     ) -> Result<(ExecutionState, Option<WasmResponse>, Vec<OutgoingCall>), UserError> {
         let id = canister.canister_id();
         if self.instructions_left == 0 {
@@ -190,6 +194,7 @@ impl<'a> QueryContext<'a> {
         // replicated callbacks the canister has outstanding.
         view.can_make_calls = true;
         view.remaining_callbacks = u64::from(self.config.max_composite_query_calls);
+        view.call_context_instructions = *call_context;
         let (wasm_memory_limit, wasm_memory_limit_traps) =
             wasm_memory_limit_bytes(self.config, canister, &api_type);
         let output = self.embedder.execute(WasmExecutionInput {
@@ -205,6 +210,7 @@ impl<'a> QueryContext<'a> {
         self.instructions_left = self
             .instructions_left
             .saturating_sub(output.instructions_used);
+        *call_context = call_context.saturating_add(output.instructions_used);
         let (new_state, response, changes) = output.result.map_err(|error| {
             let error = match error {
                 ExecutionError::InstructionLimitExceeded { .. } => {
@@ -243,11 +249,13 @@ impl<'a> QueryContext<'a> {
             .execution_state
             .as_ref()
             .ok_or_else(|| empty_canister_error(&id))?;
+        let mut call_context = 0;
         let (mut current, mut response, calls) = self.execute(
             canister,
             initial_state,
             api_type,
             EntryPoint::Export(export),
+            &mut call_context,
         )?;
         let mut pending: VecDeque<OutgoingCall> = calls.into();
         while response.is_none() {
@@ -282,7 +290,13 @@ impl<'a> QueryContext<'a> {
                 ApiType::RejectCallback { code, .. } => code.as_u64() as u32,
                 _ => 0,
             };
-            match self.execute(canister, &current, api_type, EntryPoint::Closure(closure)) {
+            match self.execute(
+                canister,
+                &current,
+                api_type,
+                EntryPoint::Closure(closure),
+                &mut call_context,
+            ) {
                 Ok((next, callback_response, more_calls)) => {
                     current = next;
                     response = callback_response;
@@ -300,6 +314,7 @@ impl<'a> QueryContext<'a> {
                                 in_composite_query: true,
                             },
                             EntryPoint::Closure(cleanup),
+                            &mut call_context,
                         );
                     }
                     return Err(error);

@@ -565,3 +565,76 @@ fn a_heartbeat_past_the_wasm_memory_limit_runs_the_low_memory_hook() {
         "and only once while the condition keeps holding"
     );
 }
+
+/// A composite query that spins, calls the canister's own `pong` query and replies, from the
+/// callback, with `ic0.performance_counter(1)` (instructions of the call context so far) and
+/// `performance_counter(0)` (of this execution alone).
+const COMPOSITE_WAT: &str = r#"
+(module
+  (import "ic0" "msg_reply" (func $msg_reply))
+  (import "ic0" "msg_reply_data_append" (func $append (param i32 i32)))
+  (import "ic0" "canister_self_size" (func $self_size (result i32)))
+  (import "ic0" "canister_self_copy" (func $self_copy (param i32 i32 i32)))
+  (import "ic0" "call_new" (func $call_new (param i32 i32 i32 i32 i32 i32 i32 i32)))
+  (import "ic0" "call_perform" (func $call_perform (result i32)))
+  (import "ic0" "performance_counter" (func $counter (param i32) (result i64)))
+  (memory 1)
+  (table 4 funcref)
+  (elem (i32.const 1) $on_reply $on_reply)
+  (data (i32.const 300) "pong")
+  (func (export "canister_query pong") (call $msg_reply))
+  (func (export "canister_composite_query ping")
+    (local $i i32)
+    (loop $spin
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $spin (i32.lt_u (local.get $i) (i32.const 20000))))
+    (call $self_copy (i32.const 200) (i32.const 0) (call $self_size))
+    (call $call_new (i32.const 200) (call $self_size) (i32.const 300) (i32.const 4)
+      (i32.const 1) (i32.const 0) (i32.const 2) (i32.const 0))
+    (drop (call $call_perform)))
+  (func $on_reply (param i32)
+    (i64.store (i32.const 0) (call $counter (i32.const 1)))
+    (i64.store (i32.const 8) (call $counter (i32.const 0)))
+    (call $append (i32.const 0) (i32.const 16))
+    (call $msg_reply))
+)
+"#;
+
+/// `performance_counter(1)` in a composite query's callback counts the method and the callbacks
+/// before it, not only the callback (spec: the call context's instructions).
+#[test]
+fn the_call_context_counter_adds_up_across_a_composite_querys_callbacks() {
+    let mut harness = Harness::new();
+    let canister = harness.install(COMPOSITE_WAT);
+    let queries = QueryExecution::new(
+        Arc::new(WasmtimeEmbedder::new(EmbedderConfig::default()).unwrap()),
+        Arc::new(LatestState(Mutex::new(harness.state.clone()))),
+        Arc::new(NoCertificates),
+        ExecutionConfig::default(),
+        SubnetContext {
+            subnet_id: harness.state.metadata.own_subnet_id,
+            root_key_der: vec![0; 133],
+            node_count: 1,
+        },
+    );
+    let QueryResult::Reply(bytes) = queries.query(UserQuery {
+        request_id: RequestId([0; 32]),
+        sender: user(),
+        canister_id: canister,
+        effective_canister_id: canister,
+        method_name: "ping".to_string(),
+        arg: vec![],
+    }) else {
+        panic!("the composite query must reply");
+    };
+    let call_context = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+    let this_execution = u64::from_le_bytes(bytes[8..16].try_into().unwrap());
+    assert!(
+        this_execution < 10_000,
+        "the callback alone is short: {this_execution}"
+    );
+    assert!(
+        call_context > 20_000 + this_execution,
+        "the call context includes the method's 20,000-iteration loop: {call_context}"
+    );
+}
