@@ -153,6 +153,7 @@ impl Scheduler {
             canister.system_state.last_charged_time = now;
             state.metadata.burn_cycles(charged);
         }
+        crate::management::uninstall_out_of_cycles(state);
     }
 
     fn induct_ingress(&self, state: &mut ReplicatedState, block: &Block) -> u64 {

@@ -940,6 +940,56 @@ fn out_of_cycles_canister_rejects_with_code_2() {
 }
 
 #[test]
+fn a_canister_whose_balance_reaches_zero_is_uninstalled() {
+    let a = canister_id(1);
+    let embedder = Arc::new(FakeEmbedder::default());
+    let mut canister = installed_canister(a, &[("inc", MethodKind::Update)], &[]);
+    // 1 MiB of heap costs more storage per second than the balance holds.
+    if let Some(execution) = canister.execution_state.as_mut() {
+        execution.wasm_memory_size_pages = 16;
+    }
+    canister.system_state.cycles_balance = Cycles(10);
+    canister.system_state.certified_data = b"data".to_vec();
+    canister.system_state.settings.compute_allocation = 10;
+    canister.system_state.total_num_changes = 3;
+    canister
+        .system_state
+        .history
+        .push_back(openic_replicated_state::CanisterChange {
+            timestamp_nanos: 0,
+            canister_version: 0,
+            origin: openic_replicated_state::ChangeOrigin::User(user()),
+            details: openic_replicated_state::ChangeDetails::CodeUninstall,
+        });
+    let version = canister.system_state.canister_version;
+    let mut state = new_state(vec![canister]);
+    state.append_log(a, [b"before".to_vec()]);
+    let consumed = state.metadata.consumed_cycles_total;
+
+    scheduler(&embedder).execute_block(&mut state, &block(1, vec![]));
+    let canister = state.canister(&a).unwrap();
+    assert!(canister.execution_state.is_none(), "uninstalled");
+    let system = &canister.system_state;
+    assert_eq!(system.cycles_balance, Cycles::ZERO);
+    assert!(system.certified_data.is_empty());
+    assert!(system.history.is_empty(), "recent changes dropped");
+    assert_eq!(system.total_num_changes, 3, "their count kept");
+    assert_eq!(system.settings.compute_allocation, 0);
+    assert_eq!(system.canister_version, version + 1);
+    assert!(state.canister_logs[&a].records().is_empty());
+    assert_eq!(state.metadata.consumed_cycles_total - consumed, 10);
+
+    // It stays, empty and without cycles: calls are refused, and it is not uninstalled again.
+    scheduler(&embedder).execute_block(&mut state, &block(2, vec![ingress(1, a, "inc")]));
+    let (_, error_code, _) = rejected(&status(&state, 1));
+    assert_eq!(error_code, Some(ErrorCode::CanisterOutOfCycles));
+    assert_eq!(
+        state.canister(&a).unwrap().system_state.canister_version,
+        version + 1
+    );
+}
+
+#[test]
 fn full_input_queue_rejects_ingress() {
     let a = canister_id(1);
     let embedder = Arc::new(FakeEmbedder::default());
@@ -1620,7 +1670,8 @@ fn unpayable_timer_is_kept_and_does_not_make_work() {
     });
     let mut canister = installed_canister(a, &[], &["canister_global_timer"]);
     canister.system_state.global_timer_nanos = 500_000_000;
-    canister.system_state.cycles_balance = Cycles::ZERO;
+    // Too little for the timer's prepayment (a zero balance would uninstall the canister).
+    canister.system_state.cycles_balance = Cycles(1_000);
     let mut state = new_state(vec![canister]);
     let mut scheduler = scheduler(&embedder);
     scheduler.execute_block(&mut state, &block(1, vec![]));

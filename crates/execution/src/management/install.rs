@@ -16,7 +16,8 @@ use crate::common::{
 use ic_management_canister_types as mct;
 use openic_embedders::{ApiType, EntryPoint, ExecutionError, WasmExecutionInput};
 use openic_replicated_state::{
-    CallOrigin, CanisterState, ChangeDetails, ExecutionState, ModuleInfo, ReplicatedState,
+    CallOrigin, CanisterState, ChangeDetails, ChangeOrigin, ExecutionState, ModuleInfo,
+    ReplicatedState,
 };
 use openic_types::{CanisterId, Cycles, ErrorCode, RejectCode, UserError};
 use sha2::{Digest, Sha256};
@@ -522,8 +523,30 @@ pub(super) fn uninstall_code(
     controlled(state, &id, &context.caller.principal())?;
     let time = state.metadata.time;
     let origin = context.change_origin(args.sender_canister_version);
+    existing(state, &id)?;
+    uninstall(state, id, Uninstall::Requested { time, origin });
+    Ok(Handled::reply(EMPTY_CANDID_REPLY.to_vec()))
+}
+
+/// Why a canister loses its code.
+pub(super) enum Uninstall {
+    /// `uninstall_code`: recorded in the canister's history.
+    Requested {
+        /// The block time.
+        time: openic_types::Time,
+        /// Who asked.
+        origin: ChangeOrigin,
+    },
+    /// Its balance reached zero (spec: "Canister out of cycles"): the recent history is dropped
+    /// (the change count stays) and its compute and memory allocations are reset.
+    OutOfCycles,
+}
+
+/// Reverts canister `id` (which exists) to an empty canister: no module, memories, certified
+/// data, timer or log; every open call is answered with a reject and its callbacks dropped.
+pub(super) fn uninstall(state: &mut ReplicatedState, id: CanisterId, how: Uninstall) {
     let Some(canister) = state.canister_mut(&id) else {
-        return Err(crate::common::canister_not_found_error(&id));
+        return;
     };
     let system_state = &mut canister.system_state;
     let call_contexts = std::mem::take(&mut system_state.call_context_manager.call_contexts);
@@ -532,11 +555,24 @@ pub(super) fn uninstall_code(
     system_state.global_timer_nanos = 0;
     system_state.low_wasm_memory_hook_pending = false;
     system_state.canister_version = system_state.canister_version.saturating_add(1);
-    record_change(system_state, time, origin, ChangeDetails::CodeUninstall);
+    let message = match how {
+        Uninstall::Requested { time, origin } => {
+            record_change(system_state, time, origin, ChangeDetails::CodeUninstall);
+            "Canister has been uninstalled.".to_string()
+        }
+        Uninstall::OutOfCycles => {
+            system_state.history.clear();
+            system_state.settings.compute_allocation = 0;
+            system_state.settings.memory_allocation = 0;
+            format!(
+                "Canister {} has been uninstalled because it ran out of cycles.",
+                id.get()
+            )
+        }
+    };
     canister.execution_state = None;
     state.clear_log(&id);
 
-    let message = "Canister has been uninstalled.";
     for call_context in call_contexts.into_values() {
         if call_context.responded {
             continue;
@@ -545,7 +581,7 @@ pub(super) fn uninstall_code(
             CallOrigin::Ingress { request_id, .. } => lifecycle::reject_ingress(
                 state,
                 &request_id,
-                UserError::new(ErrorCode::CanisterRejectedMessage, message),
+                UserError::new(ErrorCode::CanisterRejectedMessage, message.clone()),
             ),
             CallOrigin::Canister {
                 caller,
@@ -561,10 +597,9 @@ pub(super) fn uninstall_code(
                     deadline,
                 },
                 RejectCode::CanisterReject,
-                message.to_string(),
+                message.clone(),
             ),
             CallOrigin::Canister { .. } | CallOrigin::SystemTask => {}
         }
     }
-    Ok(Handled::reply(EMPTY_CANDID_REPLY.to_vec()))
 }

@@ -45,6 +45,26 @@ use std::sync::Arc;
 
 pub use errors::ManagementError;
 pub use lifecycle::RAW_RAND_LAG_HEIGHTS;
+
+/// Uninstalls every installed canister whose balance (reserved cycles included) reached zero, as
+/// the spec's "Canister out of cycles" transition does. Returns how many were uninstalled.
+pub fn uninstall_out_of_cycles(state: &mut ReplicatedState) -> usize {
+    let out_of_cycles: Vec<CanisterId> = state
+        .canisters
+        .iter()
+        .filter(|(_, canister)| {
+            canister.execution_state.is_some()
+                && canister.system_state.cycles_balance == Cycles::ZERO
+                && canister.system_state.reserved_balance == Cycles::ZERO
+        })
+        .map(|(id, _)| *id)
+        .collect();
+    for id in &out_of_cycles {
+        tracing::info!(canister = %id.get(), "canister ran out of cycles; its code is uninstalled");
+        install::uninstall(state, *id, install::Uninstall::OutOfCycles);
+    }
+    out_of_cycles.len()
+}
 pub(crate) use lifecycle::answer_raw_rand_requests;
 
 /// Who called the management canister.
