@@ -806,6 +806,19 @@ impl Scheduler {
         let prepaid = prepay.min(canister.system_state.cycles_balance);
         canister.system_state.cycles_balance =
             canister.system_state.cycles_balance.saturating_sub(prepaid);
+        // No free instructions: an execution that could not prepay its whole budget (a callback
+        // or cleanup of a canister whose balance ran low since it made the call) runs only the
+        // instructions its prepayment covers, and fails with the instruction limit past them.
+        let instruction_limit = if prepaid < prepay {
+            let per_instruction = self.config.cycles_per_instruction.get().max(1);
+            let affordable = prepaid
+                .get()
+                .saturating_sub(self.config.update_message_execution_fee.get())
+                / per_instruction;
+            instruction_limit.min(u64::try_from(affordable).unwrap_or(u64::MAX))
+        } else {
+            instruction_limit
+        };
         let canister: &CanisterState = canister;
         let Some(execution_state) = canister.execution_state.as_ref() else {
             return;
@@ -1148,12 +1161,22 @@ impl Scheduler {
         );
         let (wasm_memory_limit, wasm_memory_limit_traps) =
             wasm_memory_limit_bytes(&self.config, canister, &api_type);
+        // As for other executions: no more instructions than the balance pays for.
+        let affordable = canister
+            .system_state
+            .cycles_balance
+            .get()
+            .saturating_sub(self.config.update_message_execution_fee.get())
+            / self.config.cycles_per_instruction.get().max(1);
         let mut output = self.embedder.execute(WasmExecutionInput {
             api_type,
             entry_point: EntryPoint::Closure(cleanup),
             execution_state,
             system_state: view,
-            instruction_limit: self.config.max_instructions_per_update,
+            instruction_limit: self
+                .config
+                .max_instructions_per_update
+                .min(u64::try_from(affordable).unwrap_or(u64::MAX)),
             wasm_memory_limit_bytes: wasm_memory_limit,
             wasm_memory_limit_traps,
             stable_memory_limit_bytes: self.config.max_stable_memory_bytes,

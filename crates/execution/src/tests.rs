@@ -535,6 +535,68 @@ fn inter_canister_call_round_trip_refunds_unaccepted_cycles() {
 }
 
 #[test]
+fn a_callback_that_cannot_prepay_gets_no_free_instructions() {
+    let a = canister_id(1);
+    let b = canister_id(2);
+    let config = ExecutionConfig::default();
+    let prepay = execution_fee(&config, config.max_instructions_per_update);
+    let balance = Cycles(4 * prepay.get());
+    // a attaches nearly all it has left after prepaying its update, and b keeps it all: when the
+    // response comes back, a can no longer prepay a whole callback.
+    let attached = balance
+        .saturating_sub(prepay)
+        .saturating_sub(ingress_induction_fee(&config, 100))
+        .saturating_sub(call_fee(&config, "take", 6))
+        .saturating_sub(Cycles(1_000));
+    let embedder = Arc::new(FakeEmbedder::default());
+    embedder.on(a, "canister_update relay", move |_| {
+        Ok((None, calls(vec![a_call(b, "take", attached)]), 1))
+    });
+    embedder.on(b, "canister_update take", move |_| {
+        Ok((
+            Some(WasmResponse::Reply(b"kept".to_vec())),
+            SystemStateChanges {
+                cycles_accepted: attached,
+                ..SystemStateChanges::default()
+            },
+            1,
+        ))
+    });
+    let limits = Arc::new(Mutex::new(Vec::new()));
+    let seen = limits.clone();
+    embedder.on(a, "closure 1", move |input| {
+        seen.lock().unwrap().push(input.instruction_limit);
+        Ok((
+            Some(WasmResponse::Reply(b"done".to_vec())),
+            SystemStateChanges::default(),
+            1,
+        ))
+    });
+    let mut caller = installed_canister(a, &[("relay", MethodKind::Update)], &[]);
+    caller.system_state.cycles_balance = balance;
+    let mut state = new_state(vec![
+        caller,
+        installed_canister(b, &[("take", MethodKind::Update)], &[]),
+    ]);
+    let before = state.canister(&a).unwrap().system_state.cycles_balance;
+    scheduler(&embedder).execute_block(&mut state, &block(1, vec![ingress(1, a, "relay")]));
+    assert_eq!(status(&state, 1), IngressState::Replied(b"done".to_vec()));
+    let limit = limits.lock().unwrap()[0];
+    assert!(
+        limit < config.max_instructions_per_update,
+        "the callback's budget is what the balance pays for: {limit}"
+    );
+    // What a paid in all never exceeds what it had: nothing ran for free.
+    let after = state.canister(&a).unwrap().system_state.cycles_balance;
+    assert!(after < before);
+    assert!(
+        u128::from(limit) * config.cycles_per_instruction.get()
+            + config.update_message_execution_fee.get()
+            <= before.get() - attached.get()
+    );
+}
+
+#[test]
 fn call_to_stopped_or_missing_canister_gets_reject_callback() {
     let a = canister_id(1);
     let stopped = canister_id(2);
