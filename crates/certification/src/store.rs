@@ -13,7 +13,7 @@ use openic_interfaces::{
     CanistersSnapshot, CertificationError, CertifiedStateReader, IngressStatusMeta, LabelPath,
     MetadataVisibility, StateSnapshotSource,
 };
-use openic_replicated_state::{CanisterLogs, CanisterState, ReplicatedState};
+use openic_replicated_state::{CanisterLogs, CanisterSnapshots, CanisterState, ReplicatedState};
 use openic_types::ids::CanisterIdRange;
 use openic_types::{
     CanisterId, Height, IngressStatus, NodeId, Principal, RequestId, SubnetId, Time,
@@ -149,6 +149,7 @@ struct Published {
     signature: [u8; openic_crypto::bls::BLS_SIGNATURE_LENGTH],
     canisters: Arc<BTreeMap<CanisterId, Arc<CanisterState>>>,
     logs: Arc<CanisterLogs>,
+    snapshots: Arc<CanisterSnapshots>,
     /// Data certificates already built at this height (every query of a canister gets the same
     /// one until the next height), at most [`MAX_CACHED_DATA_CERTIFICATES`].
     data_certificates: Mutex<BTreeMap<CanisterId, Vec<u8>>>,
@@ -169,6 +170,7 @@ struct Pending {
     tree: StateTree,
     canisters: Arc<BTreeMap<CanisterId, Arc<CanisterState>>>,
     logs: Arc<CanisterLogs>,
+    snapshots: Arc<CanisterSnapshots>,
 }
 
 /// Why [`CertifiedStateStore::prepare`] or [`CertifiedStateStore::publish`] refused.
@@ -397,6 +399,7 @@ impl CertifiedStateStore {
                 tree,
                 canisters: Arc::new(state.canisters_snapshot()),
                 logs: Arc::new(state.canister_logs.clone()),
+                snapshots: Arc::clone(&state.snapshots),
             },
         );
         Ok(root_hash)
@@ -439,6 +442,7 @@ impl CertifiedStateStore {
             signature,
             canisters: pending.canisters,
             logs: pending.logs,
+            snapshots: pending.snapshots,
             data_certificates: Mutex::new(BTreeMap::new()),
         });
         // Swap under the lock; drop the previous height (its unshared nodes, maybe the last
@@ -463,6 +467,7 @@ impl CertifiedStateStore {
             time: published.time,
             canisters: Arc::clone(&published.canisters),
             logs: Arc::clone(&published.logs),
+            snapshots: Arc::clone(&published.snapshots),
         };
         Ok((snapshot, self.certificate(&published, &set)))
     }
@@ -689,12 +694,14 @@ impl StateSnapshotSource for CertifiedStateStore {
                 time: published.time,
                 canisters: Arc::clone(&published.canisters),
                 logs: Arc::clone(&published.logs),
+                snapshots: Arc::clone(&published.snapshots),
             },
             None => CanistersSnapshot {
                 height: Height(0),
                 time: Time(0),
                 canisters: Arc::new(BTreeMap::new()),
                 logs: Arc::new(BTreeMap::new()),
+                snapshots: Arc::default(),
             },
         }
     }

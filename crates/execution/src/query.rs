@@ -56,6 +56,7 @@ impl QueryExecution {
                 &self.config,
                 &snapshot.canisters,
                 &snapshot.logs,
+                &snapshot.snapshots,
                 query.sender,
                 &query.method_name,
                 &query.arg,

@@ -139,11 +139,10 @@ impl Scheduler {
             if elapsed == 0 {
                 continue;
             }
-            let cost = storage_cost(
-                &self.config,
-                crate::common::memory_usage_bytes(canister),
-                elapsed,
-            );
+            // Its snapshots take memory too, and pay for it.
+            let bytes = crate::common::memory_usage_bytes(canister)
+                .saturating_add(state.snapshots.size_of(&id));
+            let cost = storage_cost(&self.config, bytes, elapsed);
             let Some(canister) = state.canister_mut(&id) else {
                 continue;
             };

@@ -1275,6 +1275,7 @@ fn snapshot_of(canisters: Vec<CanisterState>) -> Arc<FixedSnapshot> {
         time: Time(1_000_000_000),
         canisters: Arc::new(state.canisters_snapshot()),
         logs: Arc::new(state.canister_logs.clone()),
+        snapshots: Arc::clone(&state.snapshots),
     }))
 }
 

@@ -314,6 +314,7 @@ impl StateSnapshotSource for LatestState {
             time: state.metadata.time,
             canisters: Arc::new(state.canisters_snapshot()),
             logs: Arc::new(state.canister_logs.clone()),
+            snapshots: Arc::clone(&state.snapshots),
         }
     }
 }

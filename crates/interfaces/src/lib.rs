@@ -182,6 +182,8 @@ pub struct CanistersSnapshot {
     pub canisters: Arc<BTreeMap<CanisterId, Arc<CanisterState>>>,
     /// Their logs (for `fetch_canister_logs` and `canister_status`).
     pub logs: Arc<openic_replicated_state::CanisterLogs>,
+    /// Their snapshots (for `canister_status`).
+    pub snapshots: Arc<openic_replicated_state::CanisterSnapshots>,
 }
 
 /// Source of the latest certified canister snapshot (for queries and ingress inspection).

@@ -298,6 +298,18 @@ pub enum ChangeDetails {
         /// The new controllers.
         controllers: Vec<UserId>,
     },
+    /// A snapshot was loaded (added last: older states still decode).
+    LoadSnapshot {
+        /// The canister it was taken from, if not this one.
+        from_canister_id: Option<CanisterId>,
+        /// Its id.
+        #[serde(with = "serde_bytes")]
+        snapshot_id: Vec<u8>,
+        /// The canister's version when it was taken.
+        canister_version: u64,
+        /// When it was taken.
+        taken_at_timestamp: u64,
+    },
 }
 
 /// Everything about a canister except its wasm execution state.

@@ -11,11 +11,13 @@
 
 pub mod canister;
 pub mod canister_log;
+pub mod canister_snapshot;
 pub mod ingress_history;
 pub mod page_map;
 
 pub use canister::*;
 pub use canister_log::{CanisterLog, LogFilter, LogRecord};
+pub use canister_snapshot::{CanisterSnapshot, CanisterSnapshots};
 
 /// Every canister's log, by canister id (as [`ReplicatedState::canister_logs`] holds them).
 pub type CanisterLogs = BTreeMap<CanisterId, Arc<CanisterLog>>;
@@ -76,6 +78,9 @@ pub struct ReplicatedState {
     /// Each canister's log (spec: `canister_logs`), by id; a canister that never logged has no
     /// entry. Behind `Arc`s so the snapshot for queries shares them.
     pub canister_logs: CanisterLogs,
+    /// Every canister snapshot (spec: `snapshots`), behind `Arc`s so snapshots for queries share
+    /// them.
+    pub snapshots: Arc<CanisterSnapshots>,
 }
 
 /// A `raw_rand` call waiting for its randomness.
@@ -110,6 +115,7 @@ impl ReplicatedState {
             deleted_canisters: Default::default(),
             raw_rand_requests: Default::default(),
             canister_logs: BTreeMap::new(),
+            snapshots: Arc::default(),
         }
     }
 

@@ -60,8 +60,8 @@ pub const PAGE_FILE_MAGIC: [u8; 8] = *b"OICPAG01";
 /// Version of the manifest and state file formats written.
 ///
 /// Version 2 added `raw_rand_requests` at the end of the state, version 3 `canister_logs` after
-/// it; version 1 and 2 checkpoints still load (see [`decode_state`]).
-const FORMAT_VERSION: u32 = 3;
+/// it, version 4 `snapshots`; checkpoints of versions 1 to 3 still load (see [`decode_state`]).
+const FORMAT_VERSION: u32 = 4;
 
 /// The oldest format version that still loads.
 const FORMAT_VERSION_MIN: u32 = 1;
@@ -845,9 +845,34 @@ struct StateV2 {
     raw_rand_requests: VecDeque<PendingRawRand>,
 }
 
+/// The state file of format version 3: the state before `snapshots` existed.
+#[derive(Deserialize)]
+struct StateV3 {
+    metadata: SystemMetadata,
+    canisters: BTreeMap<CanisterId, Arc<CanisterState>>,
+    ingress_history: IngressHistory,
+    subnet_queue: VecDeque<CanisterMessage>,
+    deleted_canisters: BTreeSet<CanisterId>,
+    raw_rand_requests: VecDeque<PendingRawRand>,
+    canister_logs: openic_replicated_state::CanisterLogs,
+}
+
 /// Decodes a state file of a supported format version (the caller checked the version). Older
 /// versions load with the fields they did not have empty.
 fn decode_state(format_version: u32, bytes: &[u8]) -> Result<ReplicatedState, postcard::Error> {
+    if format_version == 3 {
+        let v3: StateV3 = postcard::from_bytes(bytes)?;
+        return Ok(ReplicatedState {
+            metadata: v3.metadata,
+            canisters: v3.canisters,
+            ingress_history: v3.ingress_history,
+            subnet_queue: v3.subnet_queue,
+            deleted_canisters: v3.deleted_canisters,
+            raw_rand_requests: v3.raw_rand_requests,
+            canister_logs: v3.canister_logs,
+            snapshots: Arc::default(),
+        });
+    }
     let old = match format_version {
         1 => {
             let v1: StateV1 = postcard::from_bytes(bytes)?;
@@ -871,6 +896,7 @@ fn decode_state(format_version: u32, bytes: &[u8]) -> Result<ReplicatedState, po
         deleted_canisters: old.deleted_canisters,
         raw_rand_requests: old.raw_rand_requests,
         canister_logs: BTreeMap::new(),
+        snapshots: Arc::default(),
     })
 }
 
@@ -1313,6 +1339,18 @@ mod tests {
             CanisterId::from_u64(1),
             [b"printed".to_vec(), b"[TRAP]: why".to_vec()],
         );
+        let snapshot_of = state.canister(&CanisterId::from_u64(3)).unwrap().clone();
+        Arc::make_mut(&mut state.snapshots).insert(openic_replicated_state::CanisterSnapshot {
+            canister_id: CanisterId::from_u64(3),
+            local_id: 0,
+            taken_at_timestamp: 77,
+            canister_version: 5,
+            execution_state: snapshot_of.execution_state.unwrap(),
+            certified_data: b"certified".to_vec(),
+            global_timer_nanos: 9,
+            low_wasm_memory_hook_pending: false,
+            wasm_chunk_store: Default::default(),
+        });
         state
     }
 
@@ -1329,6 +1367,7 @@ mod tests {
         assert_eq!(a.deleted_canisters, b.deleted_canisters);
         assert_eq!(a.raw_rand_requests, b.raw_rand_requests);
         assert_eq!(a.canister_logs, b.canister_logs);
+        assert_eq!(a.snapshots, b.snapshots);
         assert_eq!(
             postcard::to_allocvec(a).unwrap(),
             postcard::to_allocvec(b).unwrap()
@@ -1353,12 +1392,15 @@ mod tests {
     }
 
     #[test]
-    fn version_1_and_2_state_files_decode_with_the_newer_fields_empty() {
+    fn version_1_to_3_state_files_decode_with_the_newer_fields_empty() {
         let current = state(3);
         assert!(!current.raw_rand_requests.is_empty());
         assert!(!current.canister_logs.is_empty());
+        assert_eq!(current.snapshots.count(&CanisterId::from_u64(3)), 1);
         let full = state_without_pages(&current);
-        let mut without_logs = full.clone();
+        let mut without_snapshots = full.clone();
+        without_snapshots.snapshots = Arc::default();
+        let mut without_logs = without_snapshots.clone();
         without_logs.canister_logs.clear();
         let mut without_rand = without_logs.clone();
         without_rand.raw_rand_requests.clear();
@@ -1381,12 +1423,24 @@ mod tests {
             &full.raw_rand_requests,
         ))
         .unwrap();
+        let v3 = postcard::to_allocvec(&(
+            &full.metadata,
+            &full.canisters,
+            &full.ingress_history,
+            &full.subnet_queue,
+            &full.deleted_canisters,
+            &full.raw_rand_requests,
+            &full.canister_logs,
+        ))
+        .unwrap();
         assert_same(&decode_state(1, &v1).unwrap(), &without_rand);
         assert_same(&decode_state(2, &v2).unwrap(), &without_logs);
-        assert!(decode_state(FORMAT_VERSION, &v1).is_err());
-        assert!(decode_state(FORMAT_VERSION, &v2).is_err());
-        let v3 = postcard::to_allocvec(&full).unwrap();
-        assert_same(&decode_state(FORMAT_VERSION, &v3).unwrap(), &full);
+        assert_same(&decode_state(3, &v3).unwrap(), &without_snapshots);
+        for older in [&v1, &v2, &v3] {
+            assert!(decode_state(FORMAT_VERSION, older).is_err());
+        }
+        let v4 = postcard::to_allocvec(&full).unwrap();
+        assert_same(&decode_state(FORMAT_VERSION, &v4).unwrap(), &full);
     }
 
     #[test]

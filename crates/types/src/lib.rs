@@ -187,6 +187,8 @@ pub enum ErrorCode {
     IngressMessageTimeout,
     /// IC0301: no such canister.
     CanisterNotFound,
+    /// IC0305: no such canister snapshot.
+    CanisterSnapshotNotFound,
     /// IC0406: the canister rejected the message (or refused it in inspect_message).
     CanisterRejectedMessage,
     /// IC0502: the canister trapped.
@@ -238,6 +240,7 @@ impl ErrorCode {
             ErrorCode::CanisterOutOfCycles => "IC0207",
             ErrorCode::IngressMessageTimeout => "IC0202",
             ErrorCode::CanisterNotFound => "IC0301",
+            ErrorCode::CanisterSnapshotNotFound => "IC0305",
             ErrorCode::CanisterRejectedMessage => "IC0406",
             ErrorCode::CanisterTrapped => "IC0502",
             ErrorCode::CanisterCalledTrap => "IC0503",

@@ -80,6 +80,72 @@ pub enum ManagementError {
         /// The caller.
         caller: Principal,
     },
+    /// No such snapshot (the IC's text).
+    #[error("Could not find the snapshot ID {snapshot} for canister {canister}.")]
+    SnapshotNotFound {
+        /// The snapshot id, in hex.
+        snapshot: String,
+        /// The canister.
+        canister: Principal,
+    },
+    /// The snapshot is another canister's (the IC's text).
+    #[error("The snapshot {snapshot} does not belong to canister {canister}.")]
+    SnapshotNotOwned {
+        /// The snapshot id, in hex.
+        snapshot: String,
+        /// The canister.
+        canister: Principal,
+    },
+    /// The canister has no module to snapshot (the IC's text, colon included).
+    #[error("Failed to create snapshot for empty canister {canister}:")]
+    SnapshotOfEmptyCanister {
+        /// The canister.
+        canister: Principal,
+    },
+    /// The canister already has the most snapshots allowed (the IC's text and help).
+    #[error(
+        "Canister {canister} has reached the maximum number of snapshots allowed: {max}.\nConsider deleting an unnecessary snapshot of the specified canister before creating a new one. See documentation: canister-snapshot-limit-exceeded"
+    )]
+    TooManySnapshots {
+        /// The canister.
+        canister: Principal,
+        /// The limit.
+        max: usize,
+    },
+    /// The snapshot would be larger than openic keeps.
+    #[error(
+        "Canister {canister} would take a snapshot of {size} bytes; openic keeps snapshots of at most {max} bytes."
+    )]
+    SnapshotTooLarge {
+        /// The canister.
+        canister: Principal,
+        /// The snapshot's size.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The caller does not control the canister the snapshot was taken from (the IC's text).
+    #[error(
+        "Only a controller of the canister that snapshot {snapshot} belongs to can load it on canister {canister}. Sender: {caller}."
+    )]
+    NotSnapshotController {
+        /// The snapshot id, in hex.
+        snapshot: String,
+        /// The canister to load it on.
+        canister: Principal,
+        /// The caller.
+        caller: Principal,
+    },
+    /// The caller may not list the canister's snapshots.
+    #[error(
+        "Caller {caller} is not allowed to list the snapshots of canister {canister}; its snapshot_visibility does not include the caller."
+    )]
+    SnapshotsNotVisible {
+        /// The canister.
+        canister: Principal,
+        /// The caller.
+        caller: Principal,
+    },
     /// `log_memory_limit` below the smallest log (0, no log, is allowed).
     #[error("The canister log memory limit {bytes} is too low. It must be at least {limit}.")]
     LogMemoryLimitTooLow {
@@ -296,9 +362,15 @@ impl ManagementError {
         use ManagementError::*;
         Some(match self {
             UnknownMethod { .. } | Unsupported { .. } => return None,
-            LogMemoryLimitTooLow { .. } | LogMemoryLimitTooHigh { .. } => {
-                ErrorCode::CanisterRejectedMessage
-            }
+            LogMemoryLimitTooLow { .. }
+            | LogMemoryLimitTooHigh { .. }
+            | SnapshotNotOwned { .. }
+            | SnapshotOfEmptyCanister { .. }
+            | TooManySnapshots { .. }
+            | SnapshotTooLarge { .. }
+            | NotSnapshotController { .. } => ErrorCode::CanisterRejectedMessage,
+            SnapshotNotFound { .. } => ErrorCode::CanisterSnapshotNotFound,
+            SnapshotsNotVisible { .. } => ErrorCode::CanisterInvalidController,
             CanisterOnly { .. } => ErrorCode::CanisterRejectedMessage,
             QueryOnly { .. } | NotAQuery { .. } => ErrorCode::CanisterContractViolation,
             InvalidArgument { .. }
@@ -466,7 +538,7 @@ mod tests {
         let unknown = unknown_method("frobnicate");
         assert_eq!(unknown.code, RejectCode::DestinationInvalid);
         assert!(unknown.message.contains("frobnicate"));
-        let unsupported = unknown_method("take_canister_snapshot");
+        let unsupported = unknown_method("read_canister_snapshot_data");
         assert!(unsupported.message.contains("not supported"));
         let invalid = invalid_argument("install_code", "bad");
         assert_eq!(invalid.code, RejectCode::CanisterReject);

@@ -557,6 +557,8 @@ pub(super) fn uninstall(state: &mut ReplicatedState, id: CanisterId, how: Uninst
     system_state.canister_version = system_state.canister_version.saturating_add(1);
     let message = match how {
         Uninstall::Requested { time, origin } => {
+            // Spec: uninstall_code also empties the chunk store.
+            system_state.wasm_chunk_store.clear();
             record_change(system_state, time, origin, ChangeDetails::CodeUninstall);
             "Canister has been uninstalled.".to_string()
         }

@@ -390,6 +390,7 @@ pub(super) fn delete_canister(
     };
     state.deleted_canisters.insert(id);
     state.canister_logs.remove(&id);
+    std::sync::Arc::make_mut(&mut state.snapshots).remove_all(&id);
     let removed = std::sync::Arc::unwrap_or_clone(removed);
     state
         .metadata

@@ -25,6 +25,7 @@ mod chain_keys;
 mod errors;
 mod install;
 mod lifecycle;
+mod snapshots;
 mod status;
 #[cfg(test)]
 mod test_utils;
@@ -37,7 +38,7 @@ use crate::config::{ExecutionConfig, SubnetContext};
 use candid::Principal;
 use openic_embedders::Embedder;
 use openic_replicated_state::{
-    CanisterLogs, CanisterState, ChangeOrigin, ReplicatedState, StopContext,
+    CanisterLogs, CanisterSnapshots, CanisterState, ChangeOrigin, ReplicatedState, StopContext,
 };
 use openic_types::{CanisterId, Cycles, UserError};
 use std::collections::BTreeMap;
@@ -62,6 +63,7 @@ pub fn uninstall_out_of_cycles(state: &mut ReplicatedState) -> usize {
     for id in &out_of_cycles {
         tracing::info!(canister = %id.get(), "canister ran out of cycles; its code is uninstalled");
         install::uninstall(state, *id, install::Uninstall::OutOfCycles);
+        Arc::make_mut(&mut state.snapshots).remove_all(id);
     }
     out_of_cycles.len()
 }
@@ -150,16 +152,16 @@ enum Method {
     SignWithSchnorr,
     VetKdPublicKey,
     VetKdDeriveKey,
+    TakeCanisterSnapshot,
+    LoadCanisterSnapshot,
+    ListCanisterSnapshots,
+    DeleteCanisterSnapshot,
 }
 
 /// Methods of the IC's management canister that openic does not implement yet. Calling them gives
 /// a rejection that names the method and says so, rather than "no such method".
 const UNSUPPORTED_METHODS: &[&str] = &[
     "http_request",
-    "take_canister_snapshot",
-    "load_canister_snapshot",
-    "list_canister_snapshots",
-    "delete_canister_snapshot",
     "read_canister_snapshot_metadata",
     "read_canister_snapshot_data",
     "upload_canister_snapshot_metadata",
@@ -217,6 +219,10 @@ impl Method {
             "sign_with_schnorr" => Method::SignWithSchnorr,
             "vetkd_public_key" => Method::VetKdPublicKey,
             "vetkd_derive_key" => Method::VetKdDeriveKey,
+            "take_canister_snapshot" => Method::TakeCanisterSnapshot,
+            "load_canister_snapshot" => Method::LoadCanisterSnapshot,
+            "list_canister_snapshots" => Method::ListCanisterSnapshots,
+            "delete_canister_snapshot" => Method::DeleteCanisterSnapshot,
             _ => return None,
         })
     }
@@ -258,6 +264,9 @@ impl Method {
                 | Method::StartCanister
                 | Method::StopCanister
                 | Method::DeleteCanister
+                | Method::TakeCanisterSnapshot
+                | Method::LoadCanisterSnapshot
+                | Method::DeleteCanisterSnapshot
         )
     }
 }
@@ -371,8 +380,13 @@ fn dispatch(
             let canister_id = CanisterId::unchecked_from_principal(args.canister_id);
             let canister = existing(state, &canister_id)?;
             status::check_status_caller(canister, &context.caller.principal())?;
-            status::canister_status_reply(context.config, canister, state.log_bytes(&canister_id))
-                .map(Handled::reply)
+            status::canister_status_reply(
+                context.config,
+                canister,
+                state.log_bytes(&canister_id),
+                state.snapshots.size_of(&canister_id),
+            )
+            .map(Handled::reply)
         }
         Method::UpdateSettings => lifecycle::update_settings(context, state),
         Method::StartCanister => lifecycle::start_canister(context, state),
@@ -395,6 +409,10 @@ fn dispatch(
         Method::SignWithSchnorr => chain_keys::sign_with_schnorr(context, state),
         Method::VetKdPublicKey => chain_keys::vetkd_public_key(context),
         Method::VetKdDeriveKey => chain_keys::vetkd_derive_key(context, state),
+        Method::TakeCanisterSnapshot => snapshots::take(context, state),
+        Method::LoadCanisterSnapshot => snapshots::load(context, state),
+        Method::ListCanisterSnapshots => snapshots::list(context, state),
+        Method::DeleteCanisterSnapshot => snapshots::delete(context, state),
     }
 }
 
@@ -408,6 +426,7 @@ pub fn execute_management_query(
     config: &ExecutionConfig,
     canisters: &BTreeMap<CanisterId, Arc<CanisterState>>,
     logs: &CanisterLogs,
+    snapshots: &CanisterSnapshots,
     caller: Principal,
     method: &str,
     payload: &[u8],
@@ -421,7 +440,12 @@ pub fn execute_management_query(
             let args: args::CanisterIdRecord = args::decode(method, payload)?;
             let canister = existing_in(canisters, &args.canister_id)?;
             status::check_status_caller(canister, &caller)?;
-            status::canister_status_reply(config, canister, log_bytes(&args.canister_id))
+            status::canister_status_reply(
+                config,
+                canister,
+                log_bytes(&args.canister_id),
+                snapshots.size_of(&CanisterId::unchecked_from_principal(args.canister_id)),
+            )
         }
         Some(Method::FetchCanisterLogs) => {
             status::fetch_canister_logs(canisters, logs, caller, payload)
@@ -1267,6 +1291,7 @@ mod tests {
             &h.config,
             &snapshot,
             &h.state.canister_logs,
+            &h.state.snapshots,
             user(1),
             "canister_status",
             &id_record(id),
@@ -1277,6 +1302,7 @@ mod tests {
             &h.config,
             &snapshot,
             &h.state.canister_logs,
+            &h.state.snapshots,
             user(2),
             "canister_status",
             &id_record(id),
@@ -1568,6 +1594,7 @@ mod tests {
                 &h.config,
                 &h.state.canisters_snapshot(),
                 &h.state.canister_logs,
+                &h.state.snapshots,
                 caller,
                 "fetch_canister_logs",
                 &payload,
@@ -1587,6 +1614,154 @@ mod tests {
             .log_visibility = openic_replicated_state::Visibility::AllowedViewers(vec![user(2)]);
         assert!(query(&h, user(2)).is_ok());
         assert!(query(&h, user(3)).is_err());
+    }
+
+    #[test]
+    fn snapshots_follow_the_ic_rules() {
+        let mut h = Harness::new();
+        let alice = ManagementCaller::User(user(1));
+        let a = h.create_canister(user(1));
+        let take = |id: CanisterId, replace: Option<Vec<u8>>| {
+            Encode!(&mct::TakeCanisterSnapshotArgs {
+                canister_id: id.get(),
+                replace_snapshot: replace,
+                uninstall_code: None,
+                sender_canister_version: None,
+            })
+            .unwrap()
+        };
+        // An empty canister has nothing to snapshot.
+        let error = h.reject(alice, "take_canister_snapshot", &take(a, None));
+        assert_eq!(
+            error.message,
+            format!("Failed to create snapshot for empty canister {}:", a.get())
+        );
+        h.reply(
+            alice,
+            "install_code",
+            &install_args(
+                a,
+                mct::CanisterInstallMode::Install,
+                fake_module("v=1"),
+                b"",
+            ),
+        );
+        let mut ids = Vec::new();
+        for _ in 0..openic_replicated_state::canister_snapshot::MAX_SNAPSHOTS_PER_CANISTER {
+            let reply = h.reply(alice, "take_canister_snapshot", &take(a, None));
+            ids.push(Decode!(&reply, mct::Snapshot).unwrap().id);
+        }
+        let error = h.reject(alice, "take_canister_snapshot", &take(a, None));
+        assert!(
+            error
+                .message
+                .contains("has reached the maximum number of snapshots allowed: 10."),
+            "{}",
+            error.message
+        );
+        assert_eq!(error.error_code, Some(ErrorCode::CanisterRejectedMessage));
+        // Replacing keeps the count; the replaced id is gone.
+        h.reply(
+            alice,
+            "take_canister_snapshot",
+            &take(a, Some(ids[0].clone())),
+        );
+        assert_eq!(h.state.snapshots.count(&a), 10);
+        assert!(h.state.snapshots.get(&ids[0]).is_none());
+
+        // Another canister's snapshot cannot be replaced or deleted through this one.
+        let b = h.create_canister(user(1));
+        h.reply(
+            alice,
+            "install_code",
+            &install_args(
+                b,
+                mct::CanisterInstallMode::Install,
+                fake_module("v=2"),
+                b"",
+            ),
+        );
+        let error = h.reject(
+            alice,
+            "take_canister_snapshot",
+            &take(b, Some(ids[1].clone())),
+        );
+        assert!(
+            error.message.contains("does not belong to canister"),
+            "{}",
+            error.message
+        );
+        // But a controller of both may load it onto the other canister; the history says from where.
+        h.reply(
+            alice,
+            "load_canister_snapshot",
+            &Encode!(&mct::LoadCanisterSnapshotArgs {
+                canister_id: b.get(),
+                snapshot_id: ids[1].clone(),
+                sender_canister_version: None,
+            })
+            .unwrap(),
+        );
+        let b_state = h.canister(&b).clone();
+        assert_eq!(
+            b_state.execution_state.as_ref().unwrap().wasm_binary.bytes,
+            h.canister(&a)
+                .execution_state
+                .as_ref()
+                .unwrap()
+                .wasm_binary
+                .bytes
+        );
+        assert!(matches!(
+            b_state.system_state.history.back().unwrap().details,
+            openic_replicated_state::ChangeDetails::LoadSnapshot {
+                from_canister_id: Some(from), ..
+            } if from == a
+        ));
+        // Someone who controls the target but not the snapshot's canister may not.
+        let carol = ManagementCaller::User(user(3));
+        let c = h.create_canister(user(3));
+        let error = h.reject(
+            carol,
+            "load_canister_snapshot",
+            &Encode!(&mct::LoadCanisterSnapshotArgs {
+                canister_id: c.get(),
+                snapshot_id: ids[1].clone(),
+                sender_canister_version: None,
+            })
+            .unwrap(),
+        );
+        assert!(
+            error.message.starts_with("Only a controller"),
+            "{}",
+            error.message
+        );
+
+        // Listing follows snapshot_visibility.
+        let bob = ManagementCaller::User(user(2));
+        assert!(
+            h.reject(bob, "list_canister_snapshots", &id_record(a))
+                .error_code
+                .is_some()
+        );
+        h.state
+            .canister_mut(&a)
+            .unwrap()
+            .system_state
+            .settings
+            .snapshot_visibility = openic_replicated_state::Visibility::Public;
+        let listed = Decode!(
+            &h.reply(bob, "list_canister_snapshots", &id_record(a)),
+            Vec<mct::Snapshot>
+        )
+        .unwrap();
+        assert_eq!(listed.len(), 10);
+
+        // Deleting the canister deletes its snapshots.
+        h.state.canister_mut(&a).unwrap().system_state.status =
+            openic_replicated_state::CanisterStatus::Stopped;
+        h.reply(alice, "delete_canister", &id_record(a));
+        assert_eq!(h.state.snapshots.count(&a), 0);
     }
 
     #[test]
@@ -1679,6 +1854,7 @@ mod tests {
                 &h.config,
                 &h.state.canisters_snapshot(),
                 &h.state.canister_logs,
+                &h.state.snapshots,
                 user(1),
                 "fetch_canister_logs",
                 &payload,
@@ -1808,6 +1984,7 @@ mod tests {
                 &h.config,
                 &h.state.canisters_snapshot(),
                 &h.state.canister_logs,
+                &h.state.snapshots,
                 caller,
                 "canister_metadata",
                 &payload,

@@ -50,7 +50,11 @@ fn global_bytes(global: &GlobalValue) -> u64 {
     }
 }
 
-fn memory_metrics(canister: &CanisterState, log_bytes: u64) -> mct::MemoryMetrics {
+fn memory_metrics(
+    canister: &CanisterState,
+    log_bytes: u64,
+    snapshot_bytes: u64,
+) -> mct::MemoryMetrics {
     let system_state = &canister.system_state;
     let (wasm_memory, stable_memory, globals, binary, custom_sections) =
         match &canister.execution_state {
@@ -78,7 +82,9 @@ fn memory_metrics(canister: &CanisterState, log_bytes: u64) -> mct::MemoryMetric
             let principals = match &change.details {
                 ChangeDetails::Creation { controllers }
                 | ChangeDetails::ControllersChange { controllers } => controllers.len() as u64,
-                ChangeDetails::CodeDeployment { .. } | ChangeDetails::CodeUninstall => 0,
+                ChangeDetails::CodeDeployment { .. }
+                | ChangeDetails::CodeUninstall
+                | ChangeDetails::LoadSnapshot { .. } => 0,
             };
             HISTORY_ENTRY_BASE_BYTES.saturating_add(principals.saturating_mul(PRINCIPAL_BYTES))
         })
@@ -96,7 +102,7 @@ fn memory_metrics(canister: &CanisterState, log_bytes: u64) -> mct::MemoryMetric
         custom_sections_size: nat(custom_sections),
         canister_history_size: nat(history),
         wasm_chunk_store_size: nat(chunk_store),
-        snapshots_size: nat(0u64),
+        snapshots_size: nat(snapshot_bytes),
         log_memory_store_size: nat(log_bytes),
     }
 }
@@ -106,10 +112,11 @@ pub(super) fn canister_status_result(
     config: &ExecutionConfig,
     canister: &CanisterState,
     log_bytes: u64,
+    snapshot_bytes: u64,
 ) -> mct::CanisterStatusResult {
     let system_state = &canister.system_state;
     let settings = &system_state.settings;
-    let metrics = memory_metrics(canister, log_bytes);
+    let metrics = memory_metrics(canister, log_bytes, snapshot_bytes);
     let memory_size = [
         &metrics.wasm_memory_size,
         &metrics.stable_memory_size,
@@ -170,13 +177,20 @@ pub(super) fn canister_status_result(
     }
 }
 
-/// The Candid-encoded `canister_status` reply; `log_bytes` is what the canister's log holds.
+/// The Candid-encoded `canister_status` reply; `log_bytes` is what the canister's log holds and
+/// `snapshot_bytes` what its snapshots take.
 pub(super) fn canister_status_reply(
     config: &ExecutionConfig,
     canister: &CanisterState,
     log_bytes: u64,
+    snapshot_bytes: u64,
 ) -> Result<Vec<u8>, UserError> {
-    args::encode(&canister_status_result(config, canister, log_bytes))
+    args::encode(&canister_status_result(
+        config,
+        canister,
+        log_bytes,
+        snapshot_bytes,
+    ))
 }
 
 fn change_to_mct(change: &openic_replicated_state::CanisterChange) -> mct::Change {
@@ -214,6 +228,18 @@ fn change_to_mct(change: &openic_replicated_state::CanisterChange) -> mct::Chang
                 controllers: controllers.clone(),
             })
         }
+        ChangeDetails::LoadSnapshot {
+            from_canister_id,
+            snapshot_id,
+            canister_version,
+            taken_at_timestamp,
+        } => mct::ChangeDetails::LoadSnapshot(mct::LoadSnapshotRecord {
+            from_canister_id: from_canister_id.map(|id| id.get()),
+            snapshot_id: snapshot_id.clone(),
+            canister_version: *canister_version,
+            taken_at_timestamp: *taken_at_timestamp,
+            source: mct::SnapshotSource::TakenFromCanister(candid::Reserved),
+        }),
     };
     mct::Change {
         timestamp_nanos: change.timestamp_nanos,
@@ -243,7 +269,11 @@ pub(super) fn canister_info(
     args::encode(&result).map(Handled::reply)
 }
 
-fn may_view(visibility: &Visibility, canister: &CanisterState, caller: &Principal) -> bool {
+pub(super) fn may_view(
+    visibility: &Visibility,
+    canister: &CanisterState,
+    caller: &Principal,
+) -> bool {
     match visibility {
         Visibility::Public => true,
         Visibility::Controllers => canister.is_controller(caller),
