@@ -14,11 +14,23 @@ use std::sync::Arc;
 /// Most snapshots one canister keeps (the IC's limit).
 pub const MAX_SNAPSHOTS_PER_CANISTER: usize = 10;
 
+/// Where a snapshot came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotSource {
+    /// `take_canister_snapshot`.
+    TakenFromCanister,
+    /// `upload_canister_snapshot_metadata` (then filled by `upload_canister_snapshot_data`; its
+    /// module is only parsed when it is loaded).
+    MetadataUpload,
+}
+
 /// One snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CanisterSnapshot {
-    /// The canister it was taken from.
+    /// The canister it was taken from (or uploaded to).
     pub canister_id: CanisterId,
+    /// Where it came from.
+    pub source: SnapshotSource,
     /// Its index among the subnet's snapshots (never reused).
     pub local_id: u64,
     /// Block time it was taken at, in ns since 1970.
@@ -127,6 +139,15 @@ impl CanisterSnapshots {
     pub fn get(&self, id: &[u8]) -> Option<&Arc<CanisterSnapshot>> {
         let (canister_id, local_id) = parse_snapshot_id(id)?;
         self.by_canister.get(&canister_id)?.get(&local_id)
+    }
+
+    /// The snapshot an id names, to change (copied first if a query snapshot shares it).
+    pub fn get_mut(&mut self, id: &[u8]) -> Option<&mut CanisterSnapshot> {
+        let (canister_id, local_id) = parse_snapshot_id(id)?;
+        self.by_canister
+            .get_mut(&canister_id)?
+            .get_mut(&local_id)
+            .map(Arc::make_mut)
     }
 
     /// The local index the next snapshot gets.

@@ -17,7 +17,7 @@ pub mod page_map;
 
 pub use canister::*;
 pub use canister_log::{CanisterLog, LogFilter, LogRecord};
-pub use canister_snapshot::{CanisterSnapshot, CanisterSnapshots};
+pub use canister_snapshot::{CanisterSnapshot, CanisterSnapshots, SnapshotSource};
 
 /// Every canister's log, by canister id (as [`ReplicatedState::canister_logs`] holds them).
 pub type CanisterLogs = BTreeMap<CanisterId, Arc<CanisterLog>>;

@@ -1342,6 +1342,7 @@ mod tests {
         let snapshot_of = state.canister(&CanisterId::from_u64(3)).unwrap().clone();
         Arc::make_mut(&mut state.snapshots).insert(openic_replicated_state::CanisterSnapshot {
             canister_id: CanisterId::from_u64(3),
+            source: openic_replicated_state::SnapshotSource::TakenFromCanister,
             local_id: 0,
             taken_at_timestamp: 77,
             canister_version: 5,

@@ -12,8 +12,8 @@
 //!   verified with k256, ic-ed25519 and ic-vetkeys, and fees that agree with `ic0.cost_*`;
 //! - `logs`: canister logs (prints and traps) through `fetch_canister_logs`, visibility, filters, upgrade,
 //!   restart and reinstall;
-//! - `snapshots`: take, load, list, delete and replace canister snapshots; a snapshot restores heap,
-//!   stable memory and certified data, and survives a restart;
+//! - `snapshots`: take, load, list, delete, replace, download and upload canister snapshots; a
+//!   snapshot restores heap, stable memory and certified data, and survives a restart;
 //! - `identities`: anonymous, Ed25519, secp256k1 and P-256 senders, and controller checks;
 //! - `durability`: state survives a clean shutdown, SIGTERM and SIGKILL of the `openic` process;
 //! - `raw_http`: hand-made envelopes over raw HTTP/1.1 (bad signature, expiry, oversized body);

@@ -146,6 +146,27 @@ pub enum ManagementError {
         /// The caller.
         caller: Principal,
     },
+    /// Data uploaded to a snapshot taken from a canister (the IC's text).
+    #[error("Only canister snapshots created by metadata upload can be mutated.")]
+    SnapshotImmutable,
+    /// A snapshot slice outside the data it reads (the IC's text).
+    #[error(
+        "Invalid subslice into wasm module / main memory / stable memory: offset: {offset}, size: {size}"
+    )]
+    InvalidSlice {
+        /// The slice's offset.
+        offset: u64,
+        /// Its size.
+        size: u64,
+    },
+    /// A snapshot slice larger than one reply carries (the IC's text).
+    #[error("Requested slice too large: {requested} > {allowed}")]
+    SliceTooLarge {
+        /// The size asked for.
+        requested: u64,
+        /// The largest slice.
+        allowed: u64,
+    },
     /// `log_memory_limit` below the smallest log (0, no log, is allowed).
     #[error("The canister log memory limit {bytes} is too low. It must be at least {limit}.")]
     LogMemoryLimitTooLow {
@@ -368,7 +389,8 @@ impl ManagementError {
             | SnapshotOfEmptyCanister { .. }
             | TooManySnapshots { .. }
             | SnapshotTooLarge { .. }
-            | NotSnapshotController { .. } => ErrorCode::CanisterRejectedMessage,
+            | NotSnapshotController { .. }
+            | SnapshotImmutable => ErrorCode::CanisterRejectedMessage,
             SnapshotNotFound { .. } => ErrorCode::CanisterSnapshotNotFound,
             SnapshotsNotVisible { .. } => ErrorCode::CanisterInvalidController,
             CanisterOnly { .. } => ErrorCode::CanisterRejectedMessage,
@@ -382,7 +404,9 @@ impl ManagementError {
             | KeepWithoutEnhancedPersistence
             | WasmHashMismatch { .. }
             | TooManyChunks { .. }
-            | TooManyStopRequests { .. } => ErrorCode::InvalidManagementPayload,
+            | TooManyStopRequests { .. }
+            | InvalidSlice { .. }
+            | SliceTooLarge { .. } => ErrorCode::InvalidManagementPayload,
             // As the IC classifies them.
             InvalidSettings { .. } => ErrorCode::CanisterContractViolation,
             DeleteSelf { .. } => ErrorCode::CanisterInvalidController,
@@ -538,7 +562,7 @@ mod tests {
         let unknown = unknown_method("frobnicate");
         assert_eq!(unknown.code, RejectCode::DestinationInvalid);
         assert!(unknown.message.contains("frobnicate"));
-        let unsupported = unknown_method("read_canister_snapshot_data");
+        let unsupported = unknown_method("list_canisters");
         assert!(unsupported.message.contains("not supported"));
         let invalid = invalid_argument("install_code", "bad");
         assert_eq!(invalid.code, RejectCode::CanisterReject);

@@ -156,16 +156,16 @@ enum Method {
     LoadCanisterSnapshot,
     ListCanisterSnapshots,
     DeleteCanisterSnapshot,
+    ReadCanisterSnapshotMetadata,
+    ReadCanisterSnapshotData,
+    UploadCanisterSnapshotMetadata,
+    UploadCanisterSnapshotData,
 }
 
 /// Methods of the IC's management canister that openic does not implement yet. Calling them gives
 /// a rejection that names the method and says so, rather than "no such method".
 const UNSUPPORTED_METHODS: &[&str] = &[
     "http_request",
-    "read_canister_snapshot_metadata",
-    "read_canister_snapshot_data",
-    "upload_canister_snapshot_metadata",
-    "upload_canister_snapshot_data",
     "subnet_info",
     "node_metrics_history",
     "list_canisters",
@@ -223,6 +223,10 @@ impl Method {
             "load_canister_snapshot" => Method::LoadCanisterSnapshot,
             "list_canister_snapshots" => Method::ListCanisterSnapshots,
             "delete_canister_snapshot" => Method::DeleteCanisterSnapshot,
+            "read_canister_snapshot_metadata" => Method::ReadCanisterSnapshotMetadata,
+            "read_canister_snapshot_data" => Method::ReadCanisterSnapshotData,
+            "upload_canister_snapshot_metadata" => Method::UploadCanisterSnapshotMetadata,
+            "upload_canister_snapshot_data" => Method::UploadCanisterSnapshotData,
             _ => return None,
         })
     }
@@ -267,6 +271,8 @@ impl Method {
                 | Method::TakeCanisterSnapshot
                 | Method::LoadCanisterSnapshot
                 | Method::DeleteCanisterSnapshot
+                | Method::UploadCanisterSnapshotMetadata
+                | Method::UploadCanisterSnapshotData
         )
     }
 }
@@ -413,6 +419,10 @@ fn dispatch(
         Method::LoadCanisterSnapshot => snapshots::load(context, state),
         Method::ListCanisterSnapshots => snapshots::list(context, state),
         Method::DeleteCanisterSnapshot => snapshots::delete(context, state),
+        Method::ReadCanisterSnapshotMetadata => snapshots::read_metadata(context, state),
+        Method::ReadCanisterSnapshotData => snapshots::read_data(context, state),
+        Method::UploadCanisterSnapshotMetadata => snapshots::upload_metadata(context, state),
+        Method::UploadCanisterSnapshotData => snapshots::upload_data(context, state),
     }
 }
 

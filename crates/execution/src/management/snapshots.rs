@@ -14,7 +14,7 @@ use ic_management_canister_types as mct;
 use openic_replicated_state::canister_snapshot::{
     CanisterSnapshot, MAX_SNAPSHOTS_PER_CANISTER, parse_snapshot_id,
 };
-use openic_replicated_state::{ChangeDetails, ReplicatedState};
+use openic_replicated_state::{ChangeDetails, ReplicatedState, SnapshotSource};
 use openic_types::{CanisterId, UserError};
 use std::sync::Arc;
 
@@ -84,6 +84,7 @@ pub(super) fn take(
     let system_state = &canister.system_state;
     let snapshot = CanisterSnapshot {
         canister_id: id,
+        source: SnapshotSource::TakenFromCanister,
         local_id: state.snapshots.next_local_id(),
         taken_at_timestamp: state.metadata.time.as_nanos_since_unix_epoch(),
         canister_version: system_state.canister_version,
@@ -146,15 +147,24 @@ pub(super) fn load(
         }
         .into());
     }
+    let (execution_state, uploaded) = match snapshot.source {
+        SnapshotSource::TakenFromCanister => (snapshot.execution_state.clone(), false),
+        SnapshotSource::MetadataUpload => (uploaded_execution_state(context, &snapshot)?, true),
+    };
     let time = state.metadata.time;
     let origin = context.change_origin(args.sender_canister_version);
     let Some(canister) = state.canister_mut(&id) else {
         return Err(crate::common::canister_not_found_error(&id));
     };
-    canister.execution_state = Some(snapshot.execution_state.clone());
+    canister.execution_state = Some(execution_state);
     let system_state = &mut canister.system_state;
     system_state.certified_data = snapshot.certified_data.clone();
     system_state.wasm_chunk_store = snapshot.wasm_chunk_store.clone();
+    if uploaded {
+        // An uploaded snapshot brings its own timer and hook status (spec).
+        system_state.global_timer_nanos = snapshot.global_timer_nanos;
+        system_state.low_wasm_memory_hook_pending = snapshot.low_wasm_memory_hook_pending;
+    }
     system_state.canister_version = system_state.canister_version.saturating_add(1);
     record_change(
         system_state,
@@ -168,6 +178,50 @@ pub(super) fn load(
         },
     );
     Ok(Handled::reply(crate::common::EMPTY_CANDID_REPLY.to_vec()))
+}
+
+/// The execution state an uploaded snapshot restores: its module parsed now (it was uploaded as
+/// bytes), its memories, and its globals, which must match the module's in number and type.
+fn uploaded_execution_state(
+    context: &Context<'_>,
+    snapshot: &CanisterSnapshot,
+) -> Result<openic_replicated_state::ExecutionState, UserError> {
+    let uploaded = &snapshot.execution_state;
+    let invalid = |reason: String| UserError::from(ManagementError::InvalidWasm(reason));
+    let (binary, info) = context
+        .embedder
+        .prepare_module(&uploaded.wasm_binary.bytes)
+        .map_err(|error| invalid(format!("the uploaded snapshot's module: {error}")))?;
+    let initial = context
+        .embedder
+        .initial_execution_state(Arc::new(binary), Arc::new(info))
+        .map_err(|error| invalid(format!("the uploaded snapshot's module: {error}")))?;
+    let same_types = initial.globals.len() == uploaded.globals.len()
+        && initial
+            .globals
+            .iter()
+            .zip(&uploaded.globals)
+            .all(|(a, b)| std::mem::discriminant(a) == std::mem::discriminant(b));
+    if !same_types {
+        return Err(ManagementError::InvalidArgument {
+            method: context.method.to_string(),
+            reason: format!(
+                "the uploaded snapshot has {} globals that do not match the {} globals of its module in number and type",
+                uploaded.globals.len(),
+                initial.globals.len()
+            ),
+        }
+        .into());
+    }
+    Ok(openic_replicated_state::ExecutionState {
+        wasm_binary: initial.wasm_binary,
+        module_info: initial.module_info,
+        wasm_memory: uploaded.wasm_memory.clone(),
+        wasm_memory_size_pages: uploaded.wasm_memory_size_pages,
+        stable_memory: uploaded.stable_memory.clone(),
+        stable_memory_size_pages: uploaded.stable_memory_size_pages,
+        globals: uploaded.globals.clone(),
+    })
 }
 
 /// `list_canister_snapshots`: the canister's snapshots, oldest first, for whoever its
@@ -209,5 +263,380 @@ pub(super) fn delete(
     controlled(state, &id, &context.caller.principal())?;
     let snapshot = own_snapshot(state, id, &args.snapshot_id)?;
     Arc::make_mut(&mut state.snapshots).remove(&snapshot.id());
+    Ok(Handled::reply(crate::common::EMPTY_CANDID_REPLY.to_vec()))
+}
+
+/// Largest slice `read_canister_snapshot_data` returns (the IC's).
+pub(super) const MAX_SLICE_BYTES: u64 = 2_000_000;
+
+/// The snapshot `id` of `canister`, if `caller` may see the canister's snapshots.
+fn visible_snapshot(
+    context: &Context<'_>,
+    state: &ReplicatedState,
+    canister_id: &candid::Principal,
+    snapshot_id: &[u8],
+) -> Result<Arc<CanisterSnapshot>, UserError> {
+    let id = CanisterId::unchecked_from_principal(*canister_id);
+    let canister = existing(state, &id)?;
+    let caller = context.caller.principal();
+    if !status::may_view(
+        &canister.system_state.settings.snapshot_visibility,
+        canister,
+        &caller,
+    ) {
+        return Err(ManagementError::SnapshotsNotVisible {
+            canister: id.get(),
+            caller,
+        }
+        .into());
+    }
+    own_snapshot(state, id, snapshot_id)
+}
+
+/// `read_canister_snapshot_metadata`: what a snapshot holds, for whoever may see the canister's
+/// snapshots (a download starts here).
+pub(super) fn read_metadata(
+    context: &Context<'_>,
+    state: &mut ReplicatedState,
+) -> Result<Handled, UserError> {
+    let args: mct::ReadCanisterSnapshotMetadataArgs =
+        args::decode(context.method, context.payload)?;
+    let snapshot = visible_snapshot(context, state, &args.canister_id, &args.snapshot_id)?;
+    let execution = &snapshot.execution_state;
+    let globals = execution
+        .globals
+        .iter()
+        .map(|global| {
+            Some(match *global {
+                openic_replicated_state::GlobalValue::I32(v) => mct::SnapshotMetadataGlobal::I32(v),
+                openic_replicated_state::GlobalValue::I64(v) => mct::SnapshotMetadataGlobal::I64(v),
+                openic_replicated_state::GlobalValue::F32(bits) => {
+                    mct::SnapshotMetadataGlobal::F32(f32::from_bits(bits))
+                }
+                openic_replicated_state::GlobalValue::F64(bits) => {
+                    mct::SnapshotMetadataGlobal::F64(f64::from_bits(bits))
+                }
+                openic_replicated_state::GlobalValue::V128(v) => {
+                    mct::SnapshotMetadataGlobal::V128(candid::Nat::from(v))
+                }
+            })
+        })
+        .collect();
+    let page = openic_replicated_state::WASM_PAGE_SIZE;
+    args::encode(&mct::ReadCanisterSnapshotMetadataResult {
+        source: Some(match snapshot.source {
+            SnapshotSource::TakenFromCanister => {
+                mct::SnapshotSource::TakenFromCanister(candid::Reserved)
+            }
+            SnapshotSource::MetadataUpload => mct::SnapshotSource::MetadataUpload(candid::Reserved),
+        }),
+        taken_at_timestamp: snapshot.taken_at_timestamp,
+        wasm_module_size: execution.wasm_binary.bytes.len() as u64,
+        globals,
+        wasm_memory_size: execution.wasm_memory_size_pages.saturating_mul(page),
+        stable_memory_size: execution.stable_memory_size_pages.saturating_mul(page),
+        wasm_chunk_store: snapshot
+            .wasm_chunk_store
+            .keys()
+            .map(|hash| mct::ChunkHash {
+                hash: hash.to_vec(),
+            })
+            .collect(),
+        canister_version: snapshot.canister_version,
+        certified_data: snapshot.certified_data.clone(),
+        global_timer: Some(match snapshot.global_timer_nanos {
+            0 => mct::CanisterTimer::Inactive,
+            at => mct::CanisterTimer::Active(at),
+        }),
+        on_low_wasm_memory_hook_status: Some(if snapshot.low_wasm_memory_hook_pending {
+            mct::OnLowWasmMemoryHookStatus::Ready
+        } else {
+            mct::OnLowWasmMemoryHookStatus::ConditionNotSatisfied
+        }),
+    })
+    .map(Handled::reply)
+}
+
+/// `read_canister_snapshot_data`: a slice (at most [`MAX_SLICE_BYTES`]) of a snapshot's module,
+/// heap or stable memory, or one of its chunks, for whoever may see the canister's snapshots.
+pub(super) fn read_data(
+    context: &Context<'_>,
+    state: &mut ReplicatedState,
+) -> Result<Handled, UserError> {
+    let args: mct::ReadCanisterSnapshotDataArgs = args::decode(context.method, context.payload)?;
+    let snapshot = visible_snapshot(context, state, &args.canister_id, &args.snapshot_id)?;
+    let execution = &snapshot.execution_state;
+    let page = openic_replicated_state::WASM_PAGE_SIZE;
+    let slice = |offset: u64, size: u64, len: u64| -> Result<(), UserError> {
+        if size > MAX_SLICE_BYTES {
+            return Err(ManagementError::SliceTooLarge {
+                requested: size,
+                allowed: MAX_SLICE_BYTES,
+            }
+            .into());
+        }
+        match offset.checked_add(size) {
+            Some(end) if end <= len => Ok(()),
+            _ => Err(ManagementError::InvalidSlice { offset, size }.into()),
+        }
+    };
+    let chunk = match args.kind {
+        mct::SnapshotDataKind::WasmModule { offset, size } => {
+            let bytes = &execution.wasm_binary.bytes;
+            slice(offset, size, bytes.len() as u64)?;
+            bytes[offset as usize..(offset + size) as usize].to_vec()
+        }
+        mct::SnapshotDataKind::WasmMemory { offset, size } => {
+            slice(
+                offset,
+                size,
+                execution.wasm_memory_size_pages.saturating_mul(page),
+            )?;
+            let mut chunk = vec![0; size as usize];
+            execution.wasm_memory.read(offset, &mut chunk);
+            chunk
+        }
+        mct::SnapshotDataKind::StableMemory { offset, size } => {
+            slice(
+                offset,
+                size,
+                execution.stable_memory_size_pages.saturating_mul(page),
+            )?;
+            let mut chunk = vec![0; size as usize];
+            execution.stable_memory.read(offset, &mut chunk);
+            chunk
+        }
+        mct::SnapshotDataKind::WasmChunk { hash } => {
+            let chunk = <[u8; 32]>::try_from(hash.as_slice())
+                .ok()
+                .and_then(|key| snapshot.wasm_chunk_store.get(&key))
+                .ok_or_else(|| {
+                    UserError::from(ManagementError::ChunkNotFound {
+                        hash: hex(&hash),
+                        store: args.canister_id,
+                    })
+                })?;
+            chunk.to_vec()
+        }
+    };
+    args::encode(&mct::ReadCanisterSnapshotDataResult { chunk }).map(Handled::reply)
+}
+
+/// `upload_canister_snapshot_metadata`: a controller creates an empty snapshot of the given shape
+/// (module size, memory sizes, globals, certified data, timer, hook status), to be filled with
+/// `upload_canister_snapshot_data` and then loaded.
+pub(super) fn upload_metadata(
+    context: &Context<'_>,
+    state: &mut ReplicatedState,
+) -> Result<Handled, UserError> {
+    let args: mct::UploadCanisterSnapshotMetadataArgs =
+        args::decode(context.method, context.payload)?;
+    let id = CanisterId::unchecked_from_principal(args.canister_id);
+    let canister = controlled(state, &id, &context.caller.principal())?;
+    let replaced = match &args.replace_snapshot {
+        Some(old) => Some(own_snapshot(state, id, old)?),
+        None => None,
+    };
+    if replaced.is_none() && state.snapshots.count(&id) >= MAX_SNAPSHOTS_PER_CANISTER {
+        return Err(ManagementError::TooManySnapshots {
+            canister: id.get(),
+            max: MAX_SNAPSHOTS_PER_CANISTER,
+        }
+        .into());
+    }
+    let invalid = |reason: String| {
+        UserError::from(ManagementError::InvalidArgument {
+            method: context.method.to_string(),
+            reason,
+        })
+    };
+    let page = openic_replicated_state::WASM_PAGE_SIZE;
+    for (what, size) in [
+        ("wasm_memory_size", args.wasm_memory_size),
+        ("stable_memory_size", args.stable_memory_size),
+    ] {
+        if size % page != 0 {
+            return Err(invalid(format!(
+                "{what} {size} is not a whole number of 64 KiB wasm pages"
+            )));
+        }
+    }
+    if args.wasm_module_size > super::install::MAX_WASM_MODULE_BYTES as u64 {
+        return Err(ManagementError::ModuleTooLarge {
+            size: usize::try_from(args.wasm_module_size).unwrap_or(usize::MAX),
+            max: super::install::MAX_WASM_MODULE_BYTES,
+        }
+        .into());
+    }
+    if args.certified_data.len() > 32 {
+        return Err(invalid(format!(
+            "certified_data has {} bytes, at most 32 are allowed",
+            args.certified_data.len()
+        )));
+    }
+    let total = args
+        .wasm_module_size
+        .saturating_add(args.wasm_memory_size)
+        .saturating_add(args.stable_memory_size);
+    if total > MAX_SNAPSHOT_BYTES {
+        return Err(ManagementError::SnapshotTooLarge {
+            canister: id.get(),
+            size: total,
+            max: MAX_SNAPSHOT_BYTES,
+        }
+        .into());
+    }
+    let globals = args
+        .globals
+        .iter()
+        .map(|global| {
+            Ok(match global {
+                mct::SnapshotMetadataGlobal::I32(v) => {
+                    openic_replicated_state::GlobalValue::I32(*v)
+                }
+                mct::SnapshotMetadataGlobal::I64(v) => {
+                    openic_replicated_state::GlobalValue::I64(*v)
+                }
+                mct::SnapshotMetadataGlobal::F32(v) => {
+                    openic_replicated_state::GlobalValue::F32(v.to_bits())
+                }
+                mct::SnapshotMetadataGlobal::F64(v) => {
+                    openic_replicated_state::GlobalValue::F64(v.to_bits())
+                }
+                mct::SnapshotMetadataGlobal::V128(v) => openic_replicated_state::GlobalValue::V128(
+                    u128::try_from(v.0.clone()).map_err(|_| {
+                        invalid(format!("the v128 global {v} does not fit 128 bits"))
+                    })?,
+                ),
+            })
+        })
+        .collect::<Result<Vec<_>, UserError>>()?;
+    let module_bytes = usize::try_from(args.wasm_module_size).unwrap_or(usize::MAX);
+    let snapshot = CanisterSnapshot {
+        canister_id: id,
+        source: SnapshotSource::MetadataUpload,
+        local_id: state.snapshots.next_local_id(),
+        taken_at_timestamp: state.metadata.time.as_nanos_since_unix_epoch(),
+        canister_version: canister.system_state.canister_version,
+        execution_state: openic_replicated_state::ExecutionState {
+            wasm_binary: Arc::new(openic_replicated_state::WasmBinary {
+                bytes: vec![0; module_bytes],
+                module_hash: [0; 32],
+            }),
+            module_info: Arc::default(),
+            wasm_memory: openic_replicated_state::PageMap::new(),
+            wasm_memory_size_pages: args.wasm_memory_size / page,
+            stable_memory: openic_replicated_state::PageMap::new(),
+            stable_memory_size_pages: args.stable_memory_size / page,
+            globals,
+        },
+        certified_data: args.certified_data.clone(),
+        global_timer_nanos: match args.global_timer {
+            Some(mct::CanisterTimer::Active(at)) => at,
+            Some(mct::CanisterTimer::Inactive) | None => 0,
+        },
+        low_wasm_memory_hook_pending: matches!(
+            args.on_low_wasm_memory_hook_status,
+            Some(mct::OnLowWasmMemoryHookStatus::Ready)
+        ),
+        wasm_chunk_store: Default::default(),
+    };
+    let snapshot_id = snapshot.id();
+    let snapshots = Arc::make_mut(&mut state.snapshots);
+    if let Some(old) = replaced {
+        snapshots.remove(&old.id());
+    }
+    snapshots.insert(snapshot);
+    args::encode(&mct::UploadCanisterSnapshotMetadataResult { snapshot_id }).map(Handled::reply)
+}
+
+/// `upload_canister_snapshot_data`: a controller writes a slice (at most [`MAX_SLICE_BYTES`]) of
+/// an uploaded snapshot's module, heap or stable memory, or adds a chunk to its chunk store.
+/// Snapshots taken from a canister cannot be changed.
+pub(super) fn upload_data(
+    context: &Context<'_>,
+    state: &mut ReplicatedState,
+) -> Result<Handled, UserError> {
+    let args: mct::UploadCanisterSnapshotDataArgs = args::decode(context.method, context.payload)?;
+    let id = CanisterId::unchecked_from_principal(args.canister_id);
+    controlled(state, &id, &context.caller.principal())?;
+    let snapshot = own_snapshot(state, id, &args.snapshot_id)?;
+    if snapshot.source != SnapshotSource::MetadataUpload {
+        return Err(ManagementError::SnapshotImmutable.into());
+    }
+    let size = args.chunk.len() as u64;
+    if size > MAX_SLICE_BYTES {
+        return Err(ManagementError::SliceTooLarge {
+            requested: size,
+            allowed: MAX_SLICE_BYTES,
+        }
+        .into());
+    }
+    let page = openic_replicated_state::WASM_PAGE_SIZE;
+    let execution = &snapshot.execution_state;
+    let fits = |offset: u64, len: u64| -> Result<(), UserError> {
+        match offset.checked_add(size) {
+            Some(end) if end <= len => Ok(()),
+            _ => Err(ManagementError::InvalidSlice { offset, size }.into()),
+        }
+    };
+    match args.kind {
+        mct::SnapshotDataOffset::WasmModule { offset } => {
+            fits(offset, execution.wasm_binary.bytes.len() as u64)?
+        }
+        mct::SnapshotDataOffset::WasmMemory { offset } => fits(
+            offset,
+            execution.wasm_memory_size_pages.saturating_mul(page),
+        )?,
+        mct::SnapshotDataOffset::StableMemory { offset } => fits(
+            offset,
+            execution.stable_memory_size_pages.saturating_mul(page),
+        )?,
+        mct::SnapshotDataOffset::WasmChunk => {
+            if size > super::install::MAX_CHUNK_BYTES as u64 {
+                return Err(ManagementError::ChunkTooLarge {
+                    size: args.chunk.len(),
+                    max: super::install::MAX_CHUNK_BYTES,
+                }
+                .into());
+            }
+            if snapshot.wasm_chunk_store.len() >= super::install::MAX_CHUNKS_PER_STORE {
+                return Err(ManagementError::ChunkStoreFull {
+                    canister: id.get(),
+                    max: super::install::MAX_CHUNKS_PER_STORE,
+                }
+                .into());
+            }
+        }
+    }
+    let snapshots = Arc::make_mut(&mut state.snapshots);
+    let Some(snapshot) = snapshots.get_mut(&args.snapshot_id) else {
+        return Err(ManagementError::SnapshotNotFound {
+            snapshot: hex(&args.snapshot_id),
+            canister: id.get(),
+        }
+        .into());
+    };
+    let execution = &mut snapshot.execution_state;
+    match args.kind {
+        mct::SnapshotDataOffset::WasmModule { offset } => {
+            let binary = Arc::make_mut(&mut execution.wasm_binary);
+            let start = offset as usize;
+            binary.bytes[start..start + args.chunk.len()].copy_from_slice(&args.chunk);
+        }
+        mct::SnapshotDataOffset::WasmMemory { offset } => {
+            execution.wasm_memory.write(offset, &args.chunk);
+        }
+        mct::SnapshotDataOffset::StableMemory { offset } => {
+            execution.stable_memory.write(offset, &args.chunk);
+        }
+        mct::SnapshotDataOffset::WasmChunk => {
+            use sha2::Digest as _;
+            let hash: [u8; 32] = sha2::Sha256::digest(&args.chunk).into();
+            snapshot
+                .wasm_chunk_store
+                .insert(hash, Arc::new(args.chunk.into()));
+        }
+    }
     Ok(Handled::reply(crate::common::EMPTY_CANDID_REPLY.to_vec()))
 }
