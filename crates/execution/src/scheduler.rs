@@ -2,9 +2,13 @@
 //! messages (calls, responses) with call contexts, callbacks and cycles accounting.
 //!
 //! Note "round order": within a block the scheduler repeatedly (1) drains the management
-//! canister's queue, then (2) takes one message from each canister's input queue in canister-id
-//! order, until every queue is empty or a round limit is hit. Queues are FIFO and canisters are
-//! visited in `BTreeMap` order, so the order of executions depends only on the state and the block.
+//! canister's queue, then (2) takes one message from each canister's input queue, until every
+//! queue is empty or a round limit is hit. Canisters are visited round-robin, in canister-id order
+//! from `ReplicatedState::round_robin_cursor`: when a round's budget runs out before every canister
+//! had its turn, the cursor records whose turn was cut off and the next block starts there, so a
+//! busy canister with a low id cannot starve the others (system tasks use the same order). Queues
+//! are FIFO and the cursor is replicated state, so the order of executions depends only on the
+//! state and the block.
 
 use crate::common::{
     EMPTY_CANDID_REPLY, call_fee, canister_not_found_error, canister_reject_error, check_can_pay,
@@ -246,8 +250,7 @@ impl Scheduler {
             0 => true,
             interval => previous_time.0 / interval != now.0 / interval,
         };
-        let ids: Vec<CanisterId> = state.canisters.keys().copied().collect();
-        for id in ids {
+        for id in round_robin_order(state) {
             let Some(canister) = state.canister(&id) else {
                 continue;
             };
@@ -349,9 +352,10 @@ impl Scheduler {
                 progressed = true;
             }
             self.complete_stops(state);
-            let ids: Vec<CanisterId> = state.canisters.keys().copied().collect();
-            for id in ids {
+            for id in round_robin_order(state) {
                 if self.round_limit_reached(counters) {
+                    // This canister's turn is cut off: the next round starts with it.
+                    state.round_robin_cursor = Some(id);
                     break;
                 }
                 let has_message = state
@@ -1595,4 +1599,14 @@ fn record_logs(state: &mut ReplicatedState, id: CanisterId, lines: Vec<Vec<u8>>)
         tracing::debug!(canister = %id.get(), "{}", String::from_utf8_lossy(line));
     }
     state.append_log(id, lines);
+}
+
+/// The canisters in the order a round visits them: by id, from the round-robin cursor on, then
+/// from the lowest id (see note "round order"). Deterministic: it depends only on the state.
+fn round_robin_order(state: &ReplicatedState) -> Vec<CanisterId> {
+    let ids: Vec<CanisterId> = state.canisters.keys().copied().collect();
+    let start = state
+        .round_robin_cursor
+        .map_or(0, |cursor| ids.partition_point(|id| *id < cursor));
+    ids[start..].iter().chain(&ids[..start]).copied().collect()
 }

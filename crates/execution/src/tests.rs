@@ -1052,6 +1052,57 @@ fn a_canister_whose_balance_reaches_zero_is_uninstalled() {
 }
 
 #[test]
+fn one_hundred_busy_canisters_all_make_progress() {
+    // A round's budget runs ten messages; a hundred canisters each have three waiting. Visiting
+    // always from the lowest id would run only the first ten canisters for three blocks.
+    let embedder = Arc::new(FakeEmbedder::default());
+    let ids: Vec<CanisterId> = (1..=100).map(canister_id).collect();
+    for id in &ids {
+        embedder.on(*id, "canister_update work", |_| {
+            Ok((
+                Some(WasmResponse::Reply(Vec::new())),
+                SystemStateChanges::default(),
+                1,
+            ))
+        });
+    }
+    let config = ExecutionConfig {
+        max_instructions_per_round: 10 * FAKE_INSTRUCTIONS,
+        ..ExecutionConfig::default()
+    };
+    let mut scheduler = Scheduler::new(embedder.clone(), config, subnet());
+    let mut state = new_state(
+        ids.iter()
+            .map(|id| installed_canister(*id, &[("work", MethodKind::Update)], &[]))
+            .collect(),
+    );
+    let mut first = Vec::new();
+    for round in 0..3u8 {
+        for (index, id) in ids.iter().enumerate() {
+            let mut message = ingress(0, *id, "work");
+            let mut request_id = [0u8; 32];
+            request_id[0] = round;
+            request_id[1] = index as u8;
+            message.request_id = RequestId(request_id);
+            first.push(message);
+        }
+    }
+    scheduler.execute_block(&mut state, &block(1, first));
+    for height in 2..=10 {
+        scheduler.execute_block(&mut state, &block(height, vec![]));
+    }
+    for id in &ids {
+        assert!(
+            counter(&state, *id) >= 1,
+            "canister {} has not run in ten blocks",
+            id.get()
+        );
+    }
+    // Exactly the budget ran each block: 100 messages in 10 blocks, one per canister.
+    assert!(ids.iter().all(|id| counter(&state, *id) == 1));
+}
+
+#[test]
 fn full_input_queue_rejects_ingress() {
     let a = canister_id(1);
     let embedder = Arc::new(FakeEmbedder::default());

@@ -81,6 +81,9 @@ pub struct ReplicatedState {
     /// Every canister snapshot (spec: `snapshots`), behind `Arc`s so snapshots for queries share
     /// them.
     pub snapshots: Arc<CanisterSnapshots>,
+    /// Where the next round starts visiting canisters: the canister whose turn the last round's
+    /// limit cut off (round-robin scheduling; `None` = from the lowest id).
+    pub round_robin_cursor: Option<CanisterId>,
 }
 
 /// A `raw_rand` call waiting for its randomness.
@@ -116,6 +119,7 @@ impl ReplicatedState {
             raw_rand_requests: Default::default(),
             canister_logs: BTreeMap::new(),
             snapshots: Arc::default(),
+            round_robin_cursor: None,
         }
     }
 

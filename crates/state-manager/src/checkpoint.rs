@@ -60,7 +60,8 @@ pub const PAGE_FILE_MAGIC: [u8; 8] = *b"OICPAG01";
 /// Version of the manifest and state file formats written.
 ///
 /// Version 2 added `raw_rand_requests` at the end of the state, version 3 `canister_logs` after
-/// it, version 4 `snapshots`; checkpoints of versions 1 to 3 still load (see [`decode_state`]).
+/// it, version 4 `snapshots` and `round_robin_cursor`; checkpoints of versions 1 to 3 still load
+/// (see [`decode_state`]).
 const FORMAT_VERSION: u32 = 4;
 
 /// The oldest format version that still loads.
@@ -871,6 +872,7 @@ fn decode_state(format_version: u32, bytes: &[u8]) -> Result<ReplicatedState, po
             raw_rand_requests: v3.raw_rand_requests,
             canister_logs: v3.canister_logs,
             snapshots: Arc::default(),
+            round_robin_cursor: None,
         });
     }
     let old = match format_version {
@@ -897,6 +899,7 @@ fn decode_state(format_version: u32, bytes: &[u8]) -> Result<ReplicatedState, po
         raw_rand_requests: old.raw_rand_requests,
         canister_logs: BTreeMap::new(),
         snapshots: Arc::default(),
+        round_robin_cursor: None,
     })
 }
 
