@@ -2008,7 +2008,11 @@ fn bounded_wait_call_times_out_with_sys_unknown_and_the_late_response_is_dropped
     // Block 1 at t = 1 s: A calls B with a 1 s deadline (t = 2 s).
     scheduler.execute_block(&mut state, &block(1, vec![ingress(1, a, "relay")]));
     assert_eq!(embedder.count(b, "canister_update slow"), 0);
-    // Block 2 at t = 2 s: the deadline has passed; A's reject callback runs first (A < B).
+    // Block 2 at t = 2 s: the deadline has passed; A's reject callback runs first. (Block 1's
+    // budget cut off B's turn, so round-robin would start block 2 with B: start from A instead,
+    // to see the expiry answered before the late reply exists.)
+    assert_eq!(state.round_robin_cursor, Some(b));
+    state.round_robin_cursor = None;
     scheduler.execute_block(&mut state, &block(2, vec![]));
     assert_eq!(embedder.count(a, "closure 2"), 1);
     assert_eq!(
