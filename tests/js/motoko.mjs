@@ -1,6 +1,7 @@
 // Compiles a small Motoko actor with the npm build of moc (package `motoko`, offline) and writes the wasm to
 // the path given as the first argument. Used by the Rust test `motoko_canister_runs`.
 // The output is a wasm64 module with enhanced orthogonal persistence (real-clients.md section 6).
+// The actor prints (for canister logs) and can trap on purpose (`boom`).
 import { writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 
@@ -13,10 +14,16 @@ if (!outputPath) {
 const require = createRequire(import.meta.url);
 const mo = require('motoko');
 
-const source = `persistent actor Counter {
+const source = `import Prim "mo:⛔";
+persistent actor Counter {
   var count : Nat64 = 0;
-  public func inc() : async Nat64 { count += 1; count };
+  public func inc() : async Nat64 {
+    count += 1;
+    Prim.debugPrint("inc " # debug_show count);
+    count
+  };
   public query func get() : async Nat64 { count };
+  public func boom() : async () { Prim.trap("motoko boom") };
 };
 `;
 

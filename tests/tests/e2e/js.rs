@@ -1,9 +1,11 @@
-//! The JS client (@icp-sdk/core) and a Motoko canister (npm `motoko`, a JS build of moc).
+//! The JS client (@icp-sdk/core) and a Motoko canister (npm `motoko`, a JS build of moc): its
+//! calls, upgrade with enhanced orthogonal persistence, log (prints and a trap) and a snapshot.
 //!
 //! Both need Node.js >= 20 with npm and fail, not skip, when it is missing. Dependencies come from
 //! tests/js/package-lock.json via tests/js/install.sh (`npm ci`).
 
 use crate::support::*;
+use ic_utils::call::{AsyncCall as _, SyncCall as _};
 use ic_utils::interfaces::management_canister::builders::{
     CanisterInstallMode, UpgradeFlags, WasmMemoryPersistence,
 };
@@ -130,5 +132,59 @@ async fn motoko_canister_runs() {
     );
     let (third,): (u64,) = update(&agent, canister_id, "inc", args(())).await;
     assert_eq!(third, 3);
+
+    // Its log: Debug prints and the trap, kept across the upgrade.
+    let error = try_update::<()>(&agent, canister_id, "boom", args(()))
+        .await
+        .expect_err("boom traps");
+    assert!(error.to_string().contains("motoko boom"), "{error}");
+    let (logs,) = ic_utils::interfaces::ManagementCanister::create(&agent)
+        .fetch_canister_logs(
+            &ic_utils::interfaces::management_canister::FetchCanisterLogsArgs {
+                canister_id,
+                filter: None,
+            },
+        )
+        .call()
+        .await
+        .expect("fetch_canister_logs");
+    let lines: Vec<String> = logs
+        .canister_log_records
+        .iter()
+        .map(|record| String::from_utf8_lossy(&record.content).into_owned())
+        .collect();
+    assert_eq!(
+        lines,
+        ["inc 1", "inc 2", "inc 3", "[TRAP]: motoko boom"],
+        "a Motoko canister's log"
+    );
+
+    // A snapshot of the wasm64 canister restores its persistent heap.
+    let management = ic_utils::interfaces::ManagementCanister::create(&agent);
+    let (snapshot,) = management
+        .take_canister_snapshot(&ic_management_canister_types::TakeCanisterSnapshotArgs {
+            canister_id,
+            replace_snapshot: None,
+            uninstall_code: None,
+            sender_canister_version: None,
+        })
+        .call_and_wait()
+        .await
+        .expect("take_canister_snapshot");
+    let (fourth,): (u64,) = update(&agent, canister_id, "inc", args(())).await;
+    assert_eq!(fourth, 4);
+    management
+        .load_canister_snapshot(&ic_management_canister_types::LoadCanisterSnapshotArgs {
+            canister_id,
+            snapshot_id: snapshot.id,
+            sender_canister_version: None,
+        })
+        .call_and_wait()
+        .await
+        .expect("load_canister_snapshot");
+    let (value,): (u64,) = query(&agent, canister_id, "get", args(())).await;
+    assert_eq!(value, 3, "the snapshot's heap is back");
+    let (next,): (u64,) = update(&agent, canister_id, "inc", args(())).await;
+    assert_eq!(next, 4);
     node.shutdown().await;
 }
