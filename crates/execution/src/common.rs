@@ -42,9 +42,63 @@ pub fn storage_cost(config: &ExecutionConfig, bytes: u64, nanos: u64) -> Cycles 
     )
 }
 
-/// Cycles a canister burns per second while idle (storage).
+/// Bytes a canister pays storage for, `extra_bytes` (its snapshots) included: its memory
+/// allocation when set (reserved whether used or not), else what it uses.
+pub fn charged_memory_bytes(canister: &CanisterState, extra_bytes: u64) -> u64 {
+    memory_usage_bytes(canister)
+        .saturating_add(extra_bytes)
+        .max(canister.system_state.settings.memory_allocation)
+}
+
+/// Cycles its compute allocation costs per `nanos` nanoseconds.
+pub fn compute_allocation_cost(
+    config: &ExecutionConfig,
+    canister: &CanisterState,
+    nanos: u64,
+) -> Cycles {
+    let percent_nanos = u128::from(canister.system_state.settings.compute_allocation)
+        .saturating_mul(u128::from(nanos));
+    Cycles(
+        percent_nanos.saturating_mul(config.compute_percent_allocated_per_second_fee.get())
+            / u128::from(Time::NANOS_PER_SECOND),
+    )
+}
+
+/// Cycles a canister burns per second while idle: storage of its memory (or memory allocation)
+/// and its compute allocation.
 pub fn idle_cycles_per_second(config: &ExecutionConfig, canister: &CanisterState) -> Cycles {
-    storage_cost(config, memory_usage_bytes(canister), Time::NANOS_PER_SECOND)
+    storage_cost(
+        config,
+        charged_memory_bytes(canister, 0),
+        Time::NANOS_PER_SECOND,
+    )
+    .saturating_add(compute_allocation_cost(
+        config,
+        canister,
+        Time::NANOS_PER_SECOND,
+    ))
+}
+
+/// Bytes of memory `canister` uses besides the one that is growing (heap or stable), to cap that
+/// memory at what its memory allocation leaves; `None` without an allocation.
+fn allocation_room(canister: &CanisterState, growing_bytes: u64) -> Option<u64> {
+    match canister.system_state.settings.memory_allocation {
+        0 => None,
+        allocation => Some(
+            allocation.saturating_sub(memory_usage_bytes(canister).saturating_sub(growing_bytes)),
+        ),
+    }
+}
+
+/// The stable-memory limit of an execution in `canister`: the platform's, and what its memory
+/// allocation leaves (growing past it fails, as the heap's does).
+pub fn stable_memory_limit_bytes(config: &ExecutionConfig, canister: &CanisterState) -> u64 {
+    let stable = canister.execution_state.as_ref().map_or(0, |e| {
+        e.stable_memory_size_pages.saturating_mul(WASM_PAGE_SIZE)
+    });
+    allocation_room(canister, stable).map_or(config.max_stable_memory_bytes, |room| {
+        room.min(config.max_stable_memory_bytes)
+    })
 }
 
 /// Cycles that must stay in the balance for the canister not to be frozen: what it would burn
@@ -324,9 +378,17 @@ pub fn wasm_memory_limit_bytes(
         api_type,
         ApiType::Update { .. } | ApiType::Init { .. } | ApiType::Start
     );
-    match canister.system_state.settings.wasm_memory_limit {
+    let (limit, traps) = match canister.system_state.settings.wasm_memory_limit {
         limit if enforced && limit != 0 && limit < config.max_wasm_memory_bytes => (limit, true),
         _ => (config.max_wasm_memory_bytes, false),
+    };
+    // A memory allocation is a hard bound for every execution: growing past what it leaves fails.
+    let heap = canister.execution_state.as_ref().map_or(0, |e| {
+        e.wasm_memory_size_pages.saturating_mul(WASM_PAGE_SIZE)
+    });
+    match allocation_room(canister, heap) {
+        Some(room) if room < limit => (room, false),
+        _ => (limit, traps),
     }
 }
 

@@ -58,6 +58,8 @@ pub struct ExecutionConfig {
     pub canister_creation_fee: Cycles,
     /// Storage fee in cycles per GiB per second.
     pub storage_fee_per_gib_second: Cycles,
+    /// Fee per percent of compute allocation per second (the IC's, 13-node subnet).
+    pub compute_percent_allocated_per_second_fee: Cycles,
     /// Balance of a canister created with `provisional_create_canister_with_cycles` without an
     /// amount.
     pub default_provisional_cycles: Cycles,
@@ -106,6 +108,7 @@ impl Default for ExecutionConfig {
             xnet_byte_transmission_fee: Cycles(1_000),
             canister_creation_fee: Cycles(500_000_000_000),
             storage_fee_per_gib_second: Cycles(127_000),
+            compute_percent_allocated_per_second_fee: Cycles(10_000_000),
             default_provisional_cycles: Cycles(100_000_000_000_000),
             heartbeat_interval_nanos: 0,
             max_call_timeout_seconds: 300,

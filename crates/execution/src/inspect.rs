@@ -120,7 +120,10 @@ impl IngressInspector for IngressFilter {
             instruction_limit: self.config.max_instructions_per_inspect,
             wasm_memory_limit_bytes: wasm_memory_limit,
             wasm_memory_limit_traps,
-            stable_memory_limit_bytes: self.config.max_stable_memory_bytes,
+            stable_memory_limit_bytes: crate::common::stable_memory_limit_bytes(
+                &self.config,
+                canister,
+            ),
         });
         match output.result {
             Ok((_, _, changes)) if changes.message_accepted => Ok(()),

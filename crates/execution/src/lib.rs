@@ -27,7 +27,7 @@ pub mod management;
 mod query;
 mod scheduler;
 
-pub use common::EMPTY_CANDID_REPLY;
+pub use common::{EMPTY_CANDID_REPLY, memory_usage_bytes};
 pub use config::{ExecutionConfig, SubnetContext};
 pub use inspect::IngressFilter;
 pub use management::RAW_RAND_LAG_HEIGHTS;

@@ -143,10 +143,12 @@ impl Scheduler {
             if elapsed == 0 {
                 continue;
             }
-            // Its snapshots take memory too, and pay for it.
-            let bytes = crate::common::memory_usage_bytes(canister)
-                .saturating_add(state.snapshots.size_of(&id));
-            let cost = storage_cost(&self.config, bytes, elapsed);
+            // Storage of its memory (or memory allocation) and snapshots, and its compute
+            // allocation.
+            let bytes = crate::common::charged_memory_bytes(canister, state.snapshots.size_of(&id));
+            let cost = storage_cost(&self.config, bytes, elapsed).saturating_add(
+                crate::common::compute_allocation_cost(&self.config, canister, elapsed),
+            );
             let Some(canister) = state.canister_mut(&id) else {
                 continue;
             };
@@ -850,7 +852,10 @@ impl Scheduler {
             instruction_limit,
             wasm_memory_limit_bytes: wasm_memory_limit,
             wasm_memory_limit_traps,
-            stable_memory_limit_bytes: self.config.max_stable_memory_bytes,
+            stable_memory_limit_bytes: crate::common::stable_memory_limit_bytes(
+                &self.config,
+                canister,
+            ),
         });
         // Every replicated execution logs, also one that traps (spec: `canister_logs`).
         record_logs(state, id, std::mem::take(&mut output.debug_prints));
@@ -1182,7 +1187,10 @@ impl Scheduler {
                 .min(u64::try_from(affordable).unwrap_or(u64::MAX)),
             wasm_memory_limit_bytes: wasm_memory_limit,
             wasm_memory_limit_traps,
-            stable_memory_limit_bytes: self.config.max_stable_memory_bytes,
+            stable_memory_limit_bytes: crate::common::stable_memory_limit_bytes(
+                &self.config,
+                canister,
+            ),
         });
         record_logs(state, id, std::mem::take(&mut output.debug_prints));
         let used = output.instructions_used;

@@ -1103,6 +1103,40 @@ fn one_hundred_busy_canisters_all_make_progress() {
 }
 
 #[test]
+fn compute_and_memory_allocations_are_charged() {
+    let plain = canister_id(1);
+    let allocated = canister_id(2);
+    let embedder = Arc::new(FakeEmbedder::default());
+    let mut with_allocations = installed_canister(allocated, &[], &[]);
+    with_allocations.system_state.settings.compute_allocation = 10;
+    with_allocations.system_state.settings.memory_allocation = 1 << 30;
+    let mut state = new_state(vec![installed_canister(plain, &[], &[]), with_allocations]);
+    // Block 1 is one second after both canisters were last charged (time 0).
+    scheduler(&embedder).execute_block(&mut state, &block(1, vec![]));
+    let config = ExecutionConfig::default();
+    let paid = |id| {
+        INITIAL_CYCLES.get()
+            - state
+                .canister(&id)
+                .unwrap()
+                .system_state
+                .cycles_balance
+                .get()
+    };
+    let canister = state.canister(&allocated).unwrap();
+    // A whole GiB of storage (its allocation, used or not) and ten percent of compute.
+    let expected = config.storage_fee_per_gib_second.get()
+        + 10 * config.compute_percent_allocated_per_second_fee.get();
+    assert_eq!(paid(allocated), expected);
+    assert!(paid(plain) < config.storage_fee_per_gib_second.get() / 1_000);
+    assert_eq!(
+        crate::common::idle_cycles_per_second(&config, canister),
+        Cycles(expected),
+        "what canister_status reports as idle_cycles_burned_per_day, per second"
+    );
+}
+
+#[test]
 fn full_input_queue_rejects_ingress() {
     let a = canister_id(1);
     let embedder = Arc::new(FakeEmbedder::default());

@@ -639,3 +639,61 @@ fn the_call_context_counter_adds_up_across_a_composite_querys_callbacks() {
         "the call context includes the method's 20,000-iteration loop: {call_context}"
     );
 }
+
+/// A memory allocation bounds the canister's memory: growing the heap past what it leaves fails
+/// (`memory.grow` returns -1), and `update_settings` refuses an allocation below the memory in use.
+#[test]
+fn a_memory_allocation_bounds_the_heap() {
+    let mut harness = Harness::new();
+    let canister = harness.install(LOW_MEMORY_WAT);
+    let used = openic_execution::memory_usage_bytes(harness.state.canister(&canister).unwrap());
+    let settings = |allocation: u64| {
+        Encode!(&ic_management_canister_types::UpdateSettingsArgs {
+            canister_id: canister.get(),
+            settings: ic_management_canister_types::CanisterSettings {
+                memory_allocation: Some(Nat::from(allocation)),
+                ..Default::default()
+            },
+            sender_canister_version: None,
+        })
+        .unwrap()
+    };
+    let refused = harness.call(
+        CanisterId::management(),
+        "update_settings",
+        settings(used - 1),
+    );
+    assert!(
+        matches!(&refused, IngressState::Rejected(error) if error.message.contains("memory_allocation")),
+        "{refused:?}"
+    );
+    // Room for two more pages, not four.
+    let allocated = harness.call(
+        CanisterId::management(),
+        "update_settings",
+        settings(used + 2 * 65_536),
+    );
+    assert!(
+        matches!(allocated, IngressState::Replied(_)),
+        "{allocated:?}"
+    );
+    assert_eq!(
+        counter_reply(&harness.call(canister, "grow", vec![])),
+        u32::MAX,
+        "memory.grow past the allocation fails"
+    );
+    let allocated = harness.call(
+        CanisterId::management(),
+        "update_settings",
+        settings(used + 4 * 65_536),
+    );
+    assert!(
+        matches!(allocated, IngressState::Replied(_)),
+        "{allocated:?}"
+    );
+    assert_eq!(
+        counter_reply(&harness.call(canister, "grow", vec![])),
+        1,
+        "within the allocation it grows (from one page)"
+    );
+}

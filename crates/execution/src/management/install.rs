@@ -101,7 +101,10 @@ impl Installation<'_, '_> {
             instruction_limit: self.instructions_left,
             wasm_memory_limit_bytes: wasm_memory_limit,
             wasm_memory_limit_traps,
-            stable_memory_limit_bytes: config.max_stable_memory_bytes,
+            stable_memory_limit_bytes: crate::common::stable_memory_limit_bytes(
+                config,
+                &self.canister,
+            ),
         });
         self.instructions_left = self
             .instructions_left

@@ -266,6 +266,19 @@ pub(super) fn update_settings(
     let id = CanisterId::unchecked_from_principal(args.canister_id);
     controlled(state, &id, &context.caller.principal())?;
     let settings = args::validate_settings(&args.settings)?;
+    if let Some(allocation) = settings
+        .memory_allocation
+        .filter(|allocation| *allocation != 0)
+    {
+        let used = crate::common::memory_usage_bytes(existing(state, &id)?)
+            .saturating_add(state.snapshots.size_of(&id));
+        if allocation < used {
+            return Err(errors::invalid_settings(format!(
+                "memory_allocation {allocation} is below the {used} bytes canister {} already uses",
+                id.get()
+            )));
+        }
+    }
     let now = state.metadata.time;
     let origin = context.change_origin(args.sender_canister_version);
     let Some(canister) = state.canister_mut(&id) else {
