@@ -107,7 +107,8 @@ async fn try_handle(
     }
 
     let inspector = state.deps.inspector.clone();
-    let permit = state.execution_permit().await?;
+    // Its own slots: queries never delay or refuse an update call's admission.
+    let permit = state.inspection_permit().await?;
     let (ingress, inspected) = tokio::task::spawn_blocking(move || {
         let result = inspector.inspect(&ingress);
         drop(permit);

@@ -57,6 +57,9 @@ impl From<CertificationError> for ApiError {
     }
 }
 
+/// The `Retry-After` of a 429 or 503, in seconds.
+pub const RETRY_AFTER_SECONDS: &str = "1";
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
@@ -65,11 +68,22 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(%status, error = %self, "request refused");
         }
-        (
+        let mut response = (
             status,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
             self.to_string(),
         )
-            .into_response()
+            .into_response();
+        // Busy, not broken: say when to come back (the body says what was busy).
+        if matches!(
+            self,
+            ApiError::Unavailable(_) | ApiError::TooManyRequests(_)
+        ) {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from_static(RETRY_AFTER_SECONDS),
+            );
+        }
+        response
     }
 }

@@ -61,11 +61,14 @@ pub struct HttpApiConfig {
     pub max_ingress_ttl: Duration,
     /// Clock drift tolerated on top of `max_ingress_ttl`.
     pub permitted_drift: Duration,
-    /// Most queries and ingress inspections (`canister_inspect_message`) running at once; each
-    /// occupies a blocking thread and up to a canister's memory. At least 1.
+    /// Most queries running at once; each occupies a blocking thread and up to a canister's
+    /// memory. At least 1.
     pub max_concurrent_executions: usize,
-    /// How long a query or call waits for an execution slot before it is answered 503 (which
-    /// ic-agent retries).
+    /// Most update calls being checked by `canister_inspect_message` at once: their own slots,
+    /// so queries can never delay or refuse an update call's admission. At least 1.
+    pub max_concurrent_inspections: usize,
+    /// How long a query or call waits for a slot before it is answered 503 (which ic-agent
+    /// retries).
     pub execution_permit_wait: Duration,
     /// How long the whole request body may take to arrive; slower requests get 408.
     pub body_read_timeout: Duration,
@@ -108,6 +111,7 @@ impl Default for HttpApiConfig {
             max_ingress_ttl: Duration::from_secs(5 * 60),
             permitted_drift: Duration::from_secs(30),
             max_concurrent_executions: default_max_concurrent_executions(),
+            max_concurrent_inspections: default_max_concurrent_executions(),
             execution_permit_wait: DEFAULT_EXECUTION_PERMIT_WAIT,
             body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
             max_certified_age: DEFAULT_MAX_CERTIFIED_AGE,
@@ -158,8 +162,10 @@ pub struct HttpApiDeps {
 pub(crate) struct AppState {
     pub(crate) config: HttpApiConfig,
     pub(crate) deps: HttpApiDeps,
-    /// Slots for queries and ingress inspections (`max_concurrent_executions`).
+    /// Slots for queries (`max_concurrent_executions`).
     pub(crate) executions: Arc<Semaphore>,
+    /// Slots for update calls' `canister_inspect_message` (`max_concurrent_inspections`).
+    pub(crate) inspections: Arc<Semaphore>,
 }
 
 impl AppState {
@@ -182,19 +188,43 @@ impl AppState {
         }
     }
 
-    /// An execution slot, waiting at most `execution_permit_wait`. Move the permit into the
-    /// blocking task so the slot stays taken until the execution ends, even if the client leaves.
+    /// A query slot, waiting at most `execution_permit_wait`. Move the permit into the blocking
+    /// task so the slot stays taken until the execution ends, even if the client leaves.
     pub(crate) async fn execution_permit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.permit(
+            &self.executions,
+            self.config.max_concurrent_executions,
+            "queries are running",
+        )
+        .await
+    }
+
+    /// A slot for an update call's `canister_inspect_message` (separate from the query slots).
+    pub(crate) async fn inspection_permit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.permit(
+            &self.inspections,
+            self.config.max_concurrent_inspections,
+            "update calls are being checked by canister_inspect_message",
+        )
+        .await
+    }
+
+    async fn permit(
+        &self,
+        slots: &Arc<Semaphore>,
+        max: usize,
+        busy: &str,
+    ) -> Result<OwnedSemaphorePermit, ApiError> {
         let wait = self.config.execution_permit_wait;
-        match tokio::time::timeout(wait, self.executions.clone().acquire_owned()).await {
+        match tokio::time::timeout(wait, slots.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(permit),
             Ok(Err(_closed)) => Err(ApiError::Internal(
                 "the execution limiter was closed; the node is shutting down".into(),
             )),
             Err(_elapsed) => Err(ApiError::Unavailable(format!(
-                "too many queries are running (at most {} at once, waited {} ms for a slot); retry",
-                self.config.max_concurrent_executions,
-                wait.as_millis()
+                "too many {busy} (at most {max} at once, waited {} ms for a slot); retry after {} s",
+                wait.as_millis(),
+                error::RETRY_AFTER_SECONDS
             ))),
         }
     }
@@ -205,10 +235,12 @@ pub(crate) type SharedState = Arc<AppState>;
 /// The router serving the whole interface (with CORS for browsers and request metrics).
 pub fn router(config: HttpApiConfig, deps: HttpApiDeps) -> Router {
     let executions = Arc::new(Semaphore::new(config.max_concurrent_executions.max(1)));
+    let inspections = Arc::new(Semaphore::new(config.max_concurrent_inspections.max(1)));
     let state: SharedState = Arc::new(AppState {
         config,
         deps,
         executions,
+        inspections,
     });
     // Any request header: the JS agent adds `Authorization` when the URL carries credentials,
     // and browsers preflight every non-simple header. No response header needs exposing.

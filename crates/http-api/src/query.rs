@@ -292,4 +292,55 @@ mod tests {
         let (again, _) = sender.envelope(query_content(&node, &sender, CANISTER, "again"));
         assert_eq!(node.post(&url, again).await.0, StatusCode::OK);
     }
+
+    #[tokio::test]
+    async fn busy_query_slots_never_hold_up_an_update_call() {
+        let node = TestNode::with_config(crate::HttpApiConfig {
+            max_concurrent_executions: 1,
+            execution_permit_wait: std::time::Duration::from_millis(50),
+            ..crate::HttpApiConfig::default()
+        });
+        node.queries.take(std::time::Duration::from_millis(600));
+        let sender = crate::test_support::Sender::anonymous();
+        let (query, _) = sender.envelope(query_content(&node, &sender, CANISTER, "slow"));
+        let (crowded, _) = sender.envelope(query_content(&node, &sender, CANISTER, "other"));
+        let (call, _) = sender.envelope(crate::test_support::call_content(
+            &node, &sender, CANISTER, "inc",
+        ));
+        let call_url = format!("/api/v2/canister/{}/call", CanisterId::from_u64(CANISTER));
+        let query_url = url();
+        let slow = node.post(&query_url, query);
+        let others = async {
+            // The slow query holds the only query slot.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            let started = std::time::Instant::now();
+            let call = node.post(&call_url, call).await;
+            let call_took = started.elapsed();
+            let refused = node.post_full(&query_url, crowded).await;
+            (call, call_took, refused)
+        };
+        let ((slow_status, _), ((call_status, _), call_took, refused)) = tokio::join!(slow, others);
+        assert_eq!(slow_status, StatusCode::OK);
+        assert_eq!(
+            call_status,
+            StatusCode::ACCEPTED,
+            "the update call is admitted"
+        );
+        assert!(
+            call_took < std::time::Duration::from_millis(300),
+            "without waiting for the query slot: {call_took:?}"
+        );
+        // The refused query says what was busy and when to retry.
+        let (status, headers, text) = refused;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            String::from_utf8_lossy(&text).starts_with("too many queries are running"),
+            "{}",
+            String::from_utf8_lossy(&text)
+        );
+        assert_eq!(
+            headers.get(axum::http::header::RETRY_AFTER).unwrap(),
+            crate::error::RETRY_AFTER_SECONDS
+        );
+    }
 }

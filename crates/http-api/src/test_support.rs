@@ -347,12 +347,36 @@ impl TestNode {
     }
 
     async fn send(&self, request: Request<Body>) -> (StatusCode, Vec<u8>) {
+        let (status, _, body) = self.send_full(request).await;
+        (status, body)
+    }
+
+    async fn send_full(
+        &self,
+        request: Request<Body>,
+    ) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
         let response = self.router.clone().oneshot(request).await.unwrap();
         let status = response.status();
+        let headers = response.headers().clone();
         let body = axum::body::to_bytes(response.into_body(), usize::MAX)
             .await
             .unwrap();
-        (status, body.to_vec())
+        (status, headers, body.to_vec())
+    }
+
+    /// `post` with the response headers.
+    pub(crate) async fn post_full(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+    ) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+        self.send_full(
+            Request::post(path)
+                .header("content-type", "application/cbor")
+                .body(Body::from(body))
+                .unwrap(),
+        )
+        .await
     }
 
     pub(crate) async fn get(&self, path: &str) -> (StatusCode, Vec<u8>) {
