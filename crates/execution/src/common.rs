@@ -392,6 +392,32 @@ pub fn wasm_memory_limit_bytes(
     }
 }
 
+/// The input of one execution of `api_type` in `canister`, with the heap and stable-memory limits
+/// its settings give it ([`wasm_memory_limit_bytes`], [`stable_memory_limit_bytes`]).
+#[allow(clippy::too_many_arguments)]
+pub fn execution_input<'a>(
+    config: &ExecutionConfig,
+    canister: &CanisterState,
+    execution_state: &'a openic_replicated_state::ExecutionState,
+    api_type: ApiType,
+    entry_point: openic_embedders::EntryPoint,
+    system_state: SystemStateView,
+    instruction_limit: u64,
+) -> openic_embedders::WasmExecutionInput<'a> {
+    let (wasm_memory_limit, wasm_memory_limit_traps) =
+        wasm_memory_limit_bytes(config, canister, &api_type);
+    openic_embedders::WasmExecutionInput {
+        api_type,
+        entry_point,
+        execution_state,
+        system_state,
+        instruction_limit,
+        wasm_memory_limit_bytes: wasm_memory_limit,
+        wasm_memory_limit_traps,
+        stable_memory_limit_bytes: stable_memory_limit_bytes(config, canister),
+    }
+}
+
 /// The `wasm_memory_limit` the low-memory condition compares with when the setting is 0 (none),
 /// as the IC does.
 const LOW_MEMORY_DEFAULT_LIMIT_BYTES: u64 = 4 << 30;

@@ -4,11 +4,10 @@
 use crate::common::{
     canister_not_found_error, check_can_pay, empty_canister_error, execution_fee,
     ingress_induction_fee, method_not_found_error, status_error, system_state_view,
-    wasm_memory_limit_bytes,
 };
 use crate::config::{ExecutionConfig, SubnetContext};
 use crate::management::check_management_ingress;
-use openic_embedders::{ApiType, Embedder, EntryPoint, WasmExecutionInput};
+use openic_embedders::{ApiType, Embedder, EntryPoint};
 use openic_interfaces::{IngressInspector, StateSnapshotSource};
 use openic_replicated_state::MethodKind;
 use openic_types::{ErrorCode, SignedIngress, UserError};
@@ -110,21 +109,15 @@ impl IngressInspector for IngressFilter {
             method_name: message.method_name.clone(),
             arg: message.arg.clone(),
         };
-        let (wasm_memory_limit, wasm_memory_limit_traps) =
-            wasm_memory_limit_bytes(&self.config, canister, &api_type);
-        let output = self.embedder.execute(WasmExecutionInput {
-            api_type,
-            entry_point: EntryPoint::Export(INSPECT_MESSAGE_EXPORT.to_string()),
+        let output = self.embedder.execute(crate::common::execution_input(
+            &self.config,
+            canister,
             execution_state,
-            system_state: view,
-            instruction_limit: self.config.max_instructions_per_inspect,
-            wasm_memory_limit_bytes: wasm_memory_limit,
-            wasm_memory_limit_traps,
-            stable_memory_limit_bytes: crate::common::stable_memory_limit_bytes(
-                &self.config,
-                canister,
-            ),
-        });
+            api_type,
+            EntryPoint::Export(INSPECT_MESSAGE_EXPORT.to_string()),
+            view,
+            self.config.max_instructions_per_inspect,
+        ));
         match output.result {
             Ok((_, _, changes)) if changes.message_accepted => Ok(()),
             Ok(_) => Err(UserError::new(

@@ -6,13 +6,11 @@
 
 use crate::common::{
     canister_not_found_error, canister_reject_error, did_not_reply_error, empty_canister_error,
-    execution_error_to_user, method_not_found_error, system_state_view, wasm_memory_limit_bytes,
+    execution_error_to_user, method_not_found_error, system_state_view,
 };
 use crate::config::{ExecutionConfig, SubnetContext};
 use crate::management::execute_management_query;
-use openic_embedders::{
-    ApiType, Embedder, EntryPoint, ExecutionError, OutgoingCall, WasmExecutionInput, WasmResponse,
-};
+use openic_embedders::{ApiType, Embedder, EntryPoint, ExecutionError, OutgoingCall, WasmResponse};
 use openic_interfaces::{CertifiedStateReader, QueryExecutor, StateSnapshotSource};
 use openic_replicated_state::{CanisterState, CanisterStatus, ExecutionState, MethodKind};
 use openic_types::{
@@ -196,21 +194,15 @@ impl<'a> QueryContext<'a> {
         view.can_make_calls = true;
         view.remaining_callbacks = u64::from(self.config.max_composite_query_calls);
         view.call_context_instructions = *call_context;
-        let (wasm_memory_limit, wasm_memory_limit_traps) =
-            wasm_memory_limit_bytes(self.config, canister, &api_type);
-        let output = self.embedder.execute(WasmExecutionInput {
+        let output = self.embedder.execute(crate::common::execution_input(
+            self.config,
+            canister,
+            execution_state,
             api_type,
             entry_point,
-            execution_state,
-            system_state: view,
-            instruction_limit: self.instructions_left,
-            wasm_memory_limit_bytes: wasm_memory_limit,
-            wasm_memory_limit_traps,
-            stable_memory_limit_bytes: crate::common::stable_memory_limit_bytes(
-                self.config,
-                canister,
-            ),
-        });
+            view,
+            self.instructions_left,
+        ));
         self.instructions_left = self
             .instructions_left
             .saturating_sub(output.instructions_used);

@@ -14,15 +14,15 @@ use crate::common::{
     EMPTY_CANDID_REPLY, call_fee, canister_not_found_error, canister_reject_error, check_can_pay,
     did_not_reply_error, empty_canister_error, execution_error_to_user, execution_fee,
     ingress_induction_fee, low_wasm_memory_condition, management_response, method_not_found_error,
-    set_ingress_state, status_error, storage_cost, system_state_view, wasm_memory_limit_bytes,
+    set_ingress_state, status_error, storage_cost, system_state_view,
 };
 use crate::config::{ExecutionConfig, SubnetContext};
 use crate::management::{
     ManagementCall, ManagementCaller, ManagementOutcome, execute_management_call,
 };
 use openic_embedders::{
-    ApiType, Embedder, EntryPoint, ExecutionError, SystemStateChanges, WasmExecutionInput,
-    WasmExecutionOutput, WasmResponse,
+    ApiType, Embedder, EntryPoint, ExecutionError, SystemStateChanges, WasmExecutionOutput,
+    WasmResponse,
 };
 use openic_interfaces::{BlockExecutionSummary, BlockExecutor};
 use openic_replicated_state::{
@@ -842,21 +842,15 @@ impl Scheduler {
             .call_contexts
             .get(&call_context_id)
             .map_or(0, |context| context.instructions_executed);
-        let (wasm_memory_limit, wasm_memory_limit_traps) =
-            wasm_memory_limit_bytes(&self.config, canister, &api_type);
-        let mut output = self.embedder.execute(WasmExecutionInput {
+        let mut output = self.embedder.execute(crate::common::execution_input(
+            &self.config,
+            canister,
+            execution_state,
             api_type,
             entry_point,
-            execution_state,
-            system_state: view,
+            view,
             instruction_limit,
-            wasm_memory_limit_bytes: wasm_memory_limit,
-            wasm_memory_limit_traps,
-            stable_memory_limit_bytes: crate::common::stable_memory_limit_bytes(
-                &self.config,
-                canister,
-            ),
-        });
+        ));
         // Every replicated execution logs, also one that traps (spec: `canister_logs`).
         record_logs(state, id, std::mem::take(&mut output.debug_prints));
         let used = output.instructions_used.min(instruction_limit);
@@ -1167,8 +1161,6 @@ impl Scheduler {
             canister.system_state.cycles_balance,
             false,
         );
-        let (wasm_memory_limit, wasm_memory_limit_traps) =
-            wasm_memory_limit_bytes(&self.config, canister, &api_type);
         // As for other executions: no more instructions than the balance pays for.
         let affordable = canister
             .system_state
@@ -1176,22 +1168,17 @@ impl Scheduler {
             .get()
             .saturating_sub(self.config.update_message_execution_fee.get())
             / self.config.cycles_per_instruction.get().max(1);
-        let mut output = self.embedder.execute(WasmExecutionInput {
-            api_type,
-            entry_point: EntryPoint::Closure(cleanup),
+        let mut output = self.embedder.execute(crate::common::execution_input(
+            &self.config,
+            canister,
             execution_state,
-            system_state: view,
-            instruction_limit: self
-                .config
+            api_type,
+            EntryPoint::Closure(cleanup),
+            view,
+            self.config
                 .max_instructions_per_update
                 .min(u64::try_from(affordable).unwrap_or(u64::MAX)),
-            wasm_memory_limit_bytes: wasm_memory_limit,
-            wasm_memory_limit_traps,
-            stable_memory_limit_bytes: crate::common::stable_memory_limit_bytes(
-                &self.config,
-                canister,
-            ),
-        });
+        ));
         record_logs(state, id, std::mem::take(&mut output.debug_prints));
         let used = output.instructions_used;
         counters.instructions = counters.instructions.saturating_add(used);

@@ -11,10 +11,9 @@ use super::lifecycle::{self, WaitingCanisterCall, record_change};
 use super::{Context, Handled, controlled, existing};
 use crate::common::{
     EMPTY_CANDID_REPLY, check_can_pay, execution_error_to_user, execution_fee, system_state_view,
-    wasm_memory_limit_bytes,
 };
 use ic_management_canister_types as mct;
-use openic_embedders::{ApiType, EntryPoint, ExecutionError, WasmExecutionInput};
+use openic_embedders::{ApiType, EntryPoint, ExecutionError};
 use openic_replicated_state::{
     CallOrigin, CanisterState, ChangeDetails, ChangeOrigin, ExecutionState, ModuleInfo,
     ReplicatedState,
@@ -91,21 +90,18 @@ impl Installation<'_, '_> {
             self.canister.system_state.cycles_balance,
             false,
         );
-        let (wasm_memory_limit, wasm_memory_limit_traps) =
-            wasm_memory_limit_bytes(config, &self.canister, &api_type);
-        let output = self.context.embedder.execute(WasmExecutionInput {
-            api_type,
-            entry_point,
-            execution_state: &execution_state,
-            system_state: view,
-            instruction_limit: self.instructions_left,
-            wasm_memory_limit_bytes: wasm_memory_limit,
-            wasm_memory_limit_traps,
-            stable_memory_limit_bytes: crate::common::stable_memory_limit_bytes(
+        let output = self
+            .context
+            .embedder
+            .execute(crate::common::execution_input(
                 config,
                 &self.canister,
-            ),
-        });
+                &execution_state,
+                api_type,
+                entry_point,
+                view,
+                self.instructions_left,
+            ));
         self.instructions_left = self
             .instructions_left
             .saturating_sub(output.instructions_used);

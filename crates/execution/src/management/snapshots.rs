@@ -57,6 +57,26 @@ fn own_snapshot(
     }
 }
 
+/// The snapshot a new one replaces (`replace`, which must be the canister's), or `None` if the
+/// canister has room for one more; otherwise the IC's refusal.
+fn room_for_snapshot(
+    state: &ReplicatedState,
+    canister: CanisterId,
+    replace: Option<&[u8]>,
+) -> Result<Option<Arc<CanisterSnapshot>>, UserError> {
+    if let Some(old) = replace {
+        return own_snapshot(state, canister, old).map(Some);
+    }
+    if state.snapshots.count(&canister) >= MAX_SNAPSHOTS_PER_CANISTER {
+        return Err(ManagementError::TooManySnapshots {
+            canister: canister.get(),
+            max: MAX_SNAPSHOTS_PER_CANISTER,
+        }
+        .into());
+    }
+    Ok(None)
+}
+
 /// `take_canister_snapshot`: a controller saves the canister's module, memories, globals,
 /// certified data, timer and chunk store, optionally replacing one of its snapshots and then
 /// uninstalling its code.
@@ -67,17 +87,7 @@ pub(super) fn take(
     let args: mct::TakeCanisterSnapshotArgs = args::decode(context.method, context.payload)?;
     let id = CanisterId::unchecked_from_principal(args.canister_id);
     let canister = controlled(state, &id, &context.caller.principal())?;
-    let replaced = match &args.replace_snapshot {
-        Some(old) => Some(own_snapshot(state, id, old)?),
-        None => None,
-    };
-    if replaced.is_none() && state.snapshots.count(&id) >= MAX_SNAPSHOTS_PER_CANISTER {
-        return Err(ManagementError::TooManySnapshots {
-            canister: id.get(),
-            max: MAX_SNAPSHOTS_PER_CANISTER,
-        }
-        .into());
-    }
+    let replaced = room_for_snapshot(state, id, args.replace_snapshot.as_deref())?;
     let Some(execution_state) = canister.execution_state.clone() else {
         return Err(ManagementError::SnapshotOfEmptyCanister { canister: id.get() }.into());
     };
@@ -232,19 +242,7 @@ pub(super) fn list(
 ) -> Result<Handled, UserError> {
     let args: mct::ListCanisterSnapshotsArgs = args::decode(context.method, context.payload)?;
     let id = CanisterId::unchecked_from_principal(args.canister_id);
-    let canister = existing(state, &id)?;
-    let caller = context.caller.principal();
-    if !status::may_view(
-        &canister.system_state.settings.snapshot_visibility,
-        canister,
-        &caller,
-    ) {
-        return Err(ManagementError::SnapshotsNotVisible {
-            canister: id.get(),
-            caller,
-        }
-        .into());
-    }
+    check_snapshots_visible(context, state, id)?;
     let list: Vec<mct::Snapshot> = state
         .snapshots
         .of(&id)
@@ -277,20 +275,31 @@ fn visible_snapshot(
     snapshot_id: &[u8],
 ) -> Result<Arc<CanisterSnapshot>, UserError> {
     let id = CanisterId::unchecked_from_principal(*canister_id);
+    check_snapshots_visible(context, state, id)?;
+    own_snapshot(state, id, snapshot_id)
+}
+
+/// Whether the caller may see canister `id`'s snapshots (its `snapshot_visibility`).
+fn check_snapshots_visible(
+    context: &Context<'_>,
+    state: &ReplicatedState,
+    id: CanisterId,
+) -> Result<(), UserError> {
     let canister = existing(state, &id)?;
     let caller = context.caller.principal();
-    if !status::may_view(
+    if status::may_view(
         &canister.system_state.settings.snapshot_visibility,
         canister,
         &caller,
     ) {
-        return Err(ManagementError::SnapshotsNotVisible {
+        Ok(())
+    } else {
+        Err(ManagementError::SnapshotsNotVisible {
             canister: id.get(),
             caller,
         }
-        .into());
+        .into())
     }
-    own_snapshot(state, id, snapshot_id)
 }
 
 /// `read_canister_snapshot_metadata`: what a snapshot holds, for whoever may see the canister's
@@ -433,17 +442,7 @@ pub(super) fn upload_metadata(
         args::decode(context.method, context.payload)?;
     let id = CanisterId::unchecked_from_principal(args.canister_id);
     let canister = controlled(state, &id, &context.caller.principal())?;
-    let replaced = match &args.replace_snapshot {
-        Some(old) => Some(own_snapshot(state, id, old)?),
-        None => None,
-    };
-    if replaced.is_none() && state.snapshots.count(&id) >= MAX_SNAPSHOTS_PER_CANISTER {
-        return Err(ManagementError::TooManySnapshots {
-            canister: id.get(),
-            max: MAX_SNAPSHOTS_PER_CANISTER,
-        }
-        .into());
-    }
+    let replaced = room_for_snapshot(state, id, args.replace_snapshot.as_deref())?;
     let invalid = |reason: String| {
         UserError::from(ManagementError::InvalidArgument {
             method: context.method.to_string(),
