@@ -117,6 +117,15 @@ pub fn execution_fee(config: &ExecutionConfig, instructions: u64) -> Cycles {
     ))
 }
 
+/// The most instructions `cycles` pay for in one execution (the inverse of [`execution_fee`]).
+pub fn affordable_instructions(config: &ExecutionConfig, cycles: Cycles) -> u64 {
+    let instructions = cycles
+        .get()
+        .saturating_sub(config.update_message_execution_fee.get())
+        / config.cycles_per_instruction.get().max(1);
+    u64::try_from(instructions).unwrap_or(u64::MAX)
+}
+
 /// Fee of sending an inter-canister call with this method name and payload.
 pub fn call_fee(config: &ExecutionConfig, method_name: &str, payload_len: usize) -> Cycles {
     let bytes = (method_name.len() as u128).saturating_add(payload_len as u128);

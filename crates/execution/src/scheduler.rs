@@ -149,16 +149,11 @@ impl Scheduler {
             let cost = storage_cost(&self.config, bytes, elapsed).saturating_add(
                 crate::common::compute_allocation_cost(&self.config, canister, elapsed),
             );
-            let Some(canister) = state.canister_mut(&id) else {
-                continue;
-            };
-            let charged = cost.min(canister.system_state.cycles_balance);
-            canister.system_state.cycles_balance =
-                canister.system_state.cycles_balance.saturating_sub(charged);
-            canister.system_state.last_charged_time = now;
-            state.metadata.burn_cycles(charged);
+            state.burn_from_canister(&id, cost);
+            if let Some(canister) = state.canister_mut(&id) {
+                canister.system_state.last_charged_time = now;
+            }
         }
-        crate::management::uninstall_out_of_cycles(state);
     }
 
     fn induct_ingress(&self, state: &mut ReplicatedState, block: &Block) -> u64 {
@@ -815,12 +810,10 @@ impl Scheduler {
         // or cleanup of a canister whose balance ran low since it made the call) runs only the
         // instructions its prepayment covers, and fails with the instruction limit past them.
         let instruction_limit = if prepaid < prepay {
-            let per_instruction = self.config.cycles_per_instruction.get().max(1);
-            let affordable = prepaid
-                .get()
-                .saturating_sub(self.config.update_message_execution_fee.get())
-                / per_instruction;
-            instruction_limit.min(u64::try_from(affordable).unwrap_or(u64::MAX))
+            instruction_limit.min(crate::common::affordable_instructions(
+                &self.config,
+                prepaid,
+            ))
         } else {
             instruction_limit
         };
@@ -1162,12 +1155,10 @@ impl Scheduler {
             false,
         );
         // As for other executions: no more instructions than the balance pays for.
-        let affordable = canister
-            .system_state
-            .cycles_balance
-            .get()
-            .saturating_sub(self.config.update_message_execution_fee.get())
-            / self.config.cycles_per_instruction.get().max(1);
+        let affordable = crate::common::affordable_instructions(
+            &self.config,
+            canister.system_state.cycles_balance,
+        );
         let mut output = self.embedder.execute(crate::common::execution_input(
             &self.config,
             canister,
@@ -1175,9 +1166,7 @@ impl Scheduler {
             api_type,
             EntryPoint::Closure(cleanup),
             view,
-            self.config
-                .max_instructions_per_update
-                .min(u64::try_from(affordable).unwrap_or(u64::MAX)),
+            self.config.max_instructions_per_update.min(affordable),
         ));
         record_logs(state, id, std::mem::take(&mut output.debug_prints));
         let used = output.instructions_used;
@@ -1242,6 +1231,7 @@ impl BlockExecutor for Scheduler {
         let now = state.metadata.time;
         self.prune_ingress_history(state, now);
         self.charge_storage(state, now);
+        crate::management::uninstall_out_of_cycles(state);
         expire_callbacks(state, now);
         let ingress_inducted = self.induct_ingress(state, block);
         let mut counters = RoundCounters::default();

@@ -435,6 +435,17 @@ pub enum GlobalValue {
     V128(u128),
 }
 
+impl GlobalValue {
+    /// Bytes the value takes (what memory metrics count for it).
+    pub fn size_bytes(&self) -> u64 {
+        match self {
+            GlobalValue::I32(_) | GlobalValue::F32(_) => 4,
+            GlobalValue::I64(_) | GlobalValue::F64(_) => 8,
+            GlobalValue::V128(_) => 16,
+        }
+    }
+}
+
 /// The wasm side of an installed canister.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecutionState {

@@ -123,12 +123,12 @@ impl CanisterLog {
         let idx = self.next_idx;
         self.next_idx = self.next_idx.saturating_add(1);
         let capacity = log_capacity(log_memory_limit);
-        let max_content = capacity
-            .min(MAX_LOG_RECORD_BYTES)
-            .saturating_sub(LOG_RECORD_OVERHEAD_BYTES);
         if capacity == 0 {
             return;
         }
+        let max_content = capacity
+            .min(MAX_LOG_RECORD_BYTES)
+            .saturating_sub(LOG_RECORD_OVERHEAD_BYTES);
         content.truncate(max_content as usize);
         let record = LogRecord {
             idx,

@@ -60,15 +60,7 @@ impl CanisterSnapshot {
     /// globals, certified data and chunk store.
     pub fn size(&self) -> u64 {
         let execution = &self.execution_state;
-        let globals: u64 = execution
-            .globals
-            .iter()
-            .map(|global| match global {
-                GlobalValue::I32(_) | GlobalValue::F32(_) => 4,
-                GlobalValue::I64(_) | GlobalValue::F64(_) => 8,
-                GlobalValue::V128(_) => 16,
-            })
-            .sum();
+        let globals: u64 = execution.globals.iter().map(GlobalValue::size_bytes).sum();
         let chunks: u64 = self
             .wasm_chunk_store
             .values()

@@ -139,6 +139,19 @@ impl ReplicatedState {
             .insert(canister.canister_id(), Arc::new(canister));
     }
 
+    /// Takes up to `cycles` from canister `id`'s balance (what it has, if less) and burns them;
+    /// returns what was taken.
+    pub fn burn_from_canister(&mut self, id: &CanisterId, cycles: Cycles) -> Cycles {
+        let Some(canister) = self.canister_mut(id) else {
+            return Cycles::ZERO;
+        };
+        let taken = cycles.min(canister.system_state.cycles_balance);
+        canister.system_state.cycles_balance =
+            canister.system_state.cycles_balance.saturating_sub(taken);
+        self.metadata.burn_cycles(taken);
+        taken
+    }
+
     /// Appends records to a canister's log, stamped with this state's block time and kept within
     /// its `log_memory_limit`. Does nothing for a canister that does not exist.
     pub fn append_log(&mut self, id: CanisterId, lines: impl IntoIterator<Item = Vec<u8>>) {

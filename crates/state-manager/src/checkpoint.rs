@@ -861,33 +861,28 @@ struct StateV3 {
 /// Decodes a state file of a supported format version (the caller checked the version). Older
 /// versions load with the fields they did not have empty.
 fn decode_state(format_version: u32, bytes: &[u8]) -> Result<ReplicatedState, postcard::Error> {
-    if format_version == 3 {
-        let v3: StateV3 = postcard::from_bytes(bytes)?;
-        return Ok(ReplicatedState {
-            metadata: v3.metadata,
-            canisters: v3.canisters,
-            ingress_history: v3.ingress_history,
-            subnet_queue: v3.subnet_queue,
-            deleted_canisters: v3.deleted_canisters,
-            raw_rand_requests: v3.raw_rand_requests,
-            canister_logs: v3.canister_logs,
-            snapshots: Arc::default(),
-            round_robin_cursor: None,
-        });
-    }
+    // Each older layout is lifted to the next one (the added fields empty), up to version 3.
+    let v2 = |v1: StateV1| StateV2 {
+        metadata: v1.metadata,
+        canisters: v1.canisters,
+        ingress_history: v1.ingress_history,
+        subnet_queue: v1.subnet_queue,
+        deleted_canisters: v1.deleted_canisters,
+        raw_rand_requests: VecDeque::new(),
+    };
+    let v3 = |v2: StateV2| StateV3 {
+        metadata: v2.metadata,
+        canisters: v2.canisters,
+        ingress_history: v2.ingress_history,
+        subnet_queue: v2.subnet_queue,
+        deleted_canisters: v2.deleted_canisters,
+        raw_rand_requests: v2.raw_rand_requests,
+        canister_logs: BTreeMap::new(),
+    };
     let old = match format_version {
-        1 => {
-            let v1: StateV1 = postcard::from_bytes(bytes)?;
-            StateV2 {
-                metadata: v1.metadata,
-                canisters: v1.canisters,
-                ingress_history: v1.ingress_history,
-                subnet_queue: v1.subnet_queue,
-                deleted_canisters: v1.deleted_canisters,
-                raw_rand_requests: VecDeque::new(),
-            }
-        }
-        2 => postcard::from_bytes(bytes)?,
+        1 => v3(v2(postcard::from_bytes(bytes)?)),
+        2 => v3(postcard::from_bytes(bytes)?),
+        3 => postcard::from_bytes(bytes)?,
         _ => return postcard::from_bytes(bytes),
     };
     Ok(ReplicatedState {
@@ -897,7 +892,7 @@ fn decode_state(format_version: u32, bytes: &[u8]) -> Result<ReplicatedState, po
         subnet_queue: old.subnet_queue,
         deleted_canisters: old.deleted_canisters,
         raw_rand_requests: old.raw_rand_requests,
-        canister_logs: BTreeMap::new(),
+        canister_logs: old.canister_logs,
         snapshots: Arc::default(),
         round_robin_cursor: None,
     })

@@ -35,7 +35,7 @@ const CANISTER_INIT: &str = "canister_init";
 const CANISTER_PRE_UPGRADE: &str = "canister_pre_upgrade";
 const CANISTER_POST_UPGRADE: &str = "canister_post_upgrade";
 
-fn hex(bytes: &[u8]) -> String {
+pub(super) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -198,13 +198,7 @@ fn install(
         &mut meter,
     );
     if let Some(instructions) = meter.instructions {
-        let fee = execution_fee(context.config, instructions);
-        if let Some(canister) = state.canister_mut(&id) {
-            let charged = fee.min(canister.system_state.cycles_balance);
-            canister.system_state.cycles_balance =
-                canister.system_state.cycles_balance.saturating_sub(charged);
-            state.metadata.burn_cycles(charged);
-        }
+        state.burn_from_canister(&id, execution_fee(context.config, instructions));
     }
     if result.is_ok() && purges_log {
         state.clear_log(&id);

@@ -7,7 +7,7 @@
 
 use super::args;
 use super::errors::ManagementError;
-use super::install::{Uninstall, uninstall};
+use super::install::{Uninstall, hex, uninstall};
 use super::lifecycle::record_change;
 use super::{Context, Handled, controlled, existing, status};
 use ic_management_canister_types as mct;
@@ -21,10 +21,6 @@ use std::sync::Arc;
 /// Largest snapshot openic keeps: snapshots are written whole into each checkpoint's state file
 /// (not yet as incremental page files, as canisters' memories are), so their size is bounded.
 pub(super) const MAX_SNAPSHOT_BYTES: u64 = 1 << 30;
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 fn snapshot_record(snapshot: &CanisterSnapshot) -> mct::Snapshot {
     mct::Snapshot {

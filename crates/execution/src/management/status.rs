@@ -42,14 +42,6 @@ fn nat(value: impl Into<u128>) -> Nat {
     Nat::from(value.into())
 }
 
-fn global_bytes(global: &GlobalValue) -> u64 {
-    match global {
-        GlobalValue::I32(_) | GlobalValue::F32(_) => 4,
-        GlobalValue::I64(_) | GlobalValue::F64(_) => 8,
-        GlobalValue::V128(_) => 16,
-    }
-}
-
 fn memory_metrics(
     canister: &CanisterState,
     log_bytes: u64,
@@ -68,7 +60,7 @@ fn memory_metrics(
                 execution_state
                     .globals
                     .iter()
-                    .map(global_bytes)
+                    .map(GlobalValue::size_bytes)
                     .sum::<u64>(),
                 execution_state.wasm_binary.bytes.len() as u64,
                 execution_state.module_info.custom_sections_size,
