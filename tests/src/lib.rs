@@ -444,13 +444,22 @@ impl OpenicProcess {
     /// If the binary cannot be started, exits early, or does not become ready in time; the message includes
     /// the process's output.
     pub fn start(state_dir: &Path) -> OpenicProcess {
-        let arguments = [
+        OpenicProcess::start_with(state_dir, &[])
+    }
+
+    /// As [`OpenicProcess::start`], with `extra` arguments after `openic start`'s own.
+    ///
+    /// # Panics
+    /// As [`OpenicProcess::start`].
+    pub fn start_with(state_dir: &Path, extra: &[&str]) -> OpenicProcess {
+        let mut arguments: Vec<OsString> = vec![
             "start".into(),
             "--state-dir".into(),
             state_dir.into(),
             "--port".into(),
             "0".into(),
         ];
+        arguments.extend(extra.iter().map(OsString::from));
         OpenicProcess::launch(
             &arguments,
             1,

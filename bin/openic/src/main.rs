@@ -29,6 +29,51 @@ struct Cli {
     command: Command,
 }
 
+/// Caps on the HTTP server's connections and on the memory of queries.
+#[derive(clap::Args, Clone, Copy, Debug)]
+struct ResourceArgs {
+    /// Most HTTP connections open at once (default: what the open-file limit leaves, at most
+    /// 10000; the node raises its soft limit to the hard one at start). Idle connections are shed
+    /// first when the cap is reached.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: Option<u64>,
+    /// Most HTTP connections open at once from one client address (an IPv6 /64 counts as one;
+    /// default: a quarter of --max-connections).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections_per_ip: Option<u64>,
+    /// MiB of memory that queries, composite queries and inspect_message may touch together
+    /// (heap copied in and grown, stable memory written); an execution that finds no room waits
+    /// up to 2 s, then is rejected as transient (default: a quarter of the machine's memory, at
+    /// least 512).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(16..))]
+    query_memory_mib: Option<u64>,
+}
+
+impl ResourceArgs {
+    fn apply(self, config: &mut openic_node::NodeConfig) {
+        let to_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        config.http.connections.max_connections = self.max_connections.map(to_usize);
+        config.http.connections.max_connections_per_ip = self.max_connections_per_ip.map(to_usize);
+        config.query_memory_budget_bytes =
+            self.query_memory_mib.map(|mib| mib.saturating_mul(1 << 20));
+    }
+
+    /// The same flags, for a child process.
+    fn to_args(self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(n) = self.max_connections {
+            args.extend(["--max-connections".to_string(), n.to_string()]);
+        }
+        if let Some(n) = self.max_connections_per_ip {
+            args.extend(["--max-connections-per-ip".to_string(), n.to_string()]);
+        }
+        if let Some(n) = self.query_memory_mib {
+            args.extend(["--query-memory-mib".to_string(), n.to_string()]);
+        }
+        args
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Start a local one-node network that serves canisters. Prints `url:` and `root_key:` once ready.
@@ -50,6 +95,8 @@ enum Command {
         /// First p2p port of a multi-replica local subnet.
         #[arg(long, default_value_t = 8100)]
         p2p_port: u16,
+        #[command(flatten)]
+        resources: ResourceArgs,
     },
     /// Create (or show) a node identity: the Ed25519 key that names a replica to its peers and
     /// signs its query replies. Prints the public key to put in the genesis file.
@@ -99,6 +146,8 @@ enum Command {
         /// Threads that run p2p and consensus (HTTP and execution have their own).
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
         consensus_threads: u16,
+        #[command(flatten)]
+        resources: ResourceArgs,
     },
     /// Create a canister (unless --canister is given) and install a wasm module (plain or gzip) in it.
     Deploy {
@@ -185,15 +234,17 @@ fn run(cli: Cli) -> Result<()> {
                 port,
                 bind,
                 replicas: 1,
+                resources,
                 ..
-            } => start(state_dir, SocketAddr::new(bind, port)).await,
+            } => start(state_dir, SocketAddr::new(bind, port), resources).await,
             Command::Start {
                 state_dir,
                 port,
                 bind,
                 replicas,
                 p2p_port,
-            } => start_local_subnet(state_dir, bind, port, p2p_port, replicas).await,
+                resources,
+            } => start_local_subnet(state_dir, bind, port, p2p_port, replicas, resources).await,
             Command::Identity { identity } => show_identity(&identity),
             Command::Genesis {
                 members,
@@ -209,17 +260,20 @@ fn run(cli: Cli) -> Result<()> {
                 p2p_listen,
                 exit_with_parent,
                 consensus_threads,
+                resources,
             } => {
-                replica(
+                init_logging();
+                let mut node = openic_node::NodeConfig::new(state_dir);
+                node.listen_addr = SocketAddr::new(bind, port);
+                resources.apply(&mut node);
+                let config = openic_node::ReplicaConfig {
+                    node,
                     identity,
-                    &genesis,
-                    state_dir,
-                    SocketAddr::new(bind, port),
+                    genesis: openic_node::genesis::Genesis::load(&genesis)?,
                     p2p_listen,
-                    exit_with_parent,
-                    usize::from(consensus_threads),
-                )
-                .await
+                    consensus_threads: usize::from(consensus_threads),
+                };
+                replica(config, exit_with_parent).await
             }
             Command::Deploy {
                 wasm,
@@ -255,10 +309,11 @@ fn run(cli: Cli) -> Result<()> {
     })
 }
 
-async fn start(state_dir: PathBuf, listen_addr: SocketAddr) -> Result<()> {
+async fn start(state_dir: PathBuf, listen_addr: SocketAddr, resources: ResourceArgs) -> Result<()> {
     init_logging();
     let mut config = openic_node::NodeConfig::new(state_dir.clone());
     config.listen_addr = listen_addr;
+    resources.apply(&mut config);
     let node = openic_node::start(config)
         .await
         .with_context(|| format!("starting openic with state in {}", state_dir.display()))?;
@@ -332,28 +387,11 @@ fn write_genesis(members: &[String], out: &Path, catch_up_interval: u64) -> Resu
     Ok(())
 }
 
-async fn replica(
-    identity: PathBuf,
-    genesis: &Path,
-    state_dir: PathBuf,
-    listen_addr: SocketAddr,
-    p2p_listen: Option<SocketAddr>,
-    exit_with_parent: bool,
-    consensus_threads: usize,
-) -> Result<()> {
-    init_logging();
-    let genesis = openic_node::genesis::Genesis::load(genesis)?;
-    let mut node = openic_node::NodeConfig::new(state_dir.clone());
-    node.listen_addr = listen_addr;
-    let replica = openic_node::start_replica(openic_node::ReplicaConfig {
-        node,
-        identity,
-        genesis,
-        p2p_listen,
-        consensus_threads,
-    })
-    .await
-    .with_context(|| format!("starting a replica with state in {}", state_dir.display()))?;
+async fn replica(config: openic_node::ReplicaConfig, exit_with_parent: bool) -> Result<()> {
+    let state_dir = config.node.state_dir.clone();
+    let replica = openic_node::start_replica(config)
+        .await
+        .with_context(|| format!("starting a replica with state in {}", state_dir.display()))?;
     println!("url: {}", replica.url());
     println!("root_key: {}", hex::encode(replica.root_key_der()));
     if exit_with_parent {
@@ -377,6 +415,7 @@ async fn start_local_subnet(
     port: u16,
     p2p_port: u16,
     replicas: u16,
+    resources: ResourceArgs,
 ) -> Result<()> {
     use tokio::io::AsyncBufReadExt as _;
     std::fs::create_dir_all(&state_dir)
@@ -434,6 +473,7 @@ async fn start_local_subnet(
             .arg("--port")
             .arg(http_port.to_string())
             .arg("--exit-with-parent")
+            .args(resources.to_args())
             // Held open by this process: when it dies, however it dies, the replica sees the end
             // of its input and shuts down.
             .stdin(std::process::Stdio::piped())

@@ -254,6 +254,10 @@ pub enum ExecutionError {
     /// The heap or stable memory could not grow further (limit reached).
     #[error("Canister exceeded its allowed memory: {0}")]
     OutOfMemory(String),
+    /// A non-replicated execution needed more memory than the node's [`MemoryBudget`] had free
+    /// (the node is busy, not the canister at fault: retry later).
+    #[error("{0}")]
+    NodeMemoryBusy(String),
     /// The export does not exist: `<kind> method '<name>'.` (see [`ExecutionError::no_export`]).
     #[error("Canister has no {0}")]
     MethodNotFound(String),
@@ -313,7 +317,9 @@ impl ExecutionError {
                 "wasm-memory-limit-exceeded",
             ),
             ExecutionError::ContractViolation(_) => Some(TOOLCHAIN_HELP.to_string()),
-            ExecutionError::OutOfMemory(_) | ExecutionError::Instantiation(_) => None,
+            ExecutionError::OutOfMemory(_)
+            | ExecutionError::Instantiation(_)
+            | ExecutionError::NodeMemoryBusy(_) => None,
         }
     }
 }
@@ -339,6 +345,29 @@ pub struct WasmExecutionInput<'a> {
     pub wasm_memory_limit_traps: bool,
     /// Maximum stable memory size in bytes.
     pub stable_memory_limit_bytes: u64,
+    /// For non-replicated executions (queries, `canister_inspect_message`): the node-wide budget
+    /// the memory this execution may touch is reserved from (see Note [memory budget]). Always
+    /// `None` for replicated executions, whose memory is bounded by deterministic limits: a
+    /// node-local budget must never change a replicated result.
+    pub memory_budget: Option<std::sync::Arc<dyn MemoryBudget>>,
+}
+
+// Note [memory budget]: one canister's query may grow its heap by gigabytes within its instruction
+// limit, and the node runs several at once, so non-replicated executions reserve the memory they
+// touch from a node-wide budget before touching it: the heap image copied in when the instance is
+// created, every `memory.grow`, and every page written to stable memory (at most the stable
+// memory's size). The reservation is released when the execution ends. When the budget has no
+// room (after the budget's own bounded wait for other executions to finish), the execution stops
+// with `ExecutionError::NodeMemoryBusy`, which users see as a transient rejection to retry, never
+// as the canister's fault, and never as the kernel's OOM killer ending the node.
+
+/// Node-wide memory that non-replicated executions reserve (see Note [memory budget]). The node
+/// implements it (with its waiting policy); the embedder only reserves and releases.
+pub trait MemoryBudget: Send + Sync + std::fmt::Debug {
+    /// Reserves `bytes` more, or says (in words for the user) why the node cannot give them.
+    fn reserve(&self, bytes: u64) -> Result<(), String>;
+    /// Returns `bytes` reserved earlier.
+    fn release(&self, bytes: u64);
 }
 
 /// The canister's wasm state after a successful execution.
@@ -404,4 +433,11 @@ pub trait Embedder: Send + Sync {
 
     /// Runs one entry point. Deterministic; never panics on anything the canister does.
     fn execute(&self, input: WasmExecutionInput<'_>) -> WasmExecutionOutput;
+
+    /// Gives back to the kernel the memory kept warm for executions that has stayed unused since
+    /// the previous call; returns the bytes given back. The node calls it periodically. An
+    /// embedder that keeps no memory between executions has nothing to give back.
+    fn release_idle_memory(&self) -> u64 {
+        0
+    }
 }

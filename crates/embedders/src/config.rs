@@ -86,6 +86,14 @@ pub enum EmbedderError {
 
 /// Builds the process-wide deterministic engine. See Note [deterministic engine].
 pub fn build_engine(config: &EmbedderConfig) -> Result<Engine, EmbedderError> {
+    build_engine_with(config, RecyclingMemoryCreator::new())
+}
+
+/// [`build_engine`] with the given memory creator (the embedder keeps a handle to its pool).
+pub(crate) fn build_engine_with(
+    config: &EmbedderConfig,
+    memories: RecyclingMemoryCreator,
+) -> Result<Engine, EmbedderError> {
     if config.compiled_module_cache_entries == 0 {
         return Err(EmbedderError::Config(
             "compiled_module_cache_entries must be at least 1".to_string(),
@@ -111,7 +119,7 @@ pub fn build_engine(config: &EmbedderConfig) -> Result<Engine, EmbedderError> {
         .max_wasm_stack(config.max_wasm_stack_bytes)
         // Linear memories come from a pool of recycled reservations instead of a fresh mapping
         // per execution: see Note [recycled linear memories] in `memory_pool`.
-        .with_host_memory(Arc::new(RecyclingMemoryCreator::new()));
+        .with_host_memory(Arc::new(memories));
     Engine::new(&wasm).map_err(|e| EmbedderError::Engine(format!("{e:#}")))
 }
 

@@ -12,14 +12,14 @@ use crate::api::{
 };
 use crate::config::{
     DATA_SEGMENT_INSTRUCTION_LIMIT, EmbedderConfig, EmbedderError, MAX_WASM32_MEMORY_BYTES,
-    WASM_PAGE_BYTES, build_engine,
+    WASM_PAGE_BYTES, build_engine_with,
 };
 use crate::imports::Context;
 use crate::instrumentation::{
     INIT_DATA_EXPORT, MEMORY_EXPORT, START_EXPORT, TABLE_EXPORT, global_export, instrument,
 };
-use crate::linker::{GrowthLimits, HostError, StoreData, build_linker};
-use crate::memory_pool::{create_unzeroed, zero_heap_range};
+use crate::linker::{GrowthLimits, HostError, MemoryLease, StoreData, build_linker};
+use crate::memory_pool::{RecyclingMemoryCreator, create_unzeroed, zero_heap_range};
 use crate::system_api::SystemApi;
 use crate::validation::{decode, validate};
 use openic_replicated_state::{
@@ -84,6 +84,8 @@ pub struct WasmtimeEmbedder {
     linker32: Linker<StoreData>,
     linker64: Linker<StoreData>,
     cache: Mutex<ModuleCache>,
+    /// The engine's pool of linear memories.
+    memories: RecyclingMemoryCreator,
 }
 
 impl std::fmt::Debug for WasmtimeEmbedder {
@@ -199,7 +201,8 @@ fn update_page_map(map: &mut PageMap, heap: &[u8]) {
 impl WasmtimeEmbedder {
     /// Builds the engine and the two linkers. Fails only if wasmtime refuses the configuration.
     pub fn new(config: EmbedderConfig) -> Result<Self, EmbedderError> {
-        let engine = build_engine(&config)?;
+        let memories = RecyclingMemoryCreator::new();
+        let engine = build_engine_with(&config, memories.clone())?;
         let linker32 = build_linker::<i32>(&engine, true)
             .map_err(|e| EmbedderError::Linker(format!("{e:#}")))?;
         let linker64 = build_linker::<i64>(&engine, false)
@@ -215,6 +218,7 @@ impl WasmtimeEmbedder {
             linker32,
             linker64,
             cache,
+            memories,
         })
     }
 
@@ -288,6 +292,7 @@ impl WasmtimeEmbedder {
         memory_limit_bytes: u64,
         instruction_limit: u64,
         unzeroed_heap_bytes: Option<u64>,
+        lease: Option<MemoryLease>,
     ) -> Result<(Store<StoreData>, wasmtime::Instance, usize), ExecutionError> {
         let mut store = Store::new(
             &self.engine,
@@ -297,6 +302,7 @@ impl WasmtimeEmbedder {
                 limits: GrowthLimits {
                     memory_bytes: memory_limit_bytes,
                     trap_at_setting: None,
+                    lease,
                 },
                 instruction_limit,
             },
@@ -530,8 +536,23 @@ impl WasmtimeEmbedder {
             memory_limit.max(state.wasm_memory_size_pages.saturating_mul(WASM_PAGE_BYTES));
         let limit = input.instruction_limit;
         let heap_bytes = state.wasm_memory_size_pages.saturating_mul(WASM_PAGE_BYTES);
-        let (mut store, instance, stale_bytes) =
-            self.instantiate(&compiled, Some(api), memory_limit, limit, Some(heap_bytes))?;
+        // Under a memory budget, the heap image copied in is reserved before it is touched.
+        let lease = match input.memory_budget {
+            Some(budget) => {
+                let mut lease = MemoryLease::new(budget);
+                lease.cover_heap(heap_bytes)?;
+                Some(lease)
+            }
+            None => None,
+        };
+        let (mut store, instance, stale_bytes) = self.instantiate(
+            &compiled,
+            Some(api),
+            memory_limit,
+            limit,
+            Some(heap_bytes),
+            lease,
+        )?;
         // The setting traps where it applies (and where it, not the platform, is the bound).
         if input.wasm_memory_limit_traps && memory_limit == input.wasm_memory_limit_bytes {
             store.data_mut().limits.trap_at_setting = Some(input.wasm_memory_limit_bytes);
@@ -644,6 +665,7 @@ impl Embedder for WasmtimeEmbedder {
                 MAX_WASM32_MEMORY_BYTES,
                 DATA_SEGMENT_INSTRUCTION_LIMIT,
                 None,
+                None,
             )
             .map_err(failed)?;
         let init = instance
@@ -675,6 +697,10 @@ impl Embedder for WasmtimeEmbedder {
             stable_memory_size_pages: 0,
             globals,
         })
+    }
+
+    fn release_idle_memory(&self) -> u64 {
+        self.memories.release_idle() as u64
     }
 
     fn execute(&self, input: WasmExecutionInput<'_>) -> WasmExecutionOutput {
@@ -750,6 +776,7 @@ mod tests {
                     limits: GrowthLimits {
                         memory_bytes: 0,
                         trap_at_setting: None,
+                        lease: None,
                     },
                     instruction_limit: 0,
                 },

@@ -5,14 +5,15 @@
 //! context (trapping with a contract violation outside it), runs the semantics in
 //! [`SystemApi`], then charges one instruction per byte it copied.
 
-use crate::api::ExecutionError;
-use crate::config::MAX_TABLE_ELEMENTS;
+use crate::api::{ExecutionError, MemoryBudget};
+use crate::config::{MAX_TABLE_ELEMENTS, WASM_PAGE_BYTES};
 use crate::imports::mask;
 use crate::system_api::{
     MAX_LEGACY_STABLE_PAGES, SYSTEM_API_CALL_INSTRUCTIONS, SystemApi, amount_128,
 };
 use openic_replicated_state::WasmClosure;
 use openic_types::chain_keys::ChainKeyAlgorithm;
+use std::sync::Arc;
 use wasmtime::{Caller, Engine, Linker, Memory, ResourceLimiter, WasmTy};
 
 /// Per-store data: the System API state and what the host functions need to reach the heap.
@@ -34,6 +35,83 @@ pub(crate) struct GrowthLimits {
     /// `Some(setting)` when `memory_bytes` is the canister's `wasm_memory_limit` where the spec
     /// enforces it: growing past it traps instead of failing.
     pub trap_at_setting: Option<u64>,
+    /// The memory a non-replicated execution reserved from the node's budget (Note [memory
+    /// budget] in `api`); `None` for replicated executions.
+    pub lease: Option<MemoryLease>,
+}
+
+/// Stable memory is written in pages of this size: a write dirties every page it overlaps.
+const STABLE_PAGE_BYTES: u64 = 4096;
+
+/// What one execution reserved from a [`MemoryBudget`], released when dropped.
+#[derive(Debug)]
+pub(crate) struct MemoryLease {
+    budget: Arc<dyn MemoryBudget>,
+    held: u64,
+    /// The heap size covered.
+    heap: u64,
+    /// Stable memory bytes covered (pages written, counted once per write).
+    stable: u64,
+}
+
+impl MemoryLease {
+    pub(crate) fn new(budget: Arc<dyn MemoryBudget>) -> MemoryLease {
+        MemoryLease {
+            budget,
+            held: 0,
+            heap: 0,
+            stable: 0,
+        }
+    }
+
+    fn reserve(&mut self, bytes: u64) -> Result<(), ExecutionError> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.budget
+            .reserve(bytes)
+            .map_err(ExecutionError::NodeMemoryBusy)?;
+        self.held += bytes;
+        Ok(())
+    }
+
+    /// Covers a heap of `bytes` (the heap only grows within an execution).
+    pub(crate) fn cover_heap(&mut self, bytes: u64) -> Result<(), ExecutionError> {
+        if bytes > self.heap {
+            self.reserve(bytes - self.heap)?;
+            self.heap = bytes;
+        }
+        Ok(())
+    }
+
+    /// Covers a write of `size` bytes to a stable memory of `stable_bytes`: the pages it may
+    /// dirty, never more than the whole stable memory in total.
+    pub(crate) fn cover_stable_write(
+        &mut self,
+        size: u64,
+        stable_bytes: u64,
+    ) -> Result<(), ExecutionError> {
+        if size == 0 {
+            return Ok(());
+        }
+        // An unaligned write touches one more page than its length fills.
+        let pages = size.div_ceil(STABLE_PAGE_BYTES).saturating_add(1);
+        let covered = self
+            .stable
+            .saturating_add(pages.saturating_mul(STABLE_PAGE_BYTES))
+            .min(stable_bytes.max(self.stable));
+        if covered > self.stable {
+            self.reserve(covered - self.stable)?;
+            self.stable = covered;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MemoryLease {
+    fn drop(&mut self) {
+        self.budget.release(self.held);
+    }
 }
 
 impl ResourceLimiter for GrowthLimits {
@@ -45,6 +123,9 @@ impl ResourceLimiter for GrowthLimits {
     ) -> wasmtime::Result<bool> {
         let desired = desired as u64;
         if desired <= self.memory_bytes {
+            if let Some(lease) = &mut self.lease {
+                lease.cover_heap(desired).map_err(HostError)?;
+            }
             return Ok(true);
         }
         match self.trap_at_setting {
@@ -100,6 +181,20 @@ impl Address for i64 {
 
 fn host(error: ExecutionError) -> wasmtime::Error {
     wasmtime::Error::new(HostError(error))
+}
+
+/// Reserves the stable memory pages a write of `size` bytes may dirty, for an execution under a
+/// memory budget (before the write is checked: a write out of bounds traps right after).
+fn cover_stable_write(caller: &mut Caller<'_, StoreData>, size: u64) -> wasmtime::Result<()> {
+    let data = caller.data_mut();
+    let stable_bytes = data
+        .api
+        .as_ref()
+        .map_or(0, |api| api.stable_size().saturating_mul(WASM_PAGE_BYTES));
+    if let Some(lease) = &mut data.limits.lease {
+        lease.cover_stable_write(size, stable_bytes).map_err(host)?;
+    }
+    Ok(())
 }
 
 /// Runs one System API function: charges, checks the context, runs `body` on the state and heap.
@@ -439,6 +534,7 @@ pub(crate) fn build_linker<A: Address>(
         m,
         "stable64_write",
         |mut c: C<'_>, offset: i64, src: i64, size: i64| {
+            cover_stable_write(&mut c, size as u64)?;
             api_call(
                 &mut c,
                 "stable64_write",
@@ -756,6 +852,7 @@ fn define_legacy(l: &mut Linker<StoreData>) -> wasmtime::Result<()> {
         m,
         "stable_write",
         |mut c: C<'_>, offset: i32, src: i32, size: i32| {
+            cover_stable_write(&mut c, size as u32 as u64)?;
             api_call(&mut c, "stable_write", mask::ANY_AND_START, |api, heap| {
                 api.stable_write(
                     heap,

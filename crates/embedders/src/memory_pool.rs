@@ -32,6 +32,7 @@
 
 use rustix::mm::{Advice, MapFlags, MprotectFlags, ProtFlags};
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use wasmtime::{LinearMemory, MemoryCreator, MemoryType};
 
@@ -59,6 +60,8 @@ struct Region {
     accessible: usize,
     /// Bytes at or past this offset are zero.
     dirty: usize,
+    /// The pool's generation when the region was last given back (see [`RecyclingMemoryCreator::release_idle`]).
+    released_in: u64,
 }
 
 // SAFETY: a region is a private anonymous mapping owned by exactly one `Region` value; moving
@@ -92,7 +95,26 @@ impl Region {
             guard,
             accessible: 0,
             dirty: 0,
+            released_in: 0,
         })
+    }
+
+    /// Hands every dirty page of an idle region back to the kernel (they read as zeros after);
+    /// returns the bytes discarded, or `None` if the kernel refused (the region must then not be
+    /// reused).
+    fn discard_dirty(&mut self) -> Option<usize> {
+        let dirty = self.dirty;
+        if dirty == 0 {
+            return Some(0);
+        }
+        // SAFETY: `0..dirty` lies inside this region's mapping, and the region is idle (owned by
+        // the pool, used by no instance); MADV_DONTNEED on a private anonymous mapping makes the
+        // pages read as zeros, which keeps the invariant with `dirty = 0`.
+        let discarded =
+            unsafe { rustix::mm::madvise(self.base.cast(), dirty, Advice::LinuxDontNeed) };
+        discarded.ok()?;
+        self.dirty = 0;
+        Some(dirty)
     }
 
     /// Makes exactly the first `len` bytes accessible (`len <= capacity`, a multiple of the OS
@@ -174,6 +196,8 @@ impl Drop for Region {
 #[derive(Debug)]
 struct Pool {
     idle: Mutex<Vec<Region>>,
+    /// Advanced by every [`RecyclingMemoryCreator::release_idle`].
+    generation: AtomicU64,
 }
 
 impl Pool {
@@ -189,6 +213,7 @@ impl Pool {
         if !region.release() {
             return;
         }
+        region.released_in = self.generation.load(Ordering::Relaxed);
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MAX_IDLE_REGIONS {
             idle.push(region);
@@ -208,8 +233,32 @@ impl RecyclingMemoryCreator {
         RecyclingMemoryCreator {
             pool: Arc::new(Pool {
                 idle: Mutex::new(Vec::new()),
+                generation: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Returns to the kernel the pages kept resident by reservations that stayed idle since the
+    /// previous call (up to [`KEEP_RESIDENT_BYTES`] each), so memory goes back once executions
+    /// stop while a busy node keeps reusing warm regions. The node calls it periodically.
+    /// Returns the bytes discarded.
+    pub fn release_idle(&self) -> usize {
+        let previous = self.pool.generation.fetch_add(1, Ordering::Relaxed);
+        let mut idle = self.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut discarded = 0;
+        idle.retain_mut(|region| {
+            if region.released_in >= previous {
+                return true;
+            }
+            match region.discard_dirty() {
+                Some(bytes) => {
+                    discarded += bytes;
+                    true
+                }
+                None => false,
+            }
+        });
+        discarded
     }
 
     /// Number of idle reservations (for tests).
@@ -464,6 +513,23 @@ mod tests {
             bytes(&mut *second).iter().all(|b| *b == 0),
             "pages past the resident part read as zeros too"
         );
+    }
+
+    #[test]
+    fn idle_regions_give_their_resident_pages_back_after_one_period() {
+        let creator = RecyclingMemoryCreator::new();
+        let mut memory = new(&creator, 2 * 65536);
+        bytes(&mut *memory).fill(3);
+        drop(memory);
+        // Given back in this period: kept warm.
+        assert_eq!(creator.release_idle(), 0);
+        // Still idle a period later: its dirty pages go back to the kernel.
+        assert_eq!(creator.release_idle(), 2 * 65536);
+        assert_eq!(creator.release_idle(), 0, "nothing left to discard");
+        assert_eq!(creator.idle(), 1, "the reservation itself stays pooled");
+        let (mut reused, stale) = create_unzeroed(2 * 65536, || new(&creator, 65536));
+        assert_eq!(stale, 0, "a discarded region holds no stale bytes");
+        assert!(bytes(&mut *reused).iter().all(|b| *b == 0));
     }
 
     #[test]

@@ -8,8 +8,8 @@
 
 use candid::Principal;
 use openic_embedders::{
-    ApiType, Embedder, EmbedderConfig, EntryPoint, ExecutionError, InvalidWasm, SystemStateView,
-    WasmExecutionInput, WasmExecutionOutput, WasmResponse, WasmtimeEmbedder,
+    ApiType, Embedder, EmbedderConfig, EntryPoint, ExecutionError, InvalidWasm, MemoryBudget,
+    SystemStateView, WasmExecutionInput, WasmExecutionOutput, WasmResponse, WasmtimeEmbedder,
 };
 use openic_replicated_state::{ExecutionState, GlobalValue, WasmClosure};
 use openic_types::{CanisterId, Cycles, SubnetId, Time};
@@ -233,6 +233,7 @@ fn run_with(
         wasm_memory_limit_bytes: 1 << 30,
         wasm_memory_limit_traps: false,
         stable_memory_limit_bytes: 1 << 30,
+        memory_budget: None,
     })
 }
 
@@ -397,6 +398,7 @@ fn heap_limit_and_stack_overflow_are_deterministic() {
                 wasm_memory_limit_bytes: limit,
                 wasm_memory_limit_traps: false,
                 stable_memory_limit_bytes: 0,
+                memory_budget: None,
             });
             let (new, response, _) = output.result.unwrap();
             let Some(WasmResponse::Reply(bytes)) = response else {
@@ -833,6 +835,7 @@ fn stored_heap_pages_are_charged_before_running() {
             wasm_memory_limit_bytes: 1 << 30,
             wasm_memory_limit_traps: false,
             stable_memory_limit_bytes: 1 << 30,
+            memory_budget: None,
         });
         assert!(matches!(
             output.result,
@@ -934,5 +937,95 @@ fn recycled_memories_never_leak_bytes_between_executions() {
                 "grown pages are all zero"
             );
         }
+    });
+}
+
+/// A [`MemoryBudget`] that counts, for the tests of Note [memory budget].
+#[derive(Debug)]
+struct CountingBudget {
+    capacity: u64,
+    reserved: std::sync::Mutex<(u64, u64)>,
+}
+
+impl CountingBudget {
+    fn new(capacity: u64) -> Arc<CountingBudget> {
+        Arc::new(CountingBudget {
+            capacity,
+            reserved: std::sync::Mutex::new((0, 0)),
+        })
+    }
+
+    /// (reserved now, most reserved at once).
+    fn usage(&self) -> (u64, u64) {
+        *self.reserved.lock().unwrap()
+    }
+}
+
+impl MemoryBudget for CountingBudget {
+    fn reserve(&self, bytes: u64) -> Result<(), String> {
+        let mut reserved = self.reserved.lock().unwrap();
+        if reserved.0 + bytes > self.capacity {
+            return Err("the test budget is spent".to_string());
+        }
+        reserved.0 += bytes;
+        reserved.1 = reserved.1.max(reserved.0);
+        Ok(())
+    }
+
+    fn release(&self, bytes: u64) {
+        self.reserved.lock().unwrap().0 -= bytes;
+    }
+}
+
+#[test]
+fn executions_under_a_memory_budget_reserve_what_they_touch_and_release_it() {
+    both(|wasm64| {
+        let e = embedder();
+        let state = install(&e, &wat::parse_str(canister_wat(wasm64)).unwrap());
+        let page = 65536;
+        let grow = |budget: &Arc<CountingBudget>, state: &ExecutionState| {
+            e.execute(WasmExecutionInput {
+                api_type: update(),
+                entry_point: EntryPoint::Export(export_name("grow")),
+                execution_state: state,
+                system_state: view(),
+                instruction_limit: LIMIT,
+                wasm_memory_limit_bytes: 1 << 30,
+                wasm_memory_limit_traps: false,
+                stable_memory_limit_bytes: 1 << 30,
+                memory_budget: Some(budget.clone()),
+            })
+        };
+        // The heap (1 page) and its growth by 100 pages.
+        let roomy = CountingBudget::new(101 * page);
+        grow(&roomy, &state).result.expect("fits the budget");
+        assert_eq!(roomy.usage(), (0, 101 * page), "all of it, then released");
+        // One page short: the growth is refused as the node's, not the canister's, failure.
+        let tight = CountingBudget::new(100 * page);
+        let output = grow(&tight, &state);
+        assert_eq!(
+            output.result.unwrap_err(),
+            ExecutionError::NodeMemoryBusy("the test budget is spent".to_string())
+        );
+        assert_eq!(
+            tight.usage(),
+            (0, page),
+            "the heap copied in, released after"
+        );
+        // A stable write reserves the pages it may dirty (5 bytes across a 4 KiB boundary).
+        let budget = CountingBudget::new(1 << 30);
+        let output = e.execute(WasmExecutionInput {
+            api_type: update(),
+            entry_point: EntryPoint::Export(export_name("stable")),
+            execution_state: &state,
+            system_state: view(),
+            instruction_limit: LIMIT,
+            wasm_memory_limit_bytes: 1 << 30,
+            wasm_memory_limit_traps: false,
+            stable_memory_limit_bytes: 1 << 30,
+            memory_budget: Some(budget.clone()),
+        });
+        output.result.expect("stable write");
+        assert_eq!(budget.usage(), (0, page + 2 * 4096));
     });
 }

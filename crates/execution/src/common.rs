@@ -244,6 +244,17 @@ pub fn did_not_reply_error(canister_id: &CanisterId) -> UserError {
 /// execution-errors documentation; a `<what>` that ends in a period gets a second one, as on the IC).
 pub fn execution_error_to_user(canister_id: &CanisterId, error: &ExecutionError) -> UserError {
     let code = match error {
+        // The node is busy, not the canister at fault: a transient rejection to retry.
+        ExecutionError::NodeMemoryBusy(why) => {
+            return UserError {
+                code: openic_types::RejectCode::SysTransient,
+                message: format!(
+                    "Canister {} could not run on this node now: {why}",
+                    canister_id.get()
+                ),
+                error_code: None,
+            };
+        }
         ExecutionError::CalledTrap(_) => ErrorCode::CanisterCalledTrap,
         ExecutionError::Trapped(_) => ErrorCode::CanisterTrapped,
         ExecutionError::ContractViolation(_) | ExecutionError::WrongContext(_) => {
@@ -424,6 +435,7 @@ pub fn execution_input<'a>(
         wasm_memory_limit_bytes: wasm_memory_limit,
         wasm_memory_limit_traps,
         stable_memory_limit_bytes: stable_memory_limit_bytes(config, canister),
+        memory_budget: None,
     }
 }
 

@@ -7,7 +7,7 @@ use crate::common::{
 };
 use crate::config::{ExecutionConfig, SubnetContext};
 use crate::management::check_management_ingress;
-use openic_embedders::{ApiType, Embedder, EntryPoint};
+use openic_embedders::{ApiType, Embedder, EntryPoint, ExecutionError, MemoryBudget};
 use openic_interfaces::{IngressInspector, StateSnapshotSource};
 use openic_replicated_state::MethodKind;
 use openic_types::{ErrorCode, SignedIngress, UserError};
@@ -22,6 +22,7 @@ pub struct IngressFilter {
     snapshots: Arc<dyn StateSnapshotSource>,
     config: ExecutionConfig,
     subnet: SubnetContext,
+    memory_budget: Option<Arc<dyn MemoryBudget>>,
 }
 
 impl IngressFilter {
@@ -37,7 +38,15 @@ impl IngressFilter {
             snapshots,
             config,
             subnet,
+            memory_budget: None,
         }
+    }
+
+    /// Makes every `canister_inspect_message` reserve the memory it touches from `budget` (Note
+    /// [memory budget] in the embedder).
+    pub fn with_memory_budget(mut self, budget: Arc<dyn MemoryBudget>) -> Self {
+        self.memory_budget = Some(budget);
+        self
     }
 }
 
@@ -109,7 +118,7 @@ impl IngressInspector for IngressFilter {
             method_name: message.method_name.clone(),
             arg: message.arg.clone(),
         };
-        let output = self.embedder.execute(crate::common::execution_input(
+        let mut input = crate::common::execution_input(
             &self.config,
             canister,
             execution_state,
@@ -117,8 +126,14 @@ impl IngressInspector for IngressFilter {
             EntryPoint::Export(INSPECT_MESSAGE_EXPORT.to_string()),
             view,
             self.config.max_instructions_per_inspect,
-        ));
+        );
+        input.memory_budget = self.memory_budget.clone();
+        let output = self.embedder.execute(input);
         match output.result {
+            // The node had no memory to run it: not the canister's rejection.
+            Err(error @ ExecutionError::NodeMemoryBusy(_)) => {
+                Err(crate::common::execution_error_to_user(&id, &error))
+            }
             Ok((_, _, changes)) if changes.message_accepted => Ok(()),
             Ok(_) => Err(UserError::new(
                 ErrorCode::CanisterRejectedMessage,

@@ -10,7 +10,9 @@ use crate::common::{
 };
 use crate::config::{ExecutionConfig, SubnetContext};
 use crate::management::execute_management_query;
-use openic_embedders::{ApiType, Embedder, EntryPoint, ExecutionError, OutgoingCall, WasmResponse};
+use openic_embedders::{
+    ApiType, Embedder, EntryPoint, ExecutionError, MemoryBudget, OutgoingCall, WasmResponse,
+};
 use openic_interfaces::{CertifiedStateReader, QueryExecutor, StateSnapshotSource};
 use openic_replicated_state::{CanisterState, CanisterStatus, ExecutionState, MethodKind};
 use openic_types::{
@@ -26,6 +28,7 @@ pub struct QueryExecution {
     certified: Arc<dyn CertifiedStateReader>,
     config: ExecutionConfig,
     subnet: SubnetContext,
+    memory_budget: Option<Arc<dyn MemoryBudget>>,
 }
 
 impl QueryExecution {
@@ -44,7 +47,15 @@ impl QueryExecution {
             certified,
             config,
             subnet,
+            memory_budget: None,
         }
+    }
+
+    /// Makes every execution reserve the memory it touches from `budget` (Note [memory budget]
+    /// in the embedder).
+    pub fn with_memory_budget(mut self, budget: Arc<dyn MemoryBudget>) -> Self {
+        self.memory_budget = Some(budget);
+        self
     }
 
     fn run(&self, query: &UserQuery) -> Result<Vec<u8>, UserError> {
@@ -68,6 +79,7 @@ impl QueryExecution {
             time: snapshot.time,
             instructions_left: self.config.max_instructions_per_query,
             calls_made: 0,
+            memory_budget: self.memory_budget.as_ref(),
         };
         let canister = context.callable_canister(&query.canister_id)?;
         let kind = canister
@@ -137,6 +149,7 @@ struct QueryContext<'a> {
     instructions_left: u64,
     /// Calls made so far by the composite query's call graph.
     calls_made: u32,
+    memory_budget: Option<&'a Arc<dyn MemoryBudget>>,
 }
 
 impl<'a> QueryContext<'a> {
@@ -194,7 +207,7 @@ impl<'a> QueryContext<'a> {
         view.can_make_calls = true;
         view.remaining_callbacks = u64::from(self.config.max_composite_query_calls);
         view.call_context_instructions = *call_context;
-        let output = self.embedder.execute(crate::common::execution_input(
+        let mut input = crate::common::execution_input(
             self.config,
             canister,
             execution_state,
@@ -202,7 +215,9 @@ impl<'a> QueryContext<'a> {
             entry_point,
             view,
             self.instructions_left,
-        ));
+        );
+        input.memory_budget = self.memory_budget.cloned();
+        let output = self.embedder.execute(input);
         self.instructions_left = self
             .instructions_left
             .saturating_sub(output.instructions_used);

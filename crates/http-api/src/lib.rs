@@ -17,6 +17,8 @@
 //! - `replica_health_status` is `healthy` only while the latest certified state is younger than
 //!   [`HttpApiConfig::max_certified_age`] and [`HttpApiDeps::node_health`] reports no failure;
 //!   calls are refused with 503 while the node reports that it stopped making blocks.
+//! - [`serve`] bounds connections in number (overall and per client address) and in time; see
+//!   its module for the shedding order and the timeouts.
 
 mod call;
 mod cbor;
@@ -24,7 +26,9 @@ mod envelope;
 mod error;
 mod metrics;
 mod query;
+mod query_costs;
 mod read_state;
+mod server;
 mod status;
 #[cfg(test)]
 mod test_support;
@@ -42,6 +46,10 @@ use tower_http::cors::{Any, CorsLayer};
 pub use envelope::validate_ingress_envelope;
 pub use error::ApiError;
 pub use metrics::HttpMetrics;
+pub use server::{
+    ConnectionLimits, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_SEND_TIMEOUT, ResolvedLimits,
+    ServerHandle, default_max_connections, serve,
+};
 
 /// Limits and timeouts of the HTTP interface.
 #[derive(Clone, Debug)]
@@ -70,11 +78,17 @@ pub struct HttpApiConfig {
     /// How long a query or call waits for a slot before it is answered 503 (which ic-agent
     /// retries).
     pub execution_permit_wait: Duration,
+    /// Queries of a method that recently averaged at least this long are expensive: they may hold
+    /// at most all but one of the `max_concurrent_executions` slots, so cheap queries always find
+    /// one (Note [query lanes] in `query_costs`).
+    pub expensive_query_from: Duration,
     /// How long the whole request body may take to arrive; slower requests get 408.
     pub body_read_timeout: Duration,
     /// The status endpoint reports `healthy` only while the latest certified state's `/time` is
     /// younger than this (the node certifies at least every idle block interval, about a second).
     pub max_certified_age: Duration,
+    /// Caps and timeouts of the server's connections ([`serve`]).
+    pub connections: ConnectionLimits,
 }
 
 /// The default [`HttpApiConfig::max_concurrent_executions`]: twice the available parallelism,
@@ -83,6 +97,9 @@ pub fn default_max_concurrent_executions() -> usize {
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     cores.saturating_mul(2).max(2)
 }
+
+/// Default [`HttpApiConfig::expensive_query_from`].
+pub const DEFAULT_EXPENSIVE_QUERY_FROM: Duration = Duration::from_millis(10);
 
 /// Default [`HttpApiConfig::execution_permit_wait`].
 pub const DEFAULT_EXECUTION_PERMIT_WAIT: Duration = Duration::from_secs(5);
@@ -113,8 +130,10 @@ impl Default for HttpApiConfig {
             max_concurrent_executions: default_max_concurrent_executions(),
             max_concurrent_inspections: default_max_concurrent_executions(),
             execution_permit_wait: DEFAULT_EXECUTION_PERMIT_WAIT,
+            expensive_query_from: DEFAULT_EXPENSIVE_QUERY_FROM,
             body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
             max_certified_age: DEFAULT_MAX_CERTIFIED_AGE,
+            connections: ConnectionLimits::default(),
         }
     }
 }
@@ -164,6 +183,13 @@ pub(crate) struct AppState {
     pub(crate) deps: HttpApiDeps,
     /// Slots for queries (`max_concurrent_executions`).
     pub(crate) executions: Arc<Semaphore>,
+    /// The expensive lane: all but one of the query slots (Note [query lanes]).
+    pub(crate) expensive_executions: Arc<Semaphore>,
+    /// Recent costs of query methods, which decide the lane.
+    pub(crate) query_costs: query_costs::QueryCosts,
+    /// The lower-priority threads expensive queries run on (`None` if they could not be started:
+    /// expensive queries then run on the blocking pool like cheap ones).
+    pub(crate) expensive_threads: Option<query_costs::ExpensiveThreads>,
     /// Slots for update calls' `canister_inspect_message` (`max_concurrent_inspections`).
     pub(crate) inspections: Arc<Semaphore>,
 }
@@ -195,6 +221,18 @@ impl AppState {
             &self.executions,
             self.config.max_concurrent_executions,
             "queries are running",
+        )
+        .await
+    }
+
+    /// A place in the expensive lane (Note [query lanes]), taken before the query slot by queries
+    /// of a method that recently ran long.
+    pub(crate) async fn expensive_permit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.permit(
+            &self.expensive_executions,
+            expensive_slots(self.config.max_concurrent_executions),
+            "expensive queries are running (methods that recently took over \
+             expensive_query_from)",
         )
         .await
     }
@@ -232,14 +270,35 @@ impl AppState {
 
 pub(crate) type SharedState = Arc<AppState>;
 
+/// Slots of the expensive lane: all but one of `max_concurrent_executions` (at least one).
+fn expensive_slots(max_concurrent_executions: usize) -> usize {
+    max_concurrent_executions.saturating_sub(1).max(1)
+}
+
 /// The router serving the whole interface (with CORS for browsers and request metrics).
 pub fn router(config: HttpApiConfig, deps: HttpApiDeps) -> Router {
     let executions = Arc::new(Semaphore::new(config.max_concurrent_executions.max(1)));
+    let expensive_executions = Arc::new(Semaphore::new(expensive_slots(
+        config.max_concurrent_executions,
+    )));
     let inspections = Arc::new(Semaphore::new(config.max_concurrent_inspections.max(1)));
+    let query_costs = query_costs::QueryCosts::new(config.expensive_query_from);
+    let expensive_threads = match query_costs::ExpensiveThreads::start(expensive_slots(
+        config.max_concurrent_executions,
+    )) {
+        Ok(threads) => Some(threads),
+        Err(error) => {
+            tracing::warn!(%error, "cannot start the expensive-query threads; expensive queries run at the default priority");
+            None
+        }
+    };
     let state: SharedState = Arc::new(AppState {
         config,
         deps,
         executions,
+        expensive_executions,
+        query_costs,
+        expensive_threads,
         inspections,
     });
     // Any request header: the JS agent adds `Authorization` when the URL carries credentials,

@@ -1,4 +1,5 @@
-//! Request metrics: counts by endpoint and HTTP status, and latency by endpoint.
+//! Request metrics: counts by endpoint and HTTP status, and latency by endpoint; connection
+//! metrics: open connections, and the connections the server closed, by reason.
 
 use crate::SharedState;
 use axum::extract::{MatchedPath, Request, State};
@@ -7,6 +8,7 @@ use axum::response::Response;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::time::Instant;
@@ -18,6 +20,15 @@ pub struct RequestLabels {
     pub endpoint: String,
     /// The HTTP status code.
     pub status: u16,
+}
+
+/// Labels of the closed-connection counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabels {
+    /// Why it closed: `client_or_done` (the client closed it, or an error ended it), or the
+    /// server's reason (`header_timeout`, `send_timeout`, `shed_idle_per_ip`, `shed_idle_full`,
+    /// `refused_per_ip`, `refused_full`, `shutdown`).
+    pub reason: String,
 }
 
 /// Labels of the latency histogram.
@@ -37,6 +48,9 @@ fn latency_histogram() -> Histogram {
 pub struct HttpMetrics {
     requests: Family<RequestLabels, Counter>,
     latency_seconds: Family<EndpointLabels, Histogram, fn() -> Histogram>,
+    connections_open: Gauge,
+    connections_accepted: Counter,
+    connections_closed: Family<CloseLabels, Counter>,
 }
 
 impl HttpMetrics {
@@ -53,6 +67,21 @@ impl HttpMetrics {
             "Time to answer an HTTP request, by endpoint",
             metrics.latency_seconds.clone(),
         );
+        registry.register(
+            "http_connections_open",
+            "HTTP connections open now",
+            metrics.connections_open.clone(),
+        );
+        registry.register(
+            "http_connections_accepted",
+            "HTTP connections admitted",
+            metrics.connections_accepted.clone(),
+        );
+        registry.register(
+            "http_connections_closed",
+            "HTTP connections closed or refused, by reason",
+            metrics.connections_closed.clone(),
+        );
         metrics
     }
 
@@ -61,6 +90,9 @@ impl HttpMetrics {
         HttpMetrics {
             requests: Family::default(),
             latency_seconds: Family::new_with_constructor(latency_histogram),
+            connections_open: Gauge::default(),
+            connections_accepted: Counter::default(),
+            connections_closed: Family::default(),
         }
     }
 
@@ -72,6 +104,36 @@ impl HttpMetrics {
                 status,
             })
             .get()
+    }
+
+    /// Connections closed or refused for `reason` so far.
+    pub fn connections_closed(&self, reason: &str) -> u64 {
+        self.connections_closed
+            .get_or_create(&CloseLabels {
+                reason: reason.to_string(),
+            })
+            .get()
+    }
+
+    /// Connections open now.
+    pub fn connections_open(&self) -> i64 {
+        self.connections_open.get()
+    }
+
+    pub(crate) fn connection_opened(&self, open: usize) {
+        self.connections_accepted.inc();
+        self.connections_open
+            .set(i64::try_from(open).unwrap_or(i64::MAX));
+    }
+
+    pub(crate) fn connection_closed(&self, reason: &str, open: usize) {
+        self.connections_closed
+            .get_or_create(&CloseLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+        self.connections_open
+            .set(i64::try_from(open).unwrap_or(i64::MAX));
     }
 
     fn observe(&self, endpoint: String, status: u16, seconds: f64) {

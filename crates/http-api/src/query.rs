@@ -60,14 +60,34 @@ async fn try_handle(
         arg: call.arg,
     };
     let executor = state.deps.query_executor.clone();
+    // Note [query lanes]: a method that recently ran long first waits for the expensive lane.
+    let expensive = state
+        .query_costs
+        .is_expensive(&query.canister_id, &query.method_name);
+    let lane = if expensive {
+        Some(state.expensive_permit().await?)
+    } else {
+        None
+    };
     let permit = state.execution_permit().await?;
-    let result = tokio::task::spawn_blocking(move || {
+    let (canister, method) = (query.canister_id, query.method_name.clone());
+    let execute = move || {
+        // CPU time, not elapsed time: a cheap query slowed down by busy cores stays cheap.
+        let started = crate::query_costs::thread_cpu_time();
         let result = executor.query(query);
+        let took = crate::query_costs::thread_cpu_time().saturating_sub(started);
         drop(permit);
-        result
-    })
-    .await
-    .map_err(|e| ApiError::Internal(format!("the query executor crashed: {e}")))?;
+        drop(lane);
+        (result, took)
+    };
+    let crashed = |e: String| ApiError::Internal(format!("the query executor crashed: {e}"));
+    let (result, took) = match (&state.expensive_threads, expensive) {
+        (Some(threads), true) => threads.run(execute).await.map_err(crashed)?,
+        _ => tokio::task::spawn_blocking(execute)
+            .await
+            .map_err(|e| crashed(e.to_string()))?,
+    };
+    state.query_costs.record(canister, method, took);
     let response = signed_response(
         &result,
         &request.request_id,
@@ -341,6 +361,48 @@ mod tests {
         assert_eq!(
             headers.get(axum::http::header::RETRY_AFTER).unwrap(),
             crate::error::RETRY_AFTER_SECONDS
+        );
+    }
+
+    #[tokio::test]
+    async fn cheap_queries_find_a_slot_while_expensive_ones_loop() {
+        let node = TestNode::with_config(crate::HttpApiConfig {
+            max_concurrent_executions: 2,
+            ..crate::HttpApiConfig::default()
+        });
+        let slow = std::time::Duration::from_millis(400);
+        node.queries.take_for("scan", slow);
+        let sender = crate::test_support::Sender::anonymous();
+        let envelope = |method: &str| {
+            sender
+                .envelope(query_content(&node, &sender, CANISTER, method))
+                .0
+        };
+        let url = url();
+        // The node learns that `scan` is expensive.
+        assert_eq!(node.post(&url, envelope("scan")).await.0, StatusCode::OK);
+        // Two scans at once: the second waits for the expensive lane (one of the two slots), not
+        // for the other slot, which a cheap query gets at once.
+        let scans = async {
+            tokio::join!(
+                node.post(&url, envelope("scan")),
+                node.post(&url, envelope("scan"))
+            )
+        };
+        let cheap = async {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            let started = std::time::Instant::now();
+            let (status, _) = node.post(&url, envelope("get")).await;
+            (status, started.elapsed())
+        };
+        let (((first, _), (second, _)), (status, took)) = tokio::join!(scans, cheap);
+        assert_eq!(
+            (first, second, status),
+            (StatusCode::OK, StatusCode::OK, StatusCode::OK)
+        );
+        assert!(
+            took < std::time::Duration::from_millis(200),
+            "the cheap query did not wait for a scan to finish: {took:?}"
         );
     }
 }

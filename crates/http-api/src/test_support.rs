@@ -218,11 +218,19 @@ pub(crate) struct FakeQueries {
     seen: Mutex<Vec<UserQuery>>,
     /// How long each query blocks its thread.
     delay: Mutex<Duration>,
+    /// How long queries of a given method compute (busy, using CPU time), instead of `delay`.
+    delays: Mutex<std::collections::BTreeMap<String, Duration>>,
 }
 
 impl FakeQueries {
     pub(crate) fn take(&self, delay: Duration) {
         *self.delay.lock().unwrap() = delay;
+    }
+    pub(crate) fn take_for(&self, method: &str, delay: Duration) {
+        self.delays
+            .lock()
+            .unwrap()
+            .insert(method.to_string(), delay);
     }
     pub(crate) fn answer(&self, result: QueryResult) {
         *self.answer.lock().unwrap() = result;
@@ -234,9 +242,18 @@ impl FakeQueries {
 
 impl QueryExecutor for FakeQueries {
     fn query(&self, query: UserQuery) -> QueryResult {
+        let busy = self.delays.lock().unwrap().get(&query.method_name).copied();
         self.seen.lock().unwrap().push(query);
-        let delay = *self.delay.lock().unwrap();
-        std::thread::sleep(delay);
+        match busy {
+            // A method's own delay is spent computing (it costs CPU time, as a real one would).
+            Some(delay) => {
+                let started = std::time::Instant::now();
+                while started.elapsed() < delay {
+                    std::hint::spin_loop();
+                }
+            }
+            None => std::thread::sleep(*self.delay.lock().unwrap()),
+        }
         self.answer.lock().unwrap().clone()
     }
 }
@@ -303,6 +320,7 @@ impl TestNode {
             answer: Mutex::new(QueryResult::Reply(b"DIDL\x00\x00".to_vec())),
             seen: Mutex::default(),
             delay: Mutex::default(),
+            delays: Mutex::default(),
         });
         let node_key = Arc::new(NodeKey::from_secret_bytes(&[42; 32]).unwrap());
         let root_key = openic_crypto::SubnetSigningKey::generate()

@@ -33,6 +33,10 @@ pub struct NodeConfig {
     pub block_log: openic_state_manager::BlockLogConfig,
     /// Checkpoint retention and page-file chain limits.
     pub checkpoints: openic_state_manager::CheckpointConfig,
+    /// Memory that non-replicated executions (queries, composite queries, inspect_message) may
+    /// touch together, in bytes (`None`: a quarter of the machine's memory, at least 512 MiB; see
+    /// `memory::default_query_memory_budget`).
+    pub query_memory_budget_bytes: Option<u64>,
 }
 
 impl NodeConfig {
@@ -51,6 +55,7 @@ impl NodeConfig {
             ingress_pool: Default::default(),
             block_log: Default::default(),
             checkpoints: Default::default(),
+            query_memory_budget_bytes: None,
         }
     }
 }

@@ -14,6 +14,7 @@ mod block_thread;
 mod checkpointing;
 mod config;
 pub mod genesis;
+pub mod memory;
 mod metrics;
 pub mod replica;
 mod state_sync;
@@ -36,9 +37,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tracing::info;
-
-/// How long `shutdown` waits for open HTTP requests (sync calls wait up to their own timeout).
-const HTTP_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +66,14 @@ pub enum NodeError {
     /// Joining the subnet failed (membership, key generation, consensus start-up).
     #[error("subnet: {0}")]
     Subnet(String),
+    /// A thread of the node could not be started.
+    #[error("cannot start the {name} thread: {source}")]
+    Thread {
+        /// The thread's name.
+        name: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
 }
 
 /// The wall clock, in nanoseconds since the epoch. Only the block maker and the HTTP layer read it;
@@ -91,8 +97,9 @@ pub struct RunningNode {
     stop: Arc<AtomicBool>,
     block_thread: Option<std::thread::JoinHandle<()>>,
     wake_block_thread: Arc<tokio::sync::Notify>,
-    http_shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    http_task: Option<tokio::task::JoinHandle<()>>,
+    http: Option<openic_http_api::ServerHandle>,
+    /// Returns freed memory to the kernel while the node runs.
+    memory_trimmer: Option<memory::MemoryTrimmer>,
     /// Networking and consensus of a multi-replica subnet's replica.
     subnet: Option<replica::SubnetParts>,
 }
@@ -125,21 +132,10 @@ impl RunningNode {
 
     /// Stops serving HTTP, finishes the block in progress, writes a checkpoint and returns.
     pub async fn shutdown(mut self) {
-        if let Some(tx) = self.http_shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(mut task) = self.http_task.take() {
-            // Graceful shutdown waits for open requests; a client that never finishes must not
-            // keep the node from stopping.
-            if tokio::time::timeout(HTTP_SHUTDOWN_GRACE, &mut task)
-                .await
-                .is_err()
-            {
-                tracing::warn!(
-                    "open HTTP requests did not finish in {HTTP_SHUTDOWN_GRACE:?}; closing them"
-                );
-                task.abort();
-            }
+        if let Some(http) = self.http.take() {
+            // Requests in progress may finish; the server closes what is left after its grace
+            // period, so a client that never finishes cannot keep the node from stopping.
+            http.shutdown().await;
         }
         self.stop.store(true, Ordering::SeqCst);
         self.wake_block_thread.notify_one();
@@ -149,6 +145,7 @@ impl RunningNode {
         if let Some(subnet) = self.subnet.take() {
             subnet.shutdown().await;
         }
+        drop(self.memory_trimmer.take());
         info!("node stopped");
     }
 }
@@ -251,7 +248,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         halted: halted.clone(),
     });
 
-    let (local_addr, http_shutdown, http_task) = serve_http(
+    let (http, memory_trimmer) = serve_http(
         &config,
         HttpParts {
             embedder,
@@ -267,6 +264,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         },
     )
     .await?;
+    let local_addr = http.local_addr;
     let url = format!("http://{local_addr}");
     info!(%url, subnet_id = %subnet_id.0, "openic node ready");
     Ok(RunningNode {
@@ -278,8 +276,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         stop,
         block_thread: Some(block_thread),
         wake_block_thread,
-        http_shutdown: Some(http_shutdown),
-        http_task: Some(http_task),
+        http: Some(http),
+        memory_trimmer: Some(memory_trimmer),
         subnet: None,
     })
 }
@@ -300,19 +298,58 @@ pub(crate) struct HttpParts {
     pub(crate) subnet_height_hint: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
-/// Binds the HTTP port and serves the public interface and `/metrics` until the returned sender
-/// fires.
+/// Raises the process's soft open-file limit to its hard limit (each HTTP connection is a file
+/// descriptor) and returns the limit in force. Idempotent.
+pub fn raise_file_limit() -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    // Past about a million descriptors the limit is not what bounds the node.
+    const CEILING: u64 = 1 << 20;
+    let limit = getrlimit(Resource::Nofile);
+    let current = limit.current.unwrap_or(CEILING);
+    let wanted = limit.maximum.unwrap_or(CEILING).min(CEILING);
+    if wanted <= current {
+        return current;
+    }
+    match setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(wanted),
+            maximum: limit.maximum,
+        },
+    ) {
+        Ok(()) => wanted,
+        Err(error) => {
+            tracing::warn!(%error, current, wanted, "could not raise the open-file limit");
+            current
+        }
+    }
+}
+
+/// Pending connections the kernel queues for the HTTP server (tokio's default is 1024): a burst of
+/// new connections waits in the queue rather than having its handshakes dropped and retried a
+/// second later.
+const HTTP_LISTEN_BACKLOG: u32 = 4096;
+
+fn bind_http(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As std and tokio do when binding: a restarted node may take the port while connections of
+    // its previous run linger in TIME_WAIT (a port in use by a listener is still refused).
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(HTTP_LISTEN_BACKLOG)
+}
+
+/// Binds the HTTP port and serves the public interface and `/metrics` until the returned handle
+/// is shut down. Queries and `canister_inspect_message` run under the node's memory budget; the
+/// returned trimmer gives freed memory back to the kernel until it is dropped.
 pub(crate) async fn serve_http(
     config: &NodeConfig,
     parts: HttpParts,
-) -> Result<
-    (
-        SocketAddr,
-        tokio::sync::oneshot::Sender<()>,
-        tokio::task::JoinHandle<()>,
-    ),
-    NodeError,
-> {
+) -> Result<(openic_http_api::ServerHandle, memory::MemoryTrimmer), NodeError> {
     let HttpParts {
         embedder,
         certified,
@@ -326,19 +363,44 @@ pub(crate) async fn serve_http(
         subnet_height_hint,
     } = parts;
     let subnet_id = subnet_context.subnet_id;
-    let query_executor = Arc::new(QueryExecution::new(
-        embedder.clone(),
-        certified.clone(),
-        certified.clone(),
-        config.execution.clone(),
-        subnet_context.clone(),
+    let budget_bytes = config
+        .query_memory_budget_bytes
+        .unwrap_or_else(memory::default_query_memory_budget);
+    let budget = Arc::new(memory::NodeMemoryBudget::new(
+        budget_bytes,
+        memory::MEMORY_BUDGET_WAIT,
     ));
-    let filter = Arc::new(IngressFilter::new(
-        embedder.clone(),
-        certified.clone(),
-        config.execution.clone(),
-        subnet_context,
-    ));
+    budget.register(&mut registry);
+    info!(
+        query_memory_budget_mib = budget_bytes >> 20,
+        "queries and inspect_message run under a memory budget"
+    );
+    let query_executor = Arc::new(
+        QueryExecution::new(
+            embedder.clone(),
+            certified.clone(),
+            certified.clone(),
+            config.execution.clone(),
+            subnet_context.clone(),
+        )
+        .with_memory_budget(budget.clone()),
+    );
+    let filter = Arc::new(
+        IngressFilter::new(
+            embedder.clone(),
+            certified.clone(),
+            config.execution.clone(),
+            subnet_context,
+        )
+        .with_memory_budget(budget),
+    );
+    let memory_trimmer =
+        memory::MemoryTrimmer::start(&mut registry, embedder.clone()).map_err(|source| {
+            NodeError::Thread {
+                name: "memory-trim",
+                source,
+            }
+        })?;
     let inspector: Arc<dyn openic_interfaces::IngressInspector> = match subnet_height_hint {
         Some(hint) => Arc::new(replica::CatchUpInspector {
             inner: filter,
@@ -359,7 +421,7 @@ pub(crate) async fn serve_http(
             root_key_der: root_key_der.clone(),
             subnet_id,
             clock,
-            metrics: http_metrics,
+            metrics: http_metrics.clone(),
             node_health: {
                 let halted = halted.clone();
                 Arc::new(move || halted.lock().clone())
@@ -368,26 +430,21 @@ pub(crate) async fn serve_http(
     );
     let app = api.merge(metrics::router(Arc::new(registry)));
 
-    let listener = tokio::net::TcpListener::bind(config.listen_addr)
-        .await
-        .map_err(|source| NodeError::Bind {
-            addr: config.listen_addr,
-            source,
-        })?;
-    let local_addr = listener.local_addr().map_err(|source| NodeError::Bind {
+    let listener = bind_http(config.listen_addr).map_err(|source| NodeError::Bind {
         addr: config.listen_addr,
         source,
     })?;
-    let (http_shutdown, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-    let http_task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = shutdown_rx.await;
-            })
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "HTTP server failed");
-        }
-    });
-    Ok((local_addr, http_shutdown, http_task))
+    let file_limit = raise_file_limit();
+    let server = openic_http_api::serve(
+        listener,
+        app,
+        &config.http.connections,
+        file_limit,
+        http_metrics,
+    )
+    .map_err(|source| NodeError::Bind {
+        addr: config.listen_addr,
+        source,
+    })?;
+    Ok((server, memory_trimmer))
 }

@@ -659,7 +659,7 @@ pub async fn start_replica(config: ReplicaConfig) -> Result<RunningNode, NodeErr
         .spawn(move || execution.run(deliveries))
         .map_err(|e| NodeError::Subnet(format!("cannot start the execution thread: {e}")))?;
 
-    let (local_addr, http_shutdown, http_task) = serve_http(
+    let (http, memory_trimmer) = serve_http(
         &node_config,
         HttpParts {
             embedder,
@@ -678,6 +678,7 @@ pub async fn start_replica(config: ReplicaConfig) -> Result<RunningNode, NodeErr
         },
     )
     .await?;
+    let local_addr = http.local_addr;
     let url = format!("http://{local_addr}");
     info!(%url, subnet_id = %subnet_id.0, "openic replica ready");
     Ok(RunningNode {
@@ -689,8 +690,8 @@ pub async fn start_replica(config: ReplicaConfig) -> Result<RunningNode, NodeErr
         stop,
         block_thread: Some(execution_thread),
         wake_block_thread: wake,
-        http_shutdown: Some(http_shutdown),
-        http_task: Some(http_task),
+        http: Some(http),
+        memory_trimmer: Some(memory_trimmer),
         subnet: Some(SubnetParts {
             service,
             certification_task,

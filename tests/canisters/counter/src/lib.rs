@@ -181,3 +181,22 @@ fn check_stable(first_mib: u64, mib: u64) -> u64 {
     }
     wrong
 }
+
+/// Allocates `mib` MiB on the heap and writes every byte of it, for the tests of the node's memory
+/// budget: from a query nothing persists, so each call touches the memory afresh. Returns the
+/// number of bytes written that read back as written (`mib` MiB).
+#[ic_cdk::query]
+fn touch_heap(mib: u64) -> u64 {
+    let mut block = vec![0u8; (mib * MIB) as usize];
+    for (at, byte) in block.iter_mut().enumerate().step_by(4096) {
+        *byte = (at / 4096) as u8 | 1;
+    }
+    let block = std::hint::black_box(block);
+    block
+        .iter()
+        .enumerate()
+        .step_by(4096)
+        .filter(|(at, byte)| **byte == (at / 4096) as u8 | 1)
+        .count() as u64
+        * 4096
+}
