@@ -47,8 +47,8 @@ pub use envelope::validate_ingress_envelope;
 pub use error::ApiError;
 pub use metrics::HttpMetrics;
 pub use server::{
-    ConnectionLimits, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_SEND_TIMEOUT, ResolvedLimits,
-    ServerHandle, default_max_connections, serve,
+    ConnectionLimits, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_SEND_TIMEOUT, MAX_DEFAULT_CONNECTIONS,
+    RESERVED_FILE_DESCRIPTORS, ResolvedLimits, ServerHandle, default_max_connections, serve,
 };
 
 /// Limits and timeouts of the HTTP interface.

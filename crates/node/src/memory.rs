@@ -166,10 +166,10 @@ impl MemoryBudget for NodeMemoryBudget {
 }
 
 /// How often the trimmer looks at the allocator.
-const TRIM_INTERVAL: Duration = Duration::from_secs(1);
+pub const TRIM_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Freed bytes that make the trimmer return memory to the kernel at once.
-const TRIM_THRESHOLD_BYTES: u64 = 32 * MIB;
+pub const TRIM_THRESHOLD_BYTES: u64 = 32 * MIB;
 
 /// Past this long since the last trim, any free memory over the threshold is returned (it may
 /// have been reused and freed again between two looks).

@@ -6,8 +6,6 @@
 //! root key) and every query's node signature; @icp-sdk/core does the same in the JS test.
 //!
 //! Modules:
-//! - `attacks`: 20,000 half-open connections, 5,000 slow-loris connections, 2,000 keep-alive clients
-//!   with heavy queries, each against an `openic` process while an ic-agent client must stay served;
 //! - `canisters`: create, install, update, query, upgrade, chunked install, lifecycle, traps, certified data,
 //!   inter-canister calls and timers with ic-utils and ic-agent;
 //! - `chain_keys`: ECDSA, Schnorr and vetKD keys from a canister built with ic-cdk-management-canister,
@@ -25,8 +23,11 @@
 //!   whole subnet;
 //! - `subnet_netns`: four replicas on four network namespaces, one partitioned and healed;
 //! - `js`: @icp-sdk/core (node:test) and a Motoko (wasm64, enhanced orthogonal persistence) canister.
+//!
+//! The attack tests are a test binary of their own (`tests/attacks.rs`): cargo runs test binaries one
+//! after another, so their connection storms and gigabyte queries never share the machine with the
+//! timing-sensitive subnet tests here.
 
-mod attacks;
 mod canisters;
 mod chain_keys;
 mod durability;

@@ -740,8 +740,11 @@ async fn wiped_replica_rejoins_by_state_sync() {
     for index in &others {
         subnet_height = subnet_height.max(certified_height(live(*index)).await.unwrap_or(0));
     }
-    // A replica fetches the state once it is three intervals behind (closer, it replays).
-    let signed_after = subnet_height.max(3 * CATCH_UP_INTERVAL) + 2 * CATCH_UP_INTERVAL;
+    // A replica fetches the state once it is three intervals behind (closer, it replays). It
+    // learns how far behind it is from its peers' certification shares, which may arrive after
+    // the first blocks it could replay: leave it far enough behind that it hears the subnet's
+    // height while it is still replaying (replay stops there and waits for the state).
+    let signed_after = subnet_height.max(3 * CATCH_UP_INTERVAL) + 12 * CATCH_UP_INTERVAL;
     wait_for(
         "the subnet to pass another catch-up height",
         CONVERGENCE_TIMEOUT,

@@ -6,15 +6,26 @@
 //! own file descriptors. Each test prints one `attack …` line with the client's latencies, the
 //! node's peak resident memory and what it shed; `OPENIC_ATTACK_SECONDS` (default 12) and
 //! `OPENIC_ATTACK_SETTLE_SECONDS` (default 0: how long to wait afterwards before measuring memory
-//! again) make the longer runs of docs/RELIABILITY.md.
+//! again) make the longer runs of docs/RELIABILITY.md; `OPENIC_ATTACK_CPUS` (a `taskset` CPU list)
+//! runs the attackers on those CPUs only.
+//!
+//! A test binary of its own (cargo runs test binaries one after another), so the attacks never
+//! share the machine with the e2e tests, and one attack at a time within it.
 
-use crate::support::{args, connect, deploy, query, try_query, try_update, update};
+#[allow(dead_code)]
+#[path = "e2e/support.rs"]
+mod support;
+
 use candid::Principal;
 use ic_agent::Agent;
 use openic_tests::OpenicProcess;
 use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use support::{args, connect, deploy, query, try_query, try_update, update};
+
+/// One attack at a time in this process: two at once would measure each other.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Longer than this for one call of the well-behaved client counts as not served.
 const SERVED_WITHIN: Duration = Duration::from_secs(10);
@@ -46,7 +57,16 @@ fn attacker(
     sources: u8,
     hold: Duration,
 ) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_openic-attack"))
+    // OPENIC_ATTACK_CPUS (a taskset list, e.g. `1`) keeps the attackers off the node's cores.
+    let mut command = match std::env::var("OPENIC_ATTACK_CPUS") {
+        Ok(cpus) => {
+            let mut command = Command::new("taskset");
+            command.args(["-c", &cpus, env!("CARGO_BIN_EXE_openic-attack")]);
+            command
+        }
+        Err(_) => Command::new(env!("CARGO_BIN_EXE_openic-attack")),
+    };
+    command
         .args(["--target", &target(url), "--kind", kind])
         .args(["--connections", &connections.to_string()])
         .args(["--from", from, "--sources", &sources.to_string()])
@@ -217,6 +237,7 @@ async fn node_with_counter() -> (tempfile::TempDir, OpenicProcess, Agent, Princi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_thousand_half_open_connections_do_not_stall_a_well_behaved_client() {
+    let _attack = ONE_AT_A_TIME.lock().await;
     let (_dir, process, agent, counter) = node_with_counter().await;
     let url = process.url().to_string();
     let pid = process.pid();
@@ -253,6 +274,7 @@ async fn twenty_thousand_half_open_connections_do_not_stall_a_well_behaved_clien
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_connections_are_closed_by_the_header_timeout() {
+    let _attack = ONE_AT_A_TIME.lock().await;
     let (_dir, process, agent, counter) = node_with_counter().await;
     let url = process.url().to_string();
     let pid = process.pid();
@@ -278,6 +300,7 @@ async fn slowloris_connections_are_closed_by_the_header_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_clients_and_heavy_queries_do_not_stall_a_well_behaved_client() {
+    let _attack = ONE_AT_A_TIME.lock().await;
     let (_dir, process, agent, counter) = node_with_counter().await;
     let url = process.url().to_string();
     let pid = process.pid();
@@ -380,6 +403,7 @@ const QUERY_MEMORY_MIB: u64 = 2048;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_that_each_touch_a_gigabyte_stay_within_the_memory_budget() {
+    let _attack = ONE_AT_A_TIME.lock().await;
     let state_dir = tempfile::tempdir().expect("temporary state directory");
     let process = OpenicProcess::start_with(
         state_dir.path(),
@@ -453,6 +477,7 @@ async fn queries_that_each_touch_a_gigabyte_stay_within_the_memory_budget() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_a_reinstall_discards_goes_back_to_the_kernel() {
+    let _attack = ONE_AT_A_TIME.lock().await;
     let (_dir, process, agent, counter) = node_with_counter().await;
     let pid = process.pid();
     let rss_before = rss_mib(pid);
@@ -462,7 +487,7 @@ async fn memory_a_reinstall_discards_goes_back_to_the_kernel() {
     }
     let rss_filled = rss_mib(pid);
     let wasm = openic_tests::test_canister_wasm("counter");
-    crate::support::install(
+    support::install(
         &agent,
         counter,
         &wasm,
