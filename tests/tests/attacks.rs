@@ -151,36 +151,30 @@ fn percentile(samples: &mut [Duration], p: f64) -> f64 {
     samples[rank.clamp(1, samples.len()) - 1].as_secs_f64() * 1000.0
 }
 
+/// Times one call of the well-behaved client: its round trip in `samples`, or why it was not
+/// served in `failures`.
+async fn timed<T>(
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, ic_agent::AgentError>>,
+    samples: &mut Vec<Duration>,
+    failures: &mut Vec<String>,
+) {
+    let started = Instant::now();
+    match tokio::time::timeout(SERVED_WITHIN, call).await {
+        Ok(Ok(_)) => samples.push(started.elapsed()),
+        Ok(Err(error)) => failures.push(format!("{what}: {error}")),
+        Err(_) => failures.push(format!("{what}: not answered in {SERVED_WITHIN:?}")),
+    }
+}
+
 /// Updates (`inc`) and queries (`get`) in turn until `until`, sampling the node's memory.
 async fn well_behaved(agent: &Agent, counter: Principal, pid: u32, until: Instant) -> Served {
     let mut served = Served::default();
     while Instant::now() < until {
-        let started = Instant::now();
-        match tokio::time::timeout(
-            SERVED_WITHIN,
-            try_update::<(u64,)>(agent, counter, "inc", args(())),
-        )
-        .await
-        {
-            Ok(Ok(_)) => served.updates.push(started.elapsed()),
-            Ok(Err(error)) => served.failures.push(format!("update: {error}")),
-            Err(_) => served
-                .failures
-                .push(format!("update: not answered in {SERVED_WITHIN:?}")),
-        }
-        let started = Instant::now();
-        match tokio::time::timeout(
-            SERVED_WITHIN,
-            try_query::<(u64,)>(agent, counter, "get", args(())),
-        )
-        .await
-        {
-            Ok(Ok(_)) => served.queries.push(started.elapsed()),
-            Ok(Err(error)) => served.failures.push(format!("query: {error}")),
-            Err(_) => served
-                .failures
-                .push(format!("query: not answered in {SERVED_WITHIN:?}")),
-        }
+        let update = try_update::<(u64,)>(agent, counter, "inc", args(()));
+        timed("update", update, &mut served.updates, &mut served.failures).await;
+        let query = try_query::<(u64,)>(agent, counter, "get", args(()));
+        timed("query", query, &mut served.queries, &mut served.failures).await;
         served.peak_rss_mib = served.peak_rss_mib.max(rss_mib(pid));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -42,9 +42,9 @@ struct ResourceArgs {
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     max_connections_per_ip: Option<u64>,
     /// MiB of memory that queries, composite queries and inspect_message may touch together
-    /// (heap copied in and grown, stable memory written); an execution that finds no room waits
-    /// up to 2 s, then is rejected as transient (default: a quarter of the machine's memory, at
-    /// least 512).
+    /// (heap copied in and grown, stable memory written); an execution that finds no room is
+    /// rejected at once as transient, to be retried (default: a quarter of the machine's memory,
+    /// at least 512).
     #[arg(long, value_parser = clap::value_parser!(u64).range(16..))]
     query_memory_mib: Option<u64>,
 }

@@ -168,12 +168,16 @@ impl ExpensiveThreads {
         let job: Job = Box::new(move || {
             let _ = reply.send(job());
         });
-        // Never blocks for long: the lane admits at most as many jobs as there are threads.
-        let jobs = self.jobs.clone();
-        tokio::task::spawn_blocking(move || jobs.send(job))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|_| "the expensive query threads stopped".to_string())?;
+        // The queue holds as many jobs as there are threads, and the lane admits no more than
+        // that at once, so it is never full.
+        self.jobs.try_send(job).map_err(|error| match error {
+            std::sync::mpsc::TrySendError::Full(_) => {
+                "every expensive-query thread is busy".to_string()
+            }
+            std::sync::mpsc::TrySendError::Disconnected(_) => {
+                "the expensive query threads stopped".to_string()
+            }
+        })?;
         answer
             .await
             .map_err(|_| "an expensive query thread crashed".to_string())

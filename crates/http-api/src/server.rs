@@ -9,7 +9,7 @@
 //!   request being served): the oldest idle one of the same address for the per-address limit,
 //!   the oldest idle one of the address holding the most connections for the overall limit. Only
 //!   when nothing idle can be shed is the new connection refused, with a `503` and
-//!   `retry-after`. A connection serving a request is never shed.
+//!   `retry-after`. A connection serving a request, or still writing its reply, is never shed.
 //! - A connection must deliver a complete request head within
 //!   [`ConnectionLimits::header_read_timeout`] of being opened or of its previous response
 //!   (hyper's header timer): this closes connections that send nothing, idle keep-alive
@@ -178,7 +178,7 @@ fn client_key(ip: IpAddr) -> IpAddr {
 
 /// What the server watches of one connection, shared with its task.
 struct ConnState {
-    /// Requests being served on it (hyper's HTTP/1 serves one at a time; 0 means idle).
+    /// Requests being served on it (hyper's HTTP/1 serves one at a time).
     in_flight: AtomicU32,
     /// Milliseconds since the epoch plus one when a write started waiting for the client; 0 when
     /// no write waits.
@@ -234,10 +234,13 @@ impl Registry {
         Some(entry)
     }
 
+    /// Idle: no request being served and no reply waiting to be written (hyper may hold a reply
+    /// the handler already returned until the client reads it).
     fn is_idle(&self, id: u64) -> bool {
-        self.connections
-            .get(&id)
-            .is_some_and(|e| e.state.in_flight.load(Ordering::Acquire) == 0)
+        self.connections.get(&id).is_some_and(|e| {
+            e.state.in_flight.load(Ordering::Acquire) == 0
+                && e.state.write_blocked_since_ms.load(Ordering::Relaxed) == 0
+        })
     }
 
     /// The oldest idle connection of `client` (of anyone if `None`). The scan stops at the first
@@ -905,6 +908,40 @@ mod connection_tests {
             let n = stream.read(&mut buf).await.unwrap();
             assert!(String::from_utf8_lossy(&buf[..n]).ends_with("slow"));
         }
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_connection_still_sending_its_reply_is_not_shed_as_idle() {
+        let (server, metrics) = server(ConnectionLimits {
+            max_connections: Some(100),
+            max_connections_per_ip: Some(2),
+            ..Default::default()
+        })
+        .await;
+        let addr = server.local_addr;
+        // The oldest connection asks for 64 MiB and does not read it: its reply is in progress.
+        let mut sending = connect(addr, "127.0.0.2").await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        sending
+            .write_all(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut idle = connect(addr, "127.0.0.2").await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // At the address's limit, the newcomer sheds the idle connection, not the older one
+        // whose reply is still being written.
+        let mut newcomer = connect(addr, "127.0.0.2").await;
+        assert!(get_on(&mut newcomer, "/").await.ends_with("ok"));
+        assert!(closed_within(&mut idle, Duration::from_secs(2)).await);
+        assert_eq!(metrics.connections_closed("shed_idle_per_ip"), 1);
+        let mut head = [0u8; 64];
+        let n = sending.read(&mut head).await.unwrap();
+        assert!(
+            String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"),
+            "the reply in progress goes on"
+        );
         server.shutdown().await;
     }
 

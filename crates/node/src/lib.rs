@@ -366,10 +366,7 @@ pub(crate) async fn serve_http(
     let budget_bytes = config
         .query_memory_budget_bytes
         .unwrap_or_else(memory::default_query_memory_budget);
-    let budget = Arc::new(memory::NodeMemoryBudget::new(
-        budget_bytes,
-        memory::MEMORY_BUDGET_WAIT,
-    ));
+    let budget = Arc::new(memory::NodeMemoryBudget::new(budget_bytes));
     budget.register(&mut registry);
     info!(
         query_memory_budget_mib = budget_bytes >> 20,

@@ -21,12 +21,6 @@ const MIB: u64 = 1 << 20;
 /// The smallest default budget: enough for several queries of a canister with a large heap.
 const MIN_DEFAULT_BUDGET_BYTES: u64 = 512 * MIB;
 
-/// How long an execution waits for others to release memory before it is refused: not at all.
-/// A waiting execution would hold one of the node's execution slots (see the HTTP API's
-/// `max_concurrent_executions`) while doing nothing, so light queries would queue behind heavy
-/// ones that wait; refused at once, the heavy query's client is told to retry instead.
-pub const MEMORY_BUDGET_WAIT: Duration = Duration::ZERO;
-
 /// The default budget for non-replicated executions: a quarter of the machine's memory (the rest
 /// holds the replicated state, the replicated execution and the page cache), at least 512 MiB.
 pub fn default_query_memory_budget() -> u64 {
@@ -40,24 +34,23 @@ pub fn default_query_memory_budget() -> u64 {
 struct BudgetMetrics {
     capacity: Gauge,
     reserved: Gauge,
-    waits: Counter,
     refusals: Counter,
 }
 
-/// A node-wide [`MemoryBudget`]: reservations wait up to [`MEMORY_BUDGET_WAIT`] for room, then
-/// are refused with a message that says what was busy and when to retry.
+/// A node-wide [`MemoryBudget`]: a reservation that does not fit is refused at once, with a
+/// message that says what was busy and when to retry. It does not wait: a waiting execution would
+/// hold one of the node's execution slots (the HTTP API's `max_concurrent_executions`) while doing
+/// nothing, so light queries would queue behind heavy ones that wait.
 #[derive(Debug)]
 pub struct NodeMemoryBudget {
     capacity: u64,
     reserved: Mutex<u64>,
-    released: Condvar,
-    wait: Duration,
     metrics: BudgetMetrics,
 }
 
 impl NodeMemoryBudget {
-    /// A budget of `capacity` bytes whose reservations wait up to `wait` for room.
-    pub fn new(capacity: u64, wait: Duration) -> NodeMemoryBudget {
+    /// A budget of `capacity` bytes.
+    pub fn new(capacity: u64) -> NodeMemoryBudget {
         let metrics = BudgetMetrics::default();
         metrics
             .capacity
@@ -65,14 +58,12 @@ impl NodeMemoryBudget {
         NodeMemoryBudget {
             capacity,
             reserved: Mutex::new(0),
-            released: Condvar::new(),
-            wait,
             metrics,
         }
     }
 
     /// Registers the budget's metrics (`query_memory_budget_bytes`, `…_reserved_bytes`,
-    /// `…_waits`, `…_refusals`).
+    /// `…_refusals`).
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "query_memory_budget_bytes",
@@ -83,11 +74,6 @@ impl NodeMemoryBudget {
             "query_memory_reserved_bytes",
             "Memory reserved by the non-replicated executions running now",
             self.metrics.reserved.clone(),
-        );
-        registry.register(
-            "query_memory_waits",
-            "Reservations that waited for other executions to release memory",
-            self.metrics.waits.clone(),
         );
         registry.register(
             "query_memory_refusals",
@@ -125,28 +111,15 @@ impl MemoryBudget for NodeMemoryBudget {
             ));
         }
         let mut reserved = self.reserved.lock();
-        let deadline = Instant::now() + self.wait;
-        let mut waited = false;
-        while *reserved + bytes > self.capacity {
-            if !waited {
-                waited = true;
-                self.metrics.waits.inc();
-            }
-            if self
-                .released
-                .wait_until(&mut reserved, deadline)
-                .timed_out()
-                && *reserved + bytes > self.capacity
-            {
-                self.metrics.refusals.inc();
-                return Err(format!(
-                    "the node's memory budget for queries ({} MiB) is in use by other executions \
-                     ({} MiB reserved, {} MiB more needed); retry in a few seconds",
-                    self.capacity / MIB,
-                    reserved.div_ceil(MIB),
-                    bytes.div_ceil(MIB),
-                ));
-            }
+        if *reserved + bytes > self.capacity {
+            self.metrics.refusals.inc();
+            return Err(format!(
+                "the node's memory budget for queries ({} MiB) is in use by other executions \
+                 ({} MiB reserved, {} MiB more needed); retry in a few seconds",
+                self.capacity / MIB,
+                reserved.div_ceil(MIB),
+                bytes.div_ceil(MIB),
+            ));
         }
         *reserved += bytes;
         self.set_gauge(*reserved);
@@ -160,8 +133,6 @@ impl MemoryBudget for NodeMemoryBudget {
         let mut reserved = self.reserved.lock();
         *reserved = reserved.saturating_sub(bytes);
         self.set_gauge(*reserved);
-        drop(reserved);
-        self.released.notify_all();
     }
 }
 
@@ -368,7 +339,7 @@ mod tests {
 
     #[test]
     fn reservations_add_up_to_the_capacity_and_release_makes_room() {
-        let budget = NodeMemoryBudget::new(100 * MIB, Duration::from_millis(10));
+        let budget = NodeMemoryBudget::new(100 * MIB);
         budget.reserve(60 * MIB).expect("room");
         budget.reserve(40 * MIB).expect("exactly full");
         let refused = budget.reserve(1).expect_err("no room");
@@ -382,33 +353,13 @@ mod tests {
     }
 
     #[test]
-    fn more_than_the_whole_budget_is_refused_at_once_without_waiting() {
-        let budget = NodeMemoryBudget::new(10 * MIB, Duration::from_secs(60));
-        let started = Instant::now();
+    fn more_than_the_whole_budget_is_refused_with_its_own_reason() {
+        let budget = NodeMemoryBudget::new(10 * MIB);
         let refused = budget
             .reserve(11 * MIB)
             .expect_err("larger than the budget");
         assert!(refused.contains("more than this node's whole memory budget"));
-        assert!(started.elapsed() < Duration::from_secs(1));
         assert_eq!(budget.reserved(), 0);
-    }
-
-    #[test]
-    fn a_waiting_reservation_gets_memory_another_execution_releases() {
-        let budget = Arc::new(NodeMemoryBudget::new(10 * MIB, Duration::from_secs(30)));
-        budget.reserve(10 * MIB).expect("all of it");
-        let waiter = {
-            let budget = budget.clone();
-            std::thread::spawn(move || budget.reserve(5 * MIB))
-        };
-        // The waiter either waits for the release or arrives after it: both must succeed.
-        std::thread::sleep(Duration::from_millis(50));
-        budget.release(10 * MIB);
-        waiter
-            .join()
-            .expect("waiter")
-            .expect("room after the release");
-        assert_eq!(budget.reserved(), 5 * MIB);
     }
 
     #[test]
