@@ -254,6 +254,33 @@ pub enum ExecutionError {
     /// The heap or stable memory could not grow further (limit reached).
     #[error("Canister exceeded its allowed memory: {0}")]
     OutOfMemory(String),
+    /// The memory the execution added needs cycles reserved that the canister does not have
+    /// (the storage reservation of a subnet above its memory threshold). `missing` is shown only
+    /// to the canister's controllers, as on the IC.
+    #[error(
+        "Canister cannot grow memory by {bytes} bytes due to insufficient cycles.{}",
+        missing.map(|m| format!(" At least {m} additional cycles are required.")).unwrap_or_default()
+    )]
+    InsufficientCyclesInMemoryGrow {
+        /// Bytes the execution added.
+        bytes: u64,
+        /// Cycles short, for a controller.
+        missing: Option<u128>,
+    },
+    /// The memory the execution added would take the canister's reserved cycles past its
+    /// `reserved_cycles_limit`.
+    #[error(
+        "Canister cannot grow memory by {bytes} bytes due to its reserved cycles limit. The current limit ({limit}) would be exceeded by {}.",
+        requested - limit
+    )]
+    ReservedCyclesLimitExceededInMemoryGrow {
+        /// Bytes the execution added.
+        bytes: u64,
+        /// Reserved cycles the growth would bring the canister to.
+        requested: u128,
+        /// The canister's `reserved_cycles_limit`.
+        limit: u128,
+    },
     /// A non-replicated execution needed more memory than the node's [`MemoryBudget`] had free
     /// (the node is busy, not the canister at fault: retry later).
     #[error("{0}")]
@@ -315,6 +342,14 @@ impl ExecutionError {
             ExecutionError::WasmMemoryLimitExceeded { .. } => user(
                 "Try checking the canister for a possible memory leak or modifying it to use more stable memory instead of Wasm memory.",
                 "wasm-memory-limit-exceeded",
+            ),
+            ExecutionError::InsufficientCyclesInMemoryGrow { .. } => user(
+                "Try topping up this canister with more cycles.",
+                "insufficient-cycles-in-memory-grow",
+            ),
+            ExecutionError::ReservedCyclesLimitExceededInMemoryGrow { .. } => user(
+                "Try increasing this canister's reserved cycles limit or moving it to a subnet with lower memory usage.",
+                "reserved-cycles-limit-exceeded-in-memory-grow",
             ),
             ExecutionError::ContractViolation(_) => Some(TOOLCHAIN_HELP.to_string()),
             ExecutionError::OutOfMemory(_)

@@ -55,6 +55,10 @@ pub struct EmbedderConfig {
     pub max_module_bytes: usize,
     /// Most bytes `debug_print` may record per execution (the rest is dropped).
     pub max_debug_print_bytes_per_execution: usize,
+    /// Most bytes of memory files holding the images of large heaps (Note [tracked heaps] in
+    /// `heap_image`); the least recently used go first. A heap that does not fit still runs, with
+    /// its stored pages copied in.
+    pub max_heap_image_bytes: usize,
 }
 
 impl Default for EmbedderConfig {
@@ -64,6 +68,7 @@ impl Default for EmbedderConfig {
             max_wasm_stack_bytes: 1024 * 1024,
             max_module_bytes: MAX_MODULE_BYTES,
             max_debug_print_bytes_per_execution: 64 * 1024,
+            max_heap_image_bytes: 8 << 30,
         }
     }
 }

@@ -2,9 +2,11 @@
 //!
 //! One engine and two linkers (wasm32, memory64) per process; compiled modules are cached by
 //! module hash. Every execution gets a fresh store and instance (see Note [instance-free state]
-//! in `instrumentation`): the heap image and globals are copied in, the entry point runs under a
-//! fuel limit, and on success the heap is compared back page by page into a copy-on-write
-//! [`PageMap`], so only changed pages are stored anew.
+//! in `instrumentation`): the heap image and globals are put in, the entry point runs under a
+//! fuel limit, and on success the heap is compared back into a copy-on-write [`PageMap`], so only
+//! changed pages are stored anew. A small heap is copied in and compared back whole; a large one
+//! is mapped from a file image and only the pages the execution wrote are compared (Note
+//! [tracked heaps] in `heap_image`).
 
 use crate::api::{
     Embedder, EntryPoint, ExecutionError, InvalidWasm, NewExecutionState, WasmExecutionInput,
@@ -14,12 +16,15 @@ use crate::config::{
     DATA_SEGMENT_INSTRUCTION_LIMIT, EmbedderConfig, EmbedderError, MAX_WASM32_MEMORY_BYTES,
     WASM_PAGE_BYTES, build_engine_with,
 };
+use crate::heap_image::{HeapImage, HeapImages, TRACKED_HEAP_MIN_BYTES};
 use crate::imports::Context;
 use crate::instrumentation::{
     INIT_DATA_EXPORT, MEMORY_EXPORT, START_EXPORT, TABLE_EXPORT, global_export, instrument,
 };
 use crate::linker::{GrowthLimits, HostError, MemoryLease, StoreData, build_linker};
-use crate::memory_pool::{RecyclingMemoryCreator, create_unzeroed, zero_heap_range};
+use crate::memory_pool::{
+    RecyclingMemoryCreator, create_tracked, create_unzeroed, touched_pages, zero_heap_range,
+};
 use crate::system_api::SystemApi;
 use crate::validation::{decode, validate};
 use openic_replicated_state::{
@@ -77,6 +82,14 @@ impl ModuleCache {
     }
 }
 
+/// How an instance's linear memory starts.
+enum MemoryStart {
+    /// At this size, possibly holding stale bytes ([`create_unzeroed`]).
+    Unzeroed(usize),
+    /// At this size, zero or mapped from the image, with nothing resident ([`create_tracked`]).
+    Tracked(usize, Option<Arc<HeapImage>>),
+}
+
 /// The wasmtime embedder. Cheap to share (`Arc`) between the block and query threads.
 pub struct WasmtimeEmbedder {
     config: EmbedderConfig,
@@ -86,6 +99,8 @@ pub struct WasmtimeEmbedder {
     cache: Mutex<ModuleCache>,
     /// The engine's pool of linear memories.
     memories: RecyclingMemoryCreator,
+    /// File images of the largest heaps (Note [tracked heaps]).
+    images: HeapImages,
 }
 
 impl std::fmt::Debug for WasmtimeEmbedder {
@@ -152,50 +167,74 @@ fn global_val(value: GlobalValue) -> Val {
     }
 }
 
-/// Instructions charged per stored 4 KiB heap page before an execution runs, for copying the
-/// page into the fresh instance and comparing it back afterwards (a 4 GiB heap costs about
-/// 268 M instructions, a few percent of an update's budget).
-pub const HEAP_COPY_INSTRUCTIONS_PER_PAGE: u64 = 256;
-
-/// The instructions charged for copying in (and comparing back) `stored_pages` heap pages.
-fn heap_copy_instructions(stored_pages: u64) -> u64 {
-    stored_pages.saturating_mul(HEAP_COPY_INSTRUCTIONS_PER_PAGE)
-}
+/// Instructions charged per 4 KiB heap page whose contents a message changed (the work of storing
+/// it in the new state). What an execution costs depends on the pages it writes, never on how
+/// large the heap is (Note [tracked heaps] in `heap_image`).
+pub const HEAP_PAGE_WRITE_INSTRUCTIONS: u64 = 256;
 
 /// An all-zero page, to compare against with `memcmp`.
 static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
 /// Makes `map` equal to the heap image `heap`, storing anew only the pages whose contents
 /// changed (unchanged pages keep sharing their `Arc` with the previous state). Same result as
-/// `PageMap::update_from_slice`, with whole-page `memcmp`s instead of byte loops.
-fn update_page_map(map: &mut PageMap, heap: &[u8]) {
+/// `PageMap::update_from_slice`, with whole-page `memcmp`s instead of byte loops. Returns how many
+/// pages changed.
+fn update_page_map(map: &mut PageMap, heap: &[u8]) -> u64 {
+    let mut changed = 0;
     let mut full_pages = heap.chunks_exact(PAGE_SIZE);
     for (index, chunk) in full_pages.by_ref().enumerate() {
-        let index = index as u64;
-        let unchanged = match map.page(index) {
-            Some(page) => page[..] == *chunk,
-            None => chunk == &ZERO_PAGE[..],
-        };
-        if !unchanged {
-            let mut page = [0u8; PAGE_SIZE];
-            page.copy_from_slice(chunk);
-            map.set_page(index, &page);
-        }
+        changed += u64::from(update_page(map, index as u64, chunk));
     }
     let rest = full_pages.remainder();
     let whole = (heap.len() / PAGE_SIZE) as u64;
     if !rest.is_empty() {
         let mut page = [0u8; PAGE_SIZE];
         page[..rest.len()].copy_from_slice(rest);
-        if map
-            .page(whole)
-            .map(|p| p[..] != page[..])
-            .unwrap_or(page != ZERO_PAGE)
-        {
-            map.set_page(whole, &page);
+        changed += u64::from(update_page(map, whole, &page));
+    }
+    let end = heap.len().div_ceil(PAGE_SIZE) as u64;
+    changed += map.pages().skip_while(|(i, _)| *i < end).count() as u64;
+    map.truncate(end);
+    changed
+}
+
+/// Makes page `index` of `map` equal to `bytes` (one whole page); returns whether it changed.
+fn update_page(map: &mut PageMap, index: u64, bytes: &[u8]) -> bool {
+    let unchanged = match map.page(index) {
+        Some(page) => page[..] == *bytes,
+        None => bytes == &ZERO_PAGE[..],
+    };
+    if !unchanged {
+        let mut page = [0u8; PAGE_SIZE];
+        page.copy_from_slice(bytes);
+        map.set_page(index, &page);
+    }
+    !unchanged
+}
+
+/// Makes `map` equal to the heap image `heap` given that only the pages `touched` (ascending) can
+/// differ (Note [tracked heaps]); without that list, compares every page. Returns how many pages
+/// changed.
+fn update_page_map_touched(map: &mut PageMap, heap: &[u8], touched: Option<Vec<u64>>) -> u64 {
+    let Some(touched) = touched else {
+        return update_page_map(map, heap);
+    };
+    let mut changed = 0;
+    for index in touched {
+        let start = index as usize * PAGE_SIZE;
+        let Some(bytes) = heap.get(start..(start + PAGE_SIZE).min(heap.len())) else {
+            continue;
+        };
+        if bytes.len() == PAGE_SIZE {
+            changed += u64::from(update_page(map, index, bytes));
+        } else {
+            let mut page = [0u8; PAGE_SIZE];
+            page[..bytes.len()].copy_from_slice(bytes);
+            changed += u64::from(update_page(map, index, &page));
         }
     }
-    map.truncate(heap.len().div_ceil(PAGE_SIZE) as u64);
+    // A heap only grows within an execution, so no stored page lies past it.
+    changed
 }
 
 impl WasmtimeEmbedder {
@@ -212,6 +251,7 @@ impl WasmtimeEmbedder {
             clock: 0,
             capacity: config.compiled_module_cache_entries,
         });
+        let images = HeapImages::new(config.max_heap_image_bytes);
         Ok(WasmtimeEmbedder {
             config,
             engine,
@@ -219,6 +259,7 @@ impl WasmtimeEmbedder {
             linker64,
             cache,
             memories,
+            images,
         })
     }
 
@@ -282,16 +323,17 @@ impl WasmtimeEmbedder {
         Ok(compiled)
     }
 
-    /// A fresh store and instance. With `unzeroed_heap_bytes`, the memory starts at that size
-    /// and may hold stale bytes (see [`create_unzeroed`]): the returned length is the prefix that
-    /// [`Self::restore`] must overwrite.
+    /// A fresh store and instance, its memory made as `memory` says. Returns, for
+    /// [`MemoryStart::Unzeroed`], the prefix that [`Self::restore`] must overwrite (see
+    /// [`create_unzeroed`]), and for [`MemoryStart::Tracked`] the bytes the image covers (see
+    /// [`create_tracked`]).
     fn instantiate(
         &self,
         compiled: &CompiledModule,
         api: Option<SystemApi>,
         memory_limit_bytes: u64,
         instruction_limit: u64,
-        unzeroed_heap_bytes: Option<u64>,
+        memory: MemoryStart,
         lease: Option<MemoryLease>,
     ) -> Result<(Store<StoreData>, wasmtime::Instance, usize), ExecutionError> {
         let mut store = Store::new(
@@ -309,11 +351,12 @@ impl WasmtimeEmbedder {
         );
         store.limiter(|data| &mut data.limits);
         store.set_fuel(instruction_limit).map_err(wasm_error)?;
-        let (instance, stale_bytes) = match unzeroed_heap_bytes
-            .and_then(|bytes| usize::try_from(bytes).ok())
-        {
-            Some(bytes) => create_unzeroed(bytes, || compiled.instance_pre.instantiate(&mut store)),
-            None => (compiled.instance_pre.instantiate(&mut store), 0),
+        let instantiate = |store: &mut Store<StoreData>| compiled.instance_pre.instantiate(store);
+        let (instance, bytes) = match memory {
+            MemoryStart::Unzeroed(size) => create_unzeroed(size, || instantiate(&mut store)),
+            MemoryStart::Tracked(size, image) => {
+                create_tracked(size, image, || instantiate(&mut store))
+            }
         };
         let instance = instance.map_err(wasm_error)?;
         let memory = match &compiled.memory {
@@ -323,7 +366,7 @@ impl WasmtimeEmbedder {
             None => None,
         };
         store.data_mut().memory = memory;
-        Ok((store, instance, stale_bytes))
+        Ok((store, instance, bytes))
     }
 
     /// Copies the canister's heap image and globals into a fresh instance, and zeroes the pages
@@ -392,6 +435,70 @@ impl WasmtimeEmbedder {
             }
             zero_gap(heap, next_unwritten, heap.len());
         }
+        Self::restore_globals(compiled, store, instance, state)
+    }
+
+    /// Puts the canister's heap into a memory made by [`create_tracked`] (which already holds
+    /// `image`'s bytes over its first `mapped` bytes, and zeros after them): the pages in which
+    /// the state differs from the image, or every stored page without one; then the globals.
+    fn restore_tracked(
+        compiled: &CompiledModule,
+        store: &mut Store<StoreData>,
+        instance: &wasmtime::Instance,
+        state: &ExecutionState,
+        image: Option<&HeapImage>,
+        mapped: usize,
+    ) -> Result<(), ExecutionError> {
+        if let Some(memory) = store.data().memory {
+            let target = state.wasm_memory_size_pages;
+            let current = memory.size(&*store);
+            if target != current {
+                return Err(wasm_error(format!(
+                    "the saved heap has {target} wasm pages, the memory {current}"
+                )));
+            }
+            let heap = memory.data_mut(&mut *store);
+            let mut put = |index: u64, page: Option<&[u8; PAGE_SIZE]>| {
+                let start = usize::try_from(index)
+                    .ok()
+                    .and_then(|index| index.checked_mul(PAGE_SIZE));
+                let slot =
+                    start.and_then(|start| heap.get_mut(start..start.checked_add(PAGE_SIZE)?));
+                match (slot, page) {
+                    (Some(slot), Some(page)) => slot.copy_from_slice(page),
+                    (Some(slot), None) => slot.fill(0),
+                    // A page gone since the image was made, past today's heap: nothing to clear.
+                    (None, None) => {}
+                    (None, Some(_)) => {
+                        return Err(wasm_error(format!(
+                            "the saved heap has a page at index {index}, beyond its size of {target} wasm pages"
+                        )));
+                    }
+                }
+                Ok(())
+            };
+            match image {
+                Some(image) if mapped > 0 => {
+                    for (index, page) in state.wasm_memory.changes_since(image.base()) {
+                        put(index, page)?;
+                    }
+                }
+                _ => {
+                    for (index, page) in state.wasm_memory.pages() {
+                        put(index, Some(page))?;
+                    }
+                }
+            }
+        }
+        Self::restore_globals(compiled, store, instance, state)
+    }
+
+    fn restore_globals(
+        compiled: &CompiledModule,
+        store: &mut Store<StoreData>,
+        instance: &wasmtime::Instance,
+        state: &ExecutionState,
+    ) -> Result<(), ExecutionError> {
         if compiled.globals.len() != state.globals.len() {
             return Err(wasm_error(format!(
                 "the saved state has {} globals, the module {}",
@@ -520,6 +627,7 @@ impl WasmtimeEmbedder {
             context,
             Context::ReplicatedQuery | Context::NonReplicatedQuery | Context::InspectMessage
         );
+        let canister = input.system_state.canister_id;
         let api = SystemApi::new(
             input.api_type,
             input.system_state,
@@ -545,34 +653,46 @@ impl WasmtimeEmbedder {
             }
             None => None,
         };
-        let (mut store, instance, stale_bytes) = self.instantiate(
-            &compiled,
-            Some(api),
-            memory_limit,
-            limit,
-            Some(heap_bytes),
-            lease,
-        )?;
+        let tracked = heap_bytes >= TRACKED_HEAP_MIN_BYTES;
+        let heap_len = usize::try_from(heap_bytes)
+            .map_err(|_| wasm_error("the heap does not fit this machine's address space"))?;
+        let image = if tracked {
+            self.images
+                .image_for(canister, &state.wasm_memory, heap_len)
+        } else {
+            None
+        };
+        let start = if tracked {
+            MemoryStart::Tracked(heap_len, image.clone())
+        } else {
+            MemoryStart::Unzeroed(heap_len)
+        };
+        let (mut store, instance, start_bytes) =
+            self.instantiate(&compiled, Some(api), memory_limit, limit, start, lease)?;
         // The setting traps where it applies (and where it, not the platform, is the bound).
         if input.wasm_memory_limit_traps && memory_limit == input.wasm_memory_limit_bytes {
             store.data_mut().limits.trap_at_setting = Some(input.wasm_memory_limit_bytes);
         }
-        Self::restore(
-            &compiled,
-            &mut store,
-            &instance,
-            state,
-            stale_bytes,
-            !keeps_state,
-        )?;
-        // The heap copy-in (and compare-back) is work proportional to the stored heap: charge it
-        // from the budget before the canister runs, so a huge heap is not free to execute.
-        let heap_cost = heap_copy_instructions(state.wasm_memory.num_stored_pages() as u64);
-        if heap_cost > limit {
-            *instructions_used = limit;
-            return Err(ExecutionError::InstructionLimitExceeded { limit });
+        if tracked {
+            Self::restore_tracked(
+                &compiled,
+                &mut store,
+                &instance,
+                state,
+                image.as_deref(),
+                start_bytes,
+            )?;
+        } else {
+            Self::restore(
+                &compiled,
+                &mut store,
+                &instance,
+                state,
+                start_bytes,
+                !keeps_state,
+            )?;
         }
-        store.set_fuel(limit - heap_cost).map_err(wasm_error)?;
+        drop(image);
 
         let result = Self::run(&compiled, &mut store, &instance, &input.entry_point, limit);
         *instructions_used = limit.saturating_sub(store.get_fuel().unwrap_or(0));
@@ -606,7 +726,19 @@ impl WasmtimeEmbedder {
             let (wasm_memory, wasm_memory_size_pages) = match store.data().memory {
                 Some(memory) => {
                     let mut image = state.wasm_memory.clone();
-                    update_page_map(&mut image, memory.data(&store));
+                    let heap = memory.data(&store);
+                    let changed = if tracked {
+                        update_page_map_touched(&mut image, heap, touched_pages(heap))
+                    } else {
+                        update_page_map(&mut image, heap)
+                    };
+                    // Storing the changed pages is work the message pays for.
+                    let cost = changed.saturating_mul(HEAP_PAGE_WRITE_INSTRUCTIONS);
+                    *instructions_used = instructions_used.saturating_add(cost);
+                    if *instructions_used > limit {
+                        *instructions_used = limit;
+                        return Err(ExecutionError::InstructionLimitExceeded { limit });
+                    }
                     (image, memory.size(&store))
                 }
                 None => (PageMap::new(), 0),
@@ -664,7 +796,7 @@ impl Embedder for WasmtimeEmbedder {
                 None,
                 MAX_WASM32_MEMORY_BYTES,
                 DATA_SEGMENT_INSTRUCTION_LIMIT,
-                None,
+                MemoryStart::Tracked(0, None),
                 None,
             )
             .map_err(failed)?;
@@ -680,11 +812,15 @@ impl Embedder for WasmtimeEmbedder {
                 classify(e, DATA_SEGMENT_INSTRUCTION_LIMIT)
             ))
         })?;
+        // Only the pages the data segments wrote can be non-zero: a module that declares gigabytes
+        // of initial memory is not read through.
         let (wasm_memory, wasm_memory_size_pages) = match store.data().memory {
-            Some(memory) => (
-                PageMap::from_slice(memory.data(&store)),
-                memory.size(&store),
-            ),
+            Some(memory) => {
+                let heap = memory.data(&store);
+                let mut map = PageMap::new();
+                update_page_map_touched(&mut map, heap, touched_pages(heap));
+                (map, memory.size(&store))
+            }
             None => (PageMap::new(), 0),
         };
         let globals = Self::read_globals(&compiled, &mut store, &instance).map_err(failed)?;

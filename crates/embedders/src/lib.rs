@@ -15,11 +15,14 @@
 //! - A trap leaves no trace: on `Err`, the output carries no state and no changes.
 //! - Every ic0 import checks its execution context and traps outside it.
 //! - No execution state lives in wasmtime between executions: each execution instantiates afresh
-//!   and copies the heap and globals in and out (Note [instance-free state] in `instrumentation`).
+//!   and puts the heap and globals in and takes them out (Note [instance-free state] in
+//!   `instrumentation`); large heaps are mapped from file images and only written pages are
+//!   compared back (Note [tracked heaps] in `heap_image`).
 
 pub mod api;
 pub mod config;
 mod embedder;
+mod heap_image;
 mod imports;
 mod instrumentation;
 mod linker;
@@ -29,4 +32,4 @@ mod validation;
 
 pub use api::*;
 pub use config::{EmbedderConfig, EmbedderError};
-pub use embedder::{HEAP_COPY_INSTRUCTIONS_PER_PAGE, WasmtimeEmbedder};
+pub use embedder::{HEAP_PAGE_WRITE_INSTRUCTIONS, WasmtimeEmbedder};

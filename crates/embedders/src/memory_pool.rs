@@ -30,10 +30,11 @@
 // sound.
 #![allow(unsafe_code)]
 
+use crate::heap_image::HeapImage;
 use rustix::mm::{Advice, MapFlags, MprotectFlags, ProtFlags};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use wasmtime::{LinearMemory, MemoryCreator, MemoryType};
 
 /// Most bytes of a released memory kept resident (to be overwritten or zeroed by the next user);
@@ -62,6 +63,8 @@ struct Region {
     dirty: usize,
     /// The pool's generation when the region was last given back (see [`RecyclingMemoryCreator::release_idle`]).
     released_in: u64,
+    /// Bytes at the start mapped from a heap image's file rather than anonymous memory.
+    file_mapped: usize,
 }
 
 // SAFETY: a region is a private anonymous mapping owned by exactly one `Region` value; moving
@@ -96,7 +99,68 @@ impl Region {
             accessible: 0,
             dirty: 0,
             released_in: 0,
+            file_mapped: 0,
         })
+    }
+
+    /// Maps the first `len` bytes of `image`'s file copy-on-write over the region's start
+    /// (`len <= accessible`, within the file, a multiple of the OS page size).
+    fn map_file(&mut self, image: &HeapImage, len: usize) -> Result<(), String> {
+        debug_assert!(len <= self.accessible && len <= image.len());
+        // SAFETY: `0..len` lies in the accessible part of this region's mapping, which only this
+        // value owns and no instance runs on yet; MAP_FIXED replaces those pages with a private
+        // copy-on-write view of the file, which is at least `len` bytes long (no SIGBUS), and the
+        // file stays open (the memory holds the image) until `unmap_file` replaces the view.
+        let mapped = unsafe {
+            rustix::mm::mmap(
+                self.base.cast(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE | MapFlags::FIXED,
+                image.file(),
+                0,
+            )
+        };
+        match mapped {
+            Ok(_) => {
+                self.file_mapped = len;
+                self.dirty = self.dirty.max(len);
+                Ok(())
+            }
+            Err(e) => {
+                // A failed MAP_FIXED may have unmapped the range: make it anonymous again.
+                self.file_mapped = len;
+                if !self.unmap_file() {
+                    return Err(format!("the region could not be restored: {e}"));
+                }
+                Err(format!("cannot map a heap image: {e}"))
+            }
+        }
+    }
+
+    /// Replaces the mapped image (if any) with anonymous zeros, accessible as before. Returns
+    /// `false` if the kernel refused (the region must then not be reused).
+    fn unmap_file(&mut self) -> bool {
+        if self.file_mapped == 0 {
+            return true;
+        }
+        let len = self.file_mapped;
+        // SAFETY: `0..len` lies inside this region's mapping and no instance uses it; a fresh
+        // private anonymous mapping there reads as zeros and is accessible like the rest of the
+        // accessible prefix (`len <= accessible`).
+        let remapped = unsafe {
+            rustix::mm::mmap_anonymous(
+                self.base.cast(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE | MapFlags::FIXED | MapFlags::NORESERVE,
+            )
+        };
+        if remapped.is_err() {
+            return false;
+        }
+        self.file_mapped = 0;
+        true
     }
 
     /// Hands every dirty page of an idle region back to the kernel (they read as zeros after);
@@ -304,15 +368,30 @@ pub(crate) fn zero_heap_range(bytes: &mut [u8]) {
     bytes.fill(0);
 }
 
-/// A request for the next memory this thread creates: see [`create_unzeroed`].
-#[derive(Clone, Copy)]
-struct UnzeroedRequest {
-    size: usize,
+/// A request for the next memory this thread creates: see [`create_unzeroed`] and
+/// [`create_tracked`].
+enum Request {
+    Unzeroed {
+        size: usize,
+    },
+    Tracked {
+        size: usize,
+        image: Option<Arc<HeapImage>>,
+    },
+}
+
+impl Request {
+    fn size(&self) -> usize {
+        match self {
+            Request::Unzeroed { size } | Request::Tracked { size, .. } => *size,
+        }
+    }
 }
 
 thread_local! {
-    static UNZEROED_REQUEST: Cell<Option<UnzeroedRequest>> = const { Cell::new(None) };
+    static REQUEST: RefCell<Option<Request>> = const { RefCell::new(None) };
     static UNZEROED_DIRTY: Cell<usize> = const { Cell::new(0) };
+    static MAPPED_BYTES: Cell<usize> = const { Cell::new(0) };
 }
 
 /// Runs `instantiate` so that the linear memory it creates (if any) starts at `size` bytes
@@ -322,11 +401,170 @@ thread_local! {
 /// runs, the caller must overwrite every byte of `0..min(dirty, size)`. See Note [recycled linear
 /// memories].
 pub(crate) fn create_unzeroed<R>(size: usize, instantiate: impl FnOnce() -> R) -> (R, usize) {
-    UNZEROED_REQUEST.with(|r| r.set(Some(UnzeroedRequest { size })));
+    REQUEST.with(|r| *r.borrow_mut() = Some(Request::Unzeroed { size }));
     UNZEROED_DIRTY.with(|d| d.set(0));
     let result = instantiate();
-    UNZEROED_REQUEST.with(|r| r.set(None));
+    REQUEST.with(|r| r.borrow_mut().take());
     (result, UNZEROED_DIRTY.with(|d| d.replace(0)))
+}
+
+/// Runs `instantiate` so that the linear memory it creates (if any) starts at `size` bytes (as
+/// [`create_unzeroed`]), reads as zeros with none of its pages resident, and, with `image`, has
+/// the image's file mapped copy-on-write over its first `min(size, image.len())` bytes, so that
+/// afterwards [`touched_pages`] names every page an execution wrote. Returns `instantiate`'s
+/// result and how many bytes the image covers (0 if it could not be mapped: the memory then
+/// reads as zeros and the caller must copy the whole heap in). See Note [tracked heaps].
+pub(crate) fn create_tracked<R>(
+    size: usize,
+    image: Option<Arc<HeapImage>>,
+    instantiate: impl FnOnce() -> R,
+) -> (R, usize) {
+    REQUEST.with(|r| *r.borrow_mut() = Some(Request::Tracked { size, image }));
+    MAPPED_BYTES.with(|m| m.set(0));
+    let result = instantiate();
+    REQUEST.with(|r| r.borrow_mut().take());
+    (result, MAPPED_BYTES.with(|m| m.replace(0)))
+}
+
+/// `/proc/self/pagemap`, opened once; `None` where there is no procfs.
+fn pagemap() -> Option<&'static std::fs::File> {
+    static PAGEMAP: OnceLock<Option<std::fs::File>> = OnceLock::new();
+    PAGEMAP
+        .get_or_init(|| std::fs::File::open("/proc/self/pagemap").ok())
+        .as_ref()
+}
+
+/// `struct pm_scan_arg` of `<linux/fs.h>` (Linux 6.7+).
+#[repr(C)]
+#[derive(Default)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+/// `struct page_region` of `<linux/fs.h>`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+const PAGE_IS_FILE: u64 = 1 << 2;
+const PAGE_IS_PRESENT: u64 = 1 << 3;
+const PAGE_IS_SWAPPED: u64 = 1 << 4;
+
+/// The `PAGEMAP_SCAN` ioctl, which returns how many regions it filled.
+struct PagemapScan<'a>(&'a mut PmScanArg);
+
+// SAFETY: PAGEMAP_SCAN is `_IOWR('f', 16, struct pm_scan_arg)`; the kernel reads and updates the
+// argument (`walk_end`) and writes at most `vec_len` `page_region`s to `vec`, which the caller
+// points at a buffer of that many.
+unsafe impl rustix::ioctl::Ioctl for PagemapScan<'_> {
+    type Output = usize;
+    const IS_MUTATING: bool = true;
+    fn opcode(&self) -> rustix::ioctl::Opcode {
+        rustix::ioctl::opcode::read_write::<PmScanArg>(b'f', 16)
+    }
+    fn as_ptr(&mut self) -> *mut std::ffi::c_void {
+        (self.0 as *mut PmScanArg).cast()
+    }
+    unsafe fn output_from_ptr(
+        out: rustix::ioctl::IoctlOutput,
+        _: *mut std::ffi::c_void,
+    ) -> rustix::io::Result<usize> {
+        Ok(out as usize)
+    }
+}
+
+/// The pages of `memory` (indexes from its start, ascending, each once) that may have been written
+/// since it was made by [`create_tracked`]: every page that is not the image file's, present or
+/// swapped out. May name pages that were only read (memory grown during the execution, pages
+/// copied in before it ran); never misses a written one. `None` if the kernel cannot say (no
+/// procfs), in which case every page must be assumed written.
+pub(crate) fn touched_pages(memory: &[u8]) -> Option<Vec<u64>> {
+    let file = pagemap()?;
+    match touched_pages_by_scan(file, memory) {
+        Ok(pages) => Some(pages),
+        // Kernels before 6.7: read the page table entries one by one.
+        Err(_) => touched_pages_by_reading(file, memory),
+    }
+}
+
+/// [`touched_pages`] with the `PAGEMAP_SCAN` ioctl (Linux 6.7+), which walks only the populated
+/// page tables and returns runs of matching pages.
+fn touched_pages_by_scan(file: &std::fs::File, memory: &[u8]) -> rustix::io::Result<Vec<u64>> {
+    let start = memory.as_ptr() as usize;
+    debug_assert!(start.is_multiple_of(OS_PAGE_BYTES));
+    let end = start + memory.len().div_ceil(OS_PAGE_BYTES) * OS_PAGE_BYTES;
+    let mut pages = Vec::new();
+    let mut regions = vec![PageRegion::default(); 512];
+    let mut from = start as u64;
+    while from < end as u64 {
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            start: from,
+            end: end as u64,
+            vec: regions.as_mut_ptr() as u64,
+            vec_len: regions.len() as u64,
+            category_inverted: PAGE_IS_FILE,
+            category_mask: PAGE_IS_FILE,
+            category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            ..PmScanArg::default()
+        };
+        // SAFETY: `regions` has `vec_len` entries and outlives the call; the scanned range is
+        // this process's own memory and is only read (no write-protect flags).
+        let filled = unsafe { rustix::ioctl::ioctl(file, PagemapScan(&mut arg)) }?;
+        for region in &regions[..filled.min(regions.len())] {
+            let first = (region.start - start as u64) / OS_PAGE_BYTES as u64;
+            let last = (region.end - start as u64) / OS_PAGE_BYTES as u64;
+            pages.extend(first..last);
+        }
+        if arg.walk_end <= from {
+            break;
+        }
+        from = arg.walk_end;
+    }
+    Ok(pages)
+}
+
+/// [`touched_pages`] from `/proc/self/pagemap` entries (8 bytes per page: bit 63 present, 62
+/// swapped, 61 a file page), for kernels without `PAGEMAP_SCAN`.
+fn touched_pages_by_reading(file: &std::fs::File, memory: &[u8]) -> Option<Vec<u64>> {
+    use std::os::unix::fs::FileExt;
+    let first_page = memory.as_ptr() as u64 / OS_PAGE_BYTES as u64;
+    let count = memory.len().div_ceil(OS_PAGE_BYTES);
+    let mut pages = Vec::new();
+    let mut entries = vec![0u8; 8 * 4096];
+    let mut done = 0usize;
+    while done < count {
+        let n = (count - done).min(entries.len() / 8);
+        let bytes = &mut entries[..n * 8];
+        file.read_exact_at(bytes, (first_page + done as u64) * 8)
+            .ok()?;
+        for (i, entry) in bytes.chunks_exact(8).enumerate() {
+            let entry = u64::from_le_bytes(entry.try_into().unwrap_or([0; 8]));
+            let in_memory = entry & (1 << 63 | 1 << 62) != 0;
+            let file_page = entry & (1 << 61) != 0 && entry & (1 << 62) == 0;
+            if in_memory && !file_page {
+                pages.push((done + i) as u64);
+            }
+        }
+        done += n;
+    }
+    Some(pages)
 }
 
 // SAFETY: memories read as zeros (fresh mappings, or pooled ones zeroed over their dirty prefix)
@@ -344,13 +582,9 @@ unsafe impl MemoryCreator for RecyclingMemoryCreator {
         guard_size_in_bytes: usize,
     ) -> Result<Box<dyn LinearMemory>, String> {
         // Only the first memory of the instantiation is meant (a module has at most one).
-        let request = UNZEROED_REQUEST.with(|r| r.take());
-        let size = match request {
-            Some(UnzeroedRequest { size })
-                if size >= minimum && maximum.is_none_or(|maximum| size <= maximum) =>
-            {
-                size
-            }
+        let request = REQUEST.with(|r| r.borrow_mut().take());
+        let size = match request.as_ref().map(Request::size) {
+            Some(size) if size >= minimum && maximum.is_none_or(|maximum| size <= maximum) => size,
             _ => minimum,
         };
         let len =
@@ -367,10 +601,27 @@ unsafe impl MemoryCreator for RecyclingMemoryCreator {
             (Region::reserve(len, guard)?, false)
         };
         region.set_accessible(len)?;
-        if request.is_some() {
-            UNZEROED_DIRTY.with(|d| d.set(region.dirty.min(len)));
-        } else {
-            region.zero(0, len);
+        let mut image = None;
+        match request {
+            Some(Request::Unzeroed { .. }) => {
+                UNZEROED_DIRTY.with(|d| d.set(region.dirty.min(len)));
+            }
+            Some(Request::Tracked { image: wanted, .. }) => {
+                // Nothing resident: every page the execution writes becomes one.
+                if region.discard_dirty().is_none() {
+                    // The region keeps resident zeros; they read as written, which only costs
+                    // comparisons.
+                    region.zero(0, len);
+                }
+                if let Some(wanted) = wanted {
+                    let mapped = (wanted.len() / OS_PAGE_BYTES * OS_PAGE_BYTES).min(len);
+                    if mapped > 0 && region.map_file(&wanted, mapped).is_ok() {
+                        MAPPED_BYTES.with(|m| m.set(mapped));
+                        image = Some(wanted);
+                    }
+                }
+            }
+            None => region.zero(0, len),
         }
         Ok(Box::new(RecycledMemory {
             region: Some(region),
@@ -378,6 +629,7 @@ unsafe impl MemoryCreator for RecyclingMemoryCreator {
             maximum,
             pooled,
             pool: self.pool.clone(),
+            image,
         }))
     }
 }
@@ -391,6 +643,8 @@ struct RecycledMemory {
     /// Whether the region has the standard shape and goes back to the pool when released.
     pooled: bool,
     pool: Arc<Pool>,
+    /// The heap image mapped over the region's start, kept open while it is mapped.
+    image: Option<Arc<HeapImage>>,
 }
 
 impl RecycledMemory {
@@ -461,11 +715,14 @@ unsafe impl LinearMemory for RecycledMemory {
 
 impl Drop for RecycledMemory {
     fn drop(&mut self) {
-        if let Some(region) = self.region.take()
+        if let Some(mut region) = self.region.take()
             && self.pooled
+            && region.unmap_file()
         {
             self.pool.give_back(region);
         }
+        // The image's file may change once no memory maps it.
+        self.image = None;
     }
 }
 
@@ -595,6 +852,69 @@ mod tests {
             .unwrap();
         assert!(memory.grow_to(2 * 65536).is_err());
         assert_eq!(memory.byte_size(), 65536);
+    }
+
+    #[test]
+    fn a_tracked_memory_shows_its_image_and_names_exactly_the_written_pages() {
+        use openic_replicated_state::{PAGE_SIZE, PageMap};
+        let creator = RecyclingMemoryCreator::new();
+        // A previous user leaves resident, non-zero pages behind.
+        let mut first = new(&creator, 2 * 65536);
+        bytes(&mut *first).fill(1);
+        drop(first);
+        let mut map = PageMap::new();
+        for index in 0..10 {
+            map.set_page(index, &[index as u8 + 1; PAGE_SIZE]);
+        }
+        let image = Arc::new(HeapImage::build(&map, 64 * PAGE_SIZE).unwrap());
+        let (memory, mapped) = create_tracked(128 * PAGE_SIZE, Some(image.clone()), || {
+            new(&creator, 65536)
+        });
+        let mut memory = memory;
+        assert_eq!(mapped, 64 * PAGE_SIZE);
+        let heap = bytes(&mut *memory);
+        assert_eq!(heap[3 * PAGE_SIZE], 4, "the image's bytes show");
+        assert_eq!(heap[20 * PAGE_SIZE], 0, "holes of the image read as zeros");
+        assert_eq!(
+            heap[100 * PAGE_SIZE],
+            0,
+            "past the image: zeros, not the old user's"
+        );
+        assert_eq!(
+            touched_pages(heap),
+            Some(vec![100]),
+            "reading the image names nothing; past it, a page read may be named"
+        );
+        heap[5 * PAGE_SIZE + 9] = 7;
+        heap[70 * PAGE_SIZE] = 7;
+        heap[127 * PAGE_SIZE + 4095] = 7;
+        assert_eq!(touched_pages(heap), Some(vec![5, 70, 100, 127]));
+        assert_eq!(
+            touched_pages_by_reading(pagemap().unwrap(), heap),
+            Some(vec![5, 70, 100, 127]),
+            "the fallback agrees"
+        );
+        let kernel = rustix::system::uname();
+        let release = kernel.release().to_string_lossy();
+        let mut version = release
+            .split(['.', '-'])
+            .map(|n| n.parse::<u32>().unwrap_or(0));
+        if (version.next().unwrap_or(0), version.next().unwrap_or(0)) >= (6, 7) {
+            assert_eq!(
+                touched_pages_by_scan(pagemap().unwrap(), heap).ok(),
+                Some(vec![5, 70, 100, 127]),
+                "PAGEMAP_SCAN is used on Linux {release}"
+            );
+        }
+        drop(memory);
+        assert_eq!(
+            Arc::strong_count(&image),
+            1,
+            "the memory let go of the image"
+        );
+        // The region is reused without the file: it reads as zeros.
+        let mut again = new(&creator, 2 * 65536);
+        assert!(bytes(&mut *again).iter().all(|b| *b == 0));
     }
 
     #[test]

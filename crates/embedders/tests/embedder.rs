@@ -254,7 +254,7 @@ fn run(
 /// The export name of a test method: queries and system hooks as named, the rest are updates.
 fn export_name(method: &str) -> String {
     match method {
-        "read" | "stable_read" | "bump" => format!("canister_query {method}"),
+        "read" | "stable_read" | "bump" | "peek" => format!("canister_query {method}"),
         m if m.starts_with("canister_") => m.to_string(),
         m => format!("canister_update {m}"),
     }
@@ -808,40 +808,37 @@ fn replicated_query_discards_state_but_keeps_cycles_and_reply() {
 }
 
 #[test]
-fn stored_heap_pages_are_charged_before_running() {
+fn changed_heap_pages_are_charged_not_the_heap_size() {
     both(|wasm64| {
         let e = embedder();
         let mut state = install(&e, &wat::parse_str(canister_wat(wasm64)).unwrap());
-        // Fill every 4 KiB page of the one-wasm-page heap.
-        for index in 0..16u64 {
+        let quiet = run(&e, &state, update(), "inc").instructions_used;
+        // A heap of 16 stored pages costs no more to run than an empty one…
+        for index in 1..16u64 {
             state.wasm_memory.write(index * 4096 + 4000, &[1]);
         }
-        let stored = state.wasm_memory.num_stored_pages() as u64;
-        assert_eq!(stored, 16);
-        let cost = stored * openic_embedders::HEAP_COPY_INSTRUCTIONS_PER_PAGE;
-        let output = run(&e, &state, update(), "inc");
-        assert!(output.result.is_ok());
-        assert!(
-            output.instructions_used >= cost,
-            "{} instructions used, the heap copy alone costs {cost}",
-            output.instructions_used
-        );
+        assert_eq!(run(&e, &state, update(), "inc").instructions_used, quiet);
+        // …and a message pays for the pages it changes: `inc` changes one.
+        let cost = openic_embedders::HEAP_PAGE_WRITE_INSTRUCTIONS;
         let output = e.execute(WasmExecutionInput {
             api_type: update(),
             entry_point: EntryPoint::Export(export_name("inc")),
             execution_state: &state,
             system_state: view(),
-            instruction_limit: cost - 1,
+            instruction_limit: quiet - 1,
             wasm_memory_limit_bytes: 1 << 30,
             wasm_memory_limit_traps: false,
             stable_memory_limit_bytes: 1 << 30,
             memory_budget: None,
         });
-        assert!(matches!(
-            output.result,
-            Err(ExecutionError::InstructionLimitExceeded { .. })
-        ));
-        assert_eq!(output.instructions_used, cost - 1);
+        assert!(
+            matches!(
+                output.result,
+                Err(ExecutionError::InstructionLimitExceeded { .. })
+            ),
+            "{quiet} instructions include {cost} for the page written"
+        );
+        assert!(quiet >= cost);
     });
 }
 
@@ -1028,4 +1025,210 @@ fn executions_under_a_memory_budget_reserve_what_they_touch_and_release_it() {
         output.result.expect("stable write");
         assert_eq!(budget.usage(), (0, page + 2 * 4096));
     });
+}
+
+/// A canister with a heap large enough to run as a tracked heap (20 MiB). `poke` stores the byte
+/// `value` at `addr` (argument: two little-endian u64), `fill` stores the byte `value` at the
+/// start of every 4 KiB page, `grow` grows the heap by `value` wasm pages and stores 7 in its
+/// last byte, `peek` (a query) replies with the byte at `addr`.
+const TRACKED: &str = r#"
+(module
+  (import "ic0" "msg_arg_data_copy" (func $arg_copy (param ADDR ADDR ADDR)))
+  (import "ic0" "msg_reply_data_append" (func $append (param ADDR ADDR)))
+  (import "ic0" "msg_reply" (func $reply))
+  (memory (export "memory") MEMORY)
+  (global $sum (mut i64) (i64.const 0))
+  (func $args (call $arg_copy (ADDR.const 16) (ADDR.const 0) (ADDR.const 16)))
+  (func $addr (result ADDR) (ADDR.load (ADDR.const 16)))
+  (func $value (result i64) (i64.load (ADDR.const 24)))
+  (func (export "canister_update poke")
+    (call $args)
+    (i64.store8 (call $addr) (call $value))
+    (global.set $sum (i64.add (global.get $sum) (call $value)))
+    (call $reply))
+  (func (export "canister_update fill") (local $at ADDR)
+    (call $args)
+    (local.set $at (ADDR.const 4096))
+    (block $done (loop $next
+      (br_if $done (ADDR.ge_u (local.get $at) (ADDR.mul (memory.size) (ADDR.const 65536))))
+      (i64.store8 (local.get $at) (call $value))
+      (local.set $at (ADDR.add (local.get $at) (ADDR.const 4096)))
+      (br $next)))
+    (call $reply))
+  (func (export "canister_update grow")
+    (call $args)
+    (drop (memory.grow WRAP))
+    (i64.store8 (ADDR.sub (ADDR.mul (memory.size) (ADDR.const 65536)) (ADDR.const 1)) (i64.const 7))
+    (call $reply))
+  (func (export "canister_query peek")
+    (call $args)
+    (call $append (call $addr) (ADDR.const 1))
+    (call $reply)))
+"#;
+
+fn tracked_wat(wasm64: bool, wasm_pages: u64) -> String {
+    let (addr, memory, wrap) = if wasm64 {
+        ("i64", format!("i64 {wasm_pages}"), "(call $value)")
+    } else {
+        (
+            "i32",
+            format!("{wasm_pages}"),
+            "(i32.wrap_i64 (call $value))",
+        )
+    };
+    TRACKED
+        .replace("ADDR", addr)
+        .replace("MEMORY", &memory)
+        .replace("WRAP", wrap)
+}
+
+fn args(addr: u64, value: u64) -> Vec<u8> {
+    [addr.to_le_bytes(), value.to_le_bytes()].concat()
+}
+
+/// Model of the canister's heap: what the page map must equal after each call.
+fn poke_model(model: &mut Vec<u8>, method: &str, addr: u64, value: u64) {
+    model[16..32].copy_from_slice(&args(addr, value));
+    match method {
+        "poke" => model[addr as usize] = value as u8,
+        "fill" => {
+            for at in (4096..model.len()).step_by(4096) {
+                model[at] = value as u8;
+            }
+        }
+        "grow" => {
+            model.resize(model.len() + value as usize * 65536, 0);
+            *model.last_mut().unwrap() = 7;
+        }
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn large_heaps_map_their_image_and_compare_only_written_pages() {
+    both(|wasm64| {
+        let wasm = wat::parse_str(tracked_wat(wasm64, 320)).unwrap();
+        // One embedder keeps heap images; the other has no room for any and copies every stored
+        // page in. Their results must be identical: the path is not part of the semantics.
+        let e = embedder();
+        let plain = WasmtimeEmbedder::new(EmbedderConfig {
+            max_heap_image_bytes: 0,
+            ..EmbedderConfig::default()
+        })
+        .unwrap();
+        let mut state = install(&e, &wasm);
+        assert_eq!(state.wasm_memory.num_stored_pages(), 0);
+        let mut model = vec![0u8; 320 * 65536];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut steps: Vec<(&str, u64, u64)> = vec![("fill", 0, 1)];
+        for round in 0..3u64 {
+            for _ in 0..40 {
+                let len = model.len() as u64 + round * 3 * 65536;
+                steps.push(("poke", 32 + next() % (len - 32), next() % 255 + 1));
+            }
+            // Every page changes: the image falls far behind and is rebuilt or updated.
+            steps.push(("fill", 0, round + 2));
+            steps.push(("grow", 0, 3));
+        }
+        for (method, addr, value) in steps {
+            let api = update_with(&args(addr, value), 0);
+            let kept = run(&e, &state, api.clone(), method);
+            let copied = run(&plain, &state, api, method);
+            assert_eq!(kept.instructions_used, copied.instructions_used, "{method}");
+            let (new, _, _) = kept.result.expect("execution succeeds");
+            let (other, _, _) = copied.result.expect("execution succeeds");
+            assert_eq!(new, other, "{method} at {addr}");
+            poke_model(&mut model, method, addr, value);
+            assert_eq!(new.wasm_memory_size_pages * 65536, model.len() as u64);
+            state.wasm_memory = new.wasm_memory;
+            state.wasm_memory_size_pages = new.wasm_memory_size_pages;
+            state.globals = new.globals;
+            if method != "poke" {
+                assert_eq!(
+                    state.wasm_memory,
+                    openic_replicated_state::PageMap::from_slice(&model),
+                    "after {method}"
+                );
+            }
+            // A query reads the latest bytes, also through an image that is behind.
+            let query = ApiType::Query {
+                caller: Principal::anonymous(),
+                arg: args(addr, 0),
+                replicated: false,
+                data_certificate: None,
+                cycles_available: Cycles(0),
+            };
+            let (_, response, _) = run(&e, &state, query, "peek").result.unwrap();
+            assert_eq!(
+                response,
+                Some(WasmResponse::Reply(vec![model[addr as usize]]))
+            );
+        }
+        assert_eq!(
+            state.wasm_memory,
+            openic_replicated_state::PageMap::from_slice(&model)
+        );
+    });
+}
+
+#[test]
+fn a_trap_on_a_large_heap_leaves_no_trace_in_the_next_execution() {
+    let e = embedder();
+    let wasm = wat::parse_str(tracked_wat(false, 320)).unwrap();
+    let mut state = install(&e, &wasm);
+    let (new, _, _) = run(&e, &state, update_with(&args(0, 5), 0), "fill")
+        .result
+        .unwrap();
+    state.wasm_memory = new.wasm_memory;
+    // Writes into the mapped image, then fails past the instruction limit.
+    let output = e.execute(WasmExecutionInput {
+        api_type: update_with(&args(0, 9), 0),
+        entry_point: EntryPoint::Export("canister_update fill".to_string()),
+        execution_state: &state,
+        system_state: view(),
+        instruction_limit: 20_000,
+        wasm_memory_limit_bytes: 1 << 30,
+        wasm_memory_limit_traps: false,
+        stable_memory_limit_bytes: 1 << 30,
+        memory_budget: None,
+    });
+    assert!(output.result.is_err());
+    let query = ApiType::Query {
+        caller: Principal::anonymous(),
+        arg: args(4096, 0),
+        replicated: false,
+        data_certificate: None,
+        cycles_available: Cycles(0),
+    };
+    let (_, response, _) = run(&e, &state, query, "peek").result.unwrap();
+    assert_eq!(response, Some(WasmResponse::Reply(vec![5])));
+}
+
+#[test]
+fn a_module_with_gigabytes_of_initial_memory_stores_only_its_data() {
+    let e = embedder();
+    let wat = tracked_wat(false, 65_536).replace(
+        "(global $sum",
+        "(data (i32.const 0xFFFF0000) \"top\") (global $sum",
+    );
+    let state = install(&e, &wat::parse_str(wat).unwrap());
+    assert_eq!(state.wasm_memory_size_pages, 65_536);
+    assert_eq!(state.wasm_memory.num_stored_pages(), 1);
+    let mut top = [0u8; 3];
+    state.wasm_memory.read(0xFFFF_0000, &mut top);
+    assert_eq!(&top, b"top");
+    let (new, _, _) = run(&e, &state, update_with(&args(0xFFFF_FFFF, 3), 0), "poke")
+        .result
+        .unwrap();
+    assert_eq!(
+        new.wasm_memory.num_stored_pages(),
+        3,
+        "page 0, the data, the poke"
+    );
 }

@@ -267,6 +267,12 @@ pub fn execution_error_to_user(canister_id: &CanisterId, error: &ExecutionError)
             ErrorCode::CanisterInstructionLimitExceeded
         }
         ExecutionError::OutOfMemory(_) => ErrorCode::CanisterOutOfMemory,
+        ExecutionError::InsufficientCyclesInMemoryGrow { .. } => {
+            ErrorCode::InsufficientCyclesInMemoryGrow
+        }
+        ExecutionError::ReservedCyclesLimitExceededInMemoryGrow { .. } => {
+            ErrorCode::ReservedCyclesLimitExceededInMemoryGrow
+        }
         ExecutionError::MethodNotFound(_) => ErrorCode::CanisterMethodNotExported,
         ExecutionError::Instantiation(_) => ErrorCode::CanisterInvalidWasm,
     };

@@ -60,6 +60,13 @@ pub struct ExecutionConfig {
     pub storage_fee_per_gib_second: Cycles,
     /// Fee per percent of compute allocation per second (the IC's, 13-node subnet).
     pub compute_percent_allocated_per_second_fee: Cycles,
+    /// Memory the subnet's canisters may use together (bytes): the capacity of the storage
+    /// reservation mechanism (see `reservation`).
+    pub subnet_memory_capacity_bytes: u64,
+    /// Subnet memory use above which new memory must reserve cycles for its future storage.
+    pub subnet_memory_threshold_bytes: u64,
+    /// How long the storage of memory allocated at full capacity is paid ahead, in seconds.
+    pub max_storage_reservation_period_seconds: u64,
     /// Balance of a canister created with `provisional_create_canister_with_cycles` without an
     /// amount.
     pub default_provisional_cycles: Cycles,
@@ -77,6 +84,12 @@ pub struct ExecutionConfig {
 
 /// Default of [`ExecutionConfig::stop_canister_timeout_nanos`]: five minutes.
 pub const STOP_CANISTER_TIMEOUT_NANOS: u64 = 5 * 60 * 1_000_000_000;
+
+/// Default of [`ExecutionConfig::subnet_memory_capacity_bytes`]: the IC's 2 TiB.
+pub const SUBNET_MEMORY_CAPACITY_BYTES: u64 = 2 << 40;
+
+/// Default of [`ExecutionConfig::subnet_memory_threshold_bytes`]: the IC's 750 GiB.
+pub const SUBNET_MEMORY_THRESHOLD_BYTES: u64 = 750 << 30;
 
 /// Default of [`ExecutionConfig::max_callbacks_per_canister`].
 pub const MAX_CALLBACKS_PER_CANISTER: u64 = 5_000;
@@ -109,6 +122,9 @@ impl Default for ExecutionConfig {
             canister_creation_fee: Cycles(500_000_000_000),
             storage_fee_per_gib_second: Cycles(127_000),
             compute_percent_allocated_per_second_fee: Cycles(10_000_000),
+            subnet_memory_capacity_bytes: SUBNET_MEMORY_CAPACITY_BYTES,
+            subnet_memory_threshold_bytes: SUBNET_MEMORY_THRESHOLD_BYTES,
+            max_storage_reservation_period_seconds: 300_000_000,
             default_provisional_cycles: Cycles(100_000_000_000_000),
             heartbeat_interval_nanos: 0,
             max_call_timeout_seconds: 300,

@@ -25,6 +25,7 @@ pub mod config;
 mod inspect;
 pub mod management;
 mod query;
+mod reservation;
 mod scheduler;
 
 pub use common::{EMPTY_CANDID_REPLY, memory_usage_bytes};

@@ -20,6 +20,7 @@ use crate::config::{ExecutionConfig, SubnetContext};
 use crate::management::{
     ManagementCall, ManagementCaller, ManagementOutcome, execute_management_call,
 };
+use crate::reservation;
 use openic_embedders::{
     ApiType, Embedder, EntryPoint, ExecutionError, SystemStateChanges, WasmExecutionOutput,
     WasmResponse,
@@ -28,7 +29,7 @@ use openic_interfaces::{BlockExecutionSummary, BlockExecutor};
 use openic_replicated_state::{
     CallContext, CallContextId, CallOrigin, Callback, CallbackId, CanisterMessage, CanisterState,
     CanisterStatus, MethodKind, Payload, ReplicatedState, Request, Response, StopContext,
-    WasmClosure,
+    WASM_PAGE_SIZE, WasmClosure,
 };
 use openic_types::{
     Block, CanisterId, Cycles, ErrorCode, IngressState, IngressStatus, Principal, RejectCode,
@@ -149,7 +150,7 @@ impl Scheduler {
             let cost = storage_cost(&self.config, bytes, elapsed).saturating_add(
                 crate::common::compute_allocation_cost(&self.config, canister, elapsed),
             );
-            state.burn_from_canister(&id, cost);
+            state.burn_storage_from_canister(&id, cost);
             if let Some(canister) = state.canister_mut(&id) {
                 canister.system_state.last_charged_time = now;
             }
@@ -951,6 +952,29 @@ impl Scheduler {
             .is_some_and(|e| low_wasm_memory_condition(canister, e.wasm_memory_size_pages));
         let low_memory_after =
             low_wasm_memory_condition(canister, new_state.wasm_memory_size_pages);
+        // Memory the execution added pays its storage ahead on a subnet above its memory
+        // threshold (`reservation`); if it cannot, the execution fails and changes nothing.
+        let growth = if is_query {
+            None
+        } else {
+            memory_growth(canister, &new_state, state.snapshots.size_of(&id))
+        };
+        let reveal_top_up = context.is_some_and(|c| {
+            let caller = match &c.origin {
+                CallOrigin::Ingress { sender, .. } => Some(*sender),
+                CallOrigin::Canister { caller, .. } => Some(caller.get()),
+                _ => None,
+            };
+            caller.is_some_and(|caller| canister.system_state.controllers.contains(&caller))
+        });
+        if let Some((before, after)) = growth {
+            let subnet_usage = reservation::subnet_memory_usage(state);
+            let canister = state.canister_mut(&id).expect("checked above");
+            reservation::reserve_for_growth(&self.config, canister, subnet_usage, before, after)
+                .map_err(|error| {
+                    reservation::memory_grow_error(error, after - before, reveal_top_up)
+                })?;
+        }
 
         let canister = state.canister_mut(&id).expect("checked above");
         if !is_query {
@@ -1579,6 +1603,28 @@ fn answer_stop_context(state: &mut ReplicatedState, stop_context: StopContext) {
 
 /// Appends what an execution printed (and its trap message) to the canister's log, and to the
 /// node's debug trace.
+/// The charged memory of `canister` (`snapshot_bytes` included) before and after `new_state`
+/// replaces its memories, if it grew.
+fn memory_growth(
+    canister: &CanisterState,
+    new_state: &openic_embedders::NewExecutionState,
+    snapshot_bytes: u64,
+) -> Option<(u64, u64)> {
+    let execution_state = canister.execution_state.as_ref()?;
+    let pages_before = execution_state
+        .wasm_memory_size_pages
+        .saturating_add(execution_state.stable_memory_size_pages);
+    let pages_after = new_state
+        .wasm_memory_size_pages
+        .saturating_add(new_state.stable_memory_size_pages);
+    if pages_after <= pages_before {
+        return None;
+    }
+    let before = crate::common::memory_usage_bytes(canister).saturating_add(snapshot_bytes);
+    let after = before.saturating_add((pages_after - pages_before).saturating_mul(WASM_PAGE_SIZE));
+    Some((before, after))
+}
+
 fn record_logs(state: &mut ReplicatedState, id: CanisterId, lines: Vec<Vec<u8>>) {
     for line in &lines {
         tracing::debug!(canister = %id.get(), "{}", String::from_utf8_lossy(line));

@@ -112,6 +112,10 @@ fn user() -> Principal {
 
 impl Harness {
     fn new() -> Harness {
+        Harness::with_config(ExecutionConfig::default())
+    }
+
+    fn with_config(config: ExecutionConfig) -> Harness {
         let embedder = WasmtimeEmbedder::new(EmbedderConfig::default()).expect("engine builds");
         let subnet = SubnetContext {
             subnet_id: SubnetId(Principal::from_slice(&[1; 29])),
@@ -124,7 +128,7 @@ impl Harness {
             [5; 32],
         );
         Harness {
-            scheduler: Scheduler::new(Arc::new(embedder), ExecutionConfig::default(), subnet),
+            scheduler: Scheduler::new(Arc::new(embedder), config, subnet),
             state,
             height: 0,
             nonce: 0,
@@ -695,5 +699,167 @@ fn a_memory_allocation_bounds_the_heap() {
         counter_reply(&harness.call(canister, "grow", vec![])),
         1,
         "within the allocation it grows (from one page)"
+    );
+}
+
+/// The storage reservation: on a subnet above its memory threshold, new memory moves cycles to
+/// the canister's reserved balance (`reserved_cycles` in `canister_status`), within its
+/// `reserved_cycles_limit`, and storage is paid from them first.
+#[test]
+fn memory_growth_above_the_subnet_threshold_reserves_cycles() {
+    let mut harness = Harness::with_config(ExecutionConfig {
+        subnet_memory_threshold_bytes: 0,
+        subnet_memory_capacity_bytes: 1 << 30,
+        ..ExecutionConfig::default()
+    });
+    let canister = harness.install(LOW_MEMORY_WAT);
+    let reserved = |harness: &Harness| {
+        harness
+            .state
+            .canister(&canister)
+            .unwrap()
+            .system_state
+            .reserved_balance
+    };
+    let installed = reserved(&harness);
+    assert!(
+        installed.get() > 0,
+        "the installation reserved for its memory"
+    );
+    assert_eq!(counter_reply(&harness.call(canister, "grow", vec![])), 1);
+    let grown = reserved(&harness);
+    assert!(
+        grown > installed,
+        "growth reserves more: {grown:?} after {installed:?}"
+    );
+    // canister_status reports it.
+    let status = harness.call(
+        CanisterId::management(),
+        "canister_status",
+        Encode!(&CanisterIdRecord {
+            canister_id: canister.get()
+        })
+        .unwrap(),
+    );
+    let IngressState::Replied(reply) = status else {
+        panic!("{status:?}")
+    };
+    let status: ic_management_canister_types::CanisterStatusResult =
+        candid::decode_one(&reply).unwrap();
+    // (Storage fees of the status call's block drew on the reserved cycles already.)
+    let grown = reserved(&harness);
+    assert_eq!(status.reserved_cycles, Nat::from(grown.get()));
+
+    let settings = |settings: ic_management_canister_types::CanisterSettings| {
+        Encode!(&ic_management_canister_types::UpdateSettingsArgs {
+            canister_id: canister.get(),
+            settings,
+            sender_canister_version: None,
+        })
+        .unwrap()
+    };
+    // A limit below what is reserved is refused.
+    let too_low = harness.call(
+        CanisterId::management(),
+        "update_settings",
+        settings(ic_management_canister_types::CanisterSettings {
+            reserved_cycles_limit: Some(Nat::from(grown.get() / 2)),
+            ..Default::default()
+        }),
+    );
+    assert!(
+        matches!(&too_low, IngressState::Rejected(e) if e.error_code == Some(ErrorCode::ReservedCyclesLimitIsTooLow)),
+        "{too_low:?}"
+    );
+    // At the limit, growth fails with the IC's error and changes nothing.
+    let at_limit = harness.call(
+        CanisterId::management(),
+        "update_settings",
+        settings(ic_management_canister_types::CanisterSettings {
+            reserved_cycles_limit: Some(Nat::from(grown.get())),
+            ..Default::default()
+        }),
+    );
+    assert!(matches!(at_limit, IngressState::Replied(_)), "{at_limit:?}");
+    let pages = |harness: &Harness| {
+        harness
+            .state
+            .canister(&canister)
+            .unwrap()
+            .execution_state
+            .as_ref()
+            .unwrap()
+            .wasm_memory_size_pages
+    };
+    let pages_before = pages(&harness);
+    let refused = harness.call(canister, "grow", vec![]);
+    let IngressState::Rejected(error) = &refused else {
+        panic!("{refused:?}")
+    };
+    assert_eq!(
+        error.error_code,
+        Some(ErrorCode::ReservedCyclesLimitExceededInMemoryGrow)
+    );
+    assert!(
+        error.message.contains(&format!(
+            "Canister cannot grow memory by {} bytes due to its reserved cycles limit. The current limit ({}) would be exceeded by",
+            4 * 65_536,
+            grown.get()
+        )),
+        "{}",
+        error.message
+    );
+    assert_eq!(
+        pages(&harness),
+        pages_before,
+        "the failed growth left no trace"
+    );
+    // A larger memory allocation under that limit is refused too.
+    let allocation = harness.call(
+        CanisterId::management(),
+        "update_settings",
+        settings(ic_management_canister_types::CanisterSettings {
+            memory_allocation: Some(Nat::from(64u64 << 20)),
+            ..Default::default()
+        }),
+    );
+    assert!(
+        matches!(&allocation, IngressState::Rejected(e) if e.error_code == Some(ErrorCode::ReservedCyclesLimitExceededInMemoryAllocation)),
+        "{allocation:?}"
+    );
+    // Storage is paid from the reserved cycles first (the canister is stopped so that its
+    // heartbeat costs nothing meanwhile).
+    let stopped = harness.call(
+        CanisterId::management(),
+        "stop_canister",
+        Encode!(&CanisterIdRecord {
+            canister_id: canister.get()
+        })
+        .unwrap(),
+    );
+    assert!(matches!(stopped, IngressState::Replied(_)), "{stopped:?}");
+    let grown = reserved(&harness);
+    let balance_before = harness
+        .state
+        .canister(&canister)
+        .unwrap()
+        .system_state
+        .cycles_balance;
+    for _ in 0..5 {
+        harness.block(vec![]);
+    }
+    assert!(
+        reserved(&harness) < grown,
+        "storage drew on the reserved cycles"
+    );
+    assert_eq!(
+        harness
+            .state
+            .canister(&canister)
+            .unwrap()
+            .system_state
+            .cycles_balance,
+        balance_before,
+        "and not on the balance while they last"
     );
 }

@@ -152,6 +152,23 @@ impl ReplicatedState {
         taken
     }
 
+    /// Takes up to `cycles` of storage fees from canister `id`, from its reserved cycles first
+    /// (which were set aside for exactly this) and then its balance, and burns them; returns what
+    /// was taken.
+    pub fn burn_storage_from_canister(&mut self, id: &CanisterId, cycles: Cycles) -> Cycles {
+        let Some(canister) = self.canister_mut(id) else {
+            return Cycles::ZERO;
+        };
+        let from_reserved = cycles.min(canister.system_state.reserved_balance);
+        canister.system_state.reserved_balance = canister
+            .system_state
+            .reserved_balance
+            .saturating_sub(from_reserved);
+        self.metadata.burn_cycles(from_reserved);
+        from_reserved
+            .saturating_add(self.burn_from_canister(id, cycles.saturating_sub(from_reserved)))
+    }
+
     /// Appends records to a canister's log, stamped with this state's block time and kept within
     /// its `log_memory_limit`. Does nothing for a canister that does not exist.
     pub fn append_log(&mut self, id: CanisterId, lines: impl IntoIterator<Item = Vec<u8>>) {

@@ -1,9 +1,15 @@
 //! [`PageMap`]: a sparse, copy-on-write array of 4 KiB pages. Wasm heap and stable memory are both
 //! page maps. Pages that were never written are absent and read as zeros; a clone shares every page
 //! until one side writes it.
+//!
+//! The index is a persistent B-tree (`imbl::OrdMap`): cloning a page map is O(1) whatever its size
+//! (the state is cloned for every height's query snapshot, and a canister with gigabytes of memory
+//! must not make that cost anything), a write copies only the path to its page, and
+//! [`PageMap::changes_since`] visits only the subtrees two versions do not share, so an executor can
+//! find what changed between two versions at the cost of the change.
 
+use imbl::ordmap::DiffItem;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Size of one page of a [`PageMap`] in bytes (the OS page size, not the 64 KiB wasm page).
@@ -27,7 +33,7 @@ pub type PageIndex = u64;
 /// bytes; an all-zero page may or may not be stored (readers cannot tell the difference).
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct PageMap {
-    pages: BTreeMap<PageIndex, Arc<Page>>,
+    pages: imbl::OrdMap<PageIndex, Arc<Page>>,
 }
 
 impl std::fmt::Debug for PageMap {
@@ -68,7 +74,32 @@ impl PageMap {
 
     /// Removes every page at or beyond `first_index` (used when memory shrinks on reinstall).
     pub fn truncate(&mut self, first_index: PageIndex) {
-        self.pages.split_off(&first_index);
+        if self.pages.range(first_index..).next().is_some() {
+            let (below, _) = self.pages.split(&first_index);
+            self.pages = below;
+        }
+    }
+
+    /// The pages whose contents differ between `older` and `self`, in index order, with their
+    /// contents in `self` (`None`: the page reads as zeros now). Costs what changed, not the size
+    /// of the maps, when `self` was derived from `older` (their unchanged parts are shared).
+    pub fn changes_since<'a>(
+        &'a self,
+        older: &'a PageMap,
+    ) -> impl Iterator<Item = (PageIndex, Option<&'a Page>)> + 'a {
+        older.pages.diff(&self.pages).map(|item| match item {
+            DiffItem::Add(index, page) => (*index, Some(&**page)),
+            DiffItem::Update {
+                new: (index, page), ..
+            } => (*index, Some(&**page)),
+            DiffItem::Remove(index, _) => (*index, None),
+        })
+    }
+
+    /// Whether `self` and `other` are the same version (one is an unmodified clone of the other).
+    /// `false` does not imply the contents differ.
+    pub fn is_same_version(&self, other: &PageMap) -> bool {
+        self.pages.ptr_eq(&other.pages)
     }
 
     /// Copies `dst.len()` bytes starting at byte `offset` into `dst`; unwritten bytes read as zero.
@@ -136,11 +167,8 @@ impl PageMap {
                 changed.push(index);
             }
         }
-        let beyond: Vec<PageIndex> = self.pages.range(num_pages..).map(|(i, _)| *i).collect();
-        for index in beyond {
-            self.pages.remove(&index);
-            changed.push(index);
-        }
+        changed.extend(self.pages.range(num_pages..).map(|(i, _)| *i));
+        self.truncate(num_pages);
         changed
     }
 
@@ -214,5 +242,33 @@ mod tests {
         image[PAGE_SIZE * 2] = 9;
         assert_eq!(map.update_from_slice(&image), vec![2]);
         assert_eq!(map.update_from_slice(&image[..PAGE_SIZE]), vec![2, 3]);
+    }
+
+    #[test]
+    fn changes_since_names_exactly_the_changed_pages() {
+        let mut old = PageMap::new();
+        for index in 0..10_000u64 {
+            old.set_page(index, &[index as u8 | 1; PAGE_SIZE]);
+        }
+        let mut new = old.clone();
+        assert!(new.is_same_version(&old));
+        assert_eq!(new.changes_since(&old).count(), 0);
+        new.set_page(17, &[9; PAGE_SIZE]);
+        new.set_page(17, &[9; PAGE_SIZE]);
+        new.set_page(4_000, &[0; PAGE_SIZE]);
+        new.set_page(20_000, &[3; PAGE_SIZE]);
+        new.set_page(5, &[5 | 1; PAGE_SIZE]); // same contents as before
+        assert!(!new.is_same_version(&old));
+        let changes: Vec<(PageIndex, Option<u8>)> = new
+            .changes_since(&old)
+            .map(|(index, page)| (index, page.map(|p| p[0])))
+            .collect();
+        assert_eq!(
+            changes,
+            vec![(17, Some(9)), (4_000, None), (20_000, Some(3))]
+        );
+        new.truncate(9_000);
+        assert_eq!(new.num_stored_pages(), 8_999);
+        assert!(new.page(9_000).is_none() && new.page(8_999).is_some());
     }
 }

@@ -231,6 +231,16 @@ pub enum ErrorCode {
     DeadlineExpired,
     /// IC0602: a bounded-wait call's response was dropped.
     ResponseDropped,
+    /// IC0531: the canister cannot pay the cycles a larger memory allocation must reserve.
+    InsufficientCyclesInMemoryAllocation,
+    /// IC0532: the canister cannot pay the cycles its memory growth must reserve.
+    InsufficientCyclesInMemoryGrow,
+    /// IC0533: a larger memory allocation would reserve more than `reserved_cycles_limit`.
+    ReservedCyclesLimitExceededInMemoryAllocation,
+    /// IC0534: memory growth would reserve more than `reserved_cycles_limit`.
+    ReservedCyclesLimitExceededInMemoryGrow,
+    /// IC0540: `reserved_cycles_limit` below the cycles already reserved.
+    ReservedCyclesLimitIsTooLow,
 }
 
 impl ErrorCode {
@@ -262,6 +272,11 @@ impl ErrorCode {
             ErrorCode::CanisterQueueFull => "IC0201",
             ErrorCode::DeadlineExpired => "IC0601",
             ErrorCode::ResponseDropped => "IC0602",
+            ErrorCode::InsufficientCyclesInMemoryAllocation => "IC0531",
+            ErrorCode::InsufficientCyclesInMemoryGrow => "IC0532",
+            ErrorCode::ReservedCyclesLimitExceededInMemoryAllocation => "IC0533",
+            ErrorCode::ReservedCyclesLimitExceededInMemoryGrow => "IC0534",
+            ErrorCode::ReservedCyclesLimitIsTooLow => "IC0540",
         }
     }
 

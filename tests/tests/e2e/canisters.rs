@@ -447,3 +447,59 @@ async fn timers_fire() {
     assert_eq!(count, 2, "each one-shot timer fires exactly once");
     node.shutdown().await;
 }
+
+/// On a subnet above its memory threshold (here: any memory at all), memory a canister adds
+/// reserves cycles for its storage: `canister_status` shows them as `reserved_cycles`, and past
+/// its `reserved_cycles_limit` the growth fails with the IC's error (IC0534).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_growth_reserves_cycles_on_a_subnet_above_its_threshold() {
+    let mut node = TestNode::start_with(|config| {
+        config.execution.subnet_memory_threshold_bytes = 0;
+        config.execution.subnet_memory_capacity_bytes = 64 << 30;
+    })
+    .await;
+    let agent = node.agent().await;
+    let management = ManagementCanister::create(&agent);
+    let counter = deploy(&agent, "counter", args(())).await;
+    let reserved = |status: &ic_management_canister_types::CanisterStatusResult| {
+        u128::try_from(status.reserved_cycles.0.clone()).expect("fits")
+    };
+    let (status,) = management
+        .canister_status(&counter)
+        .as_update()
+        .call()
+        .await
+        .expect("canister_status");
+    let installed = reserved(&status);
+    assert!(installed > 0, "the installation reserved cycles");
+
+    let (heap,): (u64,) = update(&agent, counter, "grow_heap", args((4u64,))).await;
+    assert!(heap >= 4 << 20);
+    let (status,) = management
+        .canister_status(&counter)
+        .as_update()
+        .call()
+        .await
+        .expect("canister_status");
+    let grown = reserved(&status);
+    assert!(grown > installed, "{grown} after {installed}");
+
+    management
+        .update_settings(&counter)
+        .with_reserved_cycles_limit(grown)
+        .call_and_wait()
+        .await
+        .expect("update_settings");
+    let error = try_update::<(u64,)>(&agent, counter, "grow_heap", args((4u64,)))
+        .await
+        .expect_err("growth past the reserved cycles limit fails");
+    let reject = reject_of(&error).unwrap_or_else(|| panic!("expected a reject, got {error:?}"));
+    assert_eq!(reject.error_code.as_deref(), Some("IC0534"), "{reject:?}");
+    assert!(
+        reject
+            .reject_message
+            .contains("due to its reserved cycles limit. The current limit"),
+        "{reject:?}"
+    );
+    node.shutdown().await;
+}

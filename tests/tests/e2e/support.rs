@@ -29,8 +29,16 @@ pub struct TestNode {
 impl TestNode {
     /// Starts a node with a fresh state directory.
     pub async fn start() -> TestNode {
+        TestNode::start_with(|_| {}).await
+    }
+
+    /// Starts a node with a fresh state directory and the configuration `configure` makes of the
+    /// test default.
+    pub async fn start_with(configure: impl FnOnce(&mut NodeConfig)) -> TestNode {
         let state_dir = tempfile::tempdir().expect("creating a temporary state directory");
-        let node = start_node_in(state_dir.path()).await;
+        let mut config = test_node_config(state_dir.path());
+        configure(&mut config);
+        let node = start_node(config).await;
         TestNode {
             node: Some(node),
             state_dir,
@@ -66,16 +74,27 @@ impl TestNode {
     }
 }
 
-/// Starts a node on `127.0.0.1:0` (any free port) with state in `state_dir`.
-pub async fn start_node_in(state_dir: &Path) -> RunningNode {
+/// The configuration of a test node: on `127.0.0.1:0` (any free port) with state in `state_dir`.
+pub fn test_node_config(state_dir: &Path) -> NodeConfig {
     let mut config = NodeConfig::new(state_dir);
     config.listen_addr = "127.0.0.1:0".parse().expect("valid socket address");
+    config
+}
+
+/// Starts a node with `config`.
+pub async fn start_node(config: NodeConfig) -> RunningNode {
+    let state_dir = config.state_dir.clone();
     openic_node::start(config).await.unwrap_or_else(|error| {
         panic!(
             "openic_node::start failed for {}: {error}",
             state_dir.display()
         )
     })
+}
+
+/// Starts a node on `127.0.0.1:0` (any free port) with state in `state_dir`.
+pub async fn start_node_in(state_dir: &Path) -> RunningNode {
+    start_node(test_node_config(state_dir)).await
 }
 
 /// An agent for `url` with the client's default verification (certificates and query signatures), after

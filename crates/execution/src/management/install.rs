@@ -333,6 +333,32 @@ fn run_install(
     } = installation;
     canister.execution_state = Some(new_state);
     canister.system_state.low_wasm_memory_hook_pending = false;
+    // Memory the installation added pays its storage ahead on a subnet above its memory
+    // threshold (`reservation`); if it cannot, the installation fails.
+    let snapshot_bytes = state.snapshots.size_of(&id);
+    let before =
+        crate::common::memory_usage_bytes(existing(state, &id)?).saturating_add(snapshot_bytes);
+    let after = crate::common::memory_usage_bytes(&canister).saturating_add(snapshot_bytes);
+    if after > before {
+        let subnet_usage = crate::reservation::subnet_memory_usage(state);
+        let reveal = canister
+            .system_state
+            .controllers
+            .contains(&context.caller.principal());
+        crate::reservation::reserve_for_growth(
+            context.config,
+            &mut canister,
+            subnet_usage,
+            before,
+            after,
+        )
+        .map_err(|error| {
+            crate::common::execution_error_to_user(
+                &id,
+                &crate::reservation::memory_grow_error(error, after - before, reveal),
+            )
+        })?;
+    }
     record_change(
         &mut canister.system_state,
         time,

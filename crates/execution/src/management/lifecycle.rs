@@ -257,6 +257,33 @@ pub(super) fn create_canister(
     Ok(handled)
 }
 
+/// The IC's refusal of a memory allocation whose reservation failed.
+fn memory_allocation_error(
+    error: crate::reservation::ReservationError,
+    allocation: u64,
+) -> UserError {
+    match error {
+        crate::reservation::ReservationError::InsufficientCycles {
+            requested,
+            available,
+        } => UserError::new(
+            ErrorCode::InsufficientCyclesInMemoryAllocation,
+            format!(
+                "Cannot increase memory allocation to {allocation} bytes due to insufficient cycles. At least {} additional cycles are required.",
+                requested.saturating_sub(available).get()
+            ),
+        ),
+        crate::reservation::ReservationError::LimitExceeded { requested, limit } => UserError::new(
+            ErrorCode::ReservedCyclesLimitExceededInMemoryAllocation,
+            format!(
+                "Cannot increase memory allocation to {allocation} bytes due to its reserved cycles limit. The current limit ({}) would be exceeded by {}.",
+                limit.get(),
+                requested.saturating_sub(limit).get()
+            ),
+        ),
+    }
+}
+
 /// `update_settings`: every given field changes, every missing field stays.
 pub(super) fn update_settings(
     context: &Context<'_>,
@@ -279,6 +306,46 @@ pub(super) fn update_settings(
             )));
         }
     }
+    // The reserved cycles (`reservation`): a limit may not go below what is reserved, and a
+    // larger memory allocation reserves for the bytes it adds, under the new limit.
+    let canister = existing(state, &id)?;
+    let reserved = canister.system_state.reserved_balance;
+    if let Some(limit) = settings.reserved_cycles_limit
+        && Cycles(limit) < reserved
+    {
+        return Err(UserError::new(
+            ErrorCode::ReservedCyclesLimitIsTooLow,
+            format!(
+                "Cannot set the reserved cycles limit {limit} below the reserved cycles balance of the canister {}.",
+                reserved.get()
+            ),
+        ));
+    }
+    let mut reservation = Cycles::ZERO;
+    if let Some(allocation) = settings.memory_allocation {
+        let used = crate::common::memory_usage_bytes(canister)
+            .saturating_add(state.snapshots.size_of(&id));
+        let old_allocation = canister.system_state.settings.memory_allocation;
+        let added =
+            crate::reservation::allocated_bytes(used.max(old_allocation), used.max(allocation), 0);
+        if added > 0 {
+            reservation = crate::reservation::storage_reservation_cycles(
+                context.config,
+                added,
+                crate::reservation::subnet_memory_usage(state),
+            );
+            let limit = settings
+                .reserved_cycles_limit
+                .unwrap_or(canister.system_state.settings.reserved_cycles_limit);
+            crate::reservation::check_reserve(
+                canister.system_state.cycles_balance,
+                reserved,
+                limit,
+                reservation,
+            )
+            .map_err(|error| memory_allocation_error(error, allocation))?;
+        }
+    }
     let now = state.metadata.time;
     let origin = context.change_origin(args.sender_canister_version);
     let Some(canister) = state.canister_mut(&id) else {
@@ -286,6 +353,8 @@ pub(super) fn update_settings(
     };
     let system_state = &mut canister.system_state;
     settings.apply_to(&mut system_state.settings);
+    system_state.cycles_balance = system_state.cycles_balance.saturating_sub(reservation);
+    system_state.reserved_balance = system_state.reserved_balance.saturating_add(reservation);
     system_state.canister_version = system_state.canister_version.saturating_add(1);
     if let Some(controllers) = &settings.controllers {
         system_state.controllers = controllers.clone();
@@ -405,9 +474,13 @@ pub(super) fn delete_canister(
     state.canister_logs.remove(&id);
     std::sync::Arc::make_mut(&mut state.snapshots).remove_all(&id);
     let removed = std::sync::Arc::unwrap_or_clone(removed);
-    state
-        .metadata
-        .burn_cycles(removed.system_state.cycles_balance);
+    // Its balance and its reserved cycles go with it.
+    state.metadata.burn_cycles(
+        removed
+            .system_state
+            .cycles_balance
+            .saturating_add(removed.system_state.reserved_balance),
+    );
     let message = format!("Canister {} has been deleted.", id.get());
     for queued in removed.system_state.input_queue {
         match queued {

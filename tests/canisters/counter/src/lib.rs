@@ -4,13 +4,19 @@
 //! (`init`, `post_upgrade`, `print` and `print_query` print with `ic0.debug_print`), the upgrade hooks
 //! (the counter is carried across an upgrade in stable memory) and raw 64-bit stable memory.
 //!
+//! For the memories benchmark (tests/benches/memories.rs) it also grows its heap on request
+//! (`grow_heap`), runs a compute kernel shared with the benchmark (`compute`,
+//! `compute_instructions`, see `compute.rs`) and spins until the instruction limit (`spin`).
+//!
 //! Stable memory layout (both regions are written with the raw `stable64_*` API):
 //! - bytes `[0, 8)`: the counter, written by `pre_upgrade` and read back by `post_upgrade`;
 //! - bytes `[STABLE_VALUE_OFFSET, +8)`: the value of `stable_write`, placed across a 4 KiB page boundary on the
 //!   fourth 64 KiB Wasm page so that it also tests multi-page growth and page-boundary reads and writes.
 
 use candid::Principal;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+
+mod compute;
 
 /// Where the counter is saved across upgrades.
 const STABLE_COUNTER_OFFSET: u64 = 0;
@@ -21,6 +27,8 @@ const WASM_PAGE_BYTES: u64 = 65536;
 
 thread_local! {
     static COUNTER: Cell<u64> = const { Cell::new(0) };
+    /// The blocks `grow_heap` allocated: kept for the canister's lifetime (an upgrade drops them).
+    static HEAP_BLOCKS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Grows stable memory so that `[offset, offset + 8)` is inside it; traps if the system refuses.
@@ -199,4 +207,82 @@ fn touch_heap(mib: u64) -> u64 {
         .filter(|(at, byte)| **byte == (at / 4096) as u8 | 1)
         .count() as u64
         * 4096
+}
+
+/// Bytes of one `grow_heap` block: just under 1 MiB, so that the block and the allocator's header
+/// fit in 16 Wasm pages however the allocator places it (the heap grows by about 1 MiB per block).
+const HEAP_BLOCK_BYTES: usize = (MIB - 4096) as usize;
+/// A wasm32 heap's largest size (65,536 Wasm pages).
+const WASM32_HEAP_BYTES_MAX: u64 = 1 << 32;
+/// Room `grow_heap` leaves below 4 GiB: a block is only added while the heap plus the block plus
+/// this margin stay within 4 GiB, so no address the allocator computes (a segment's end, the
+/// header after its top chunk) wraps past the end of the 32-bit address space.
+const HEAP_TOP_MARGIN_BYTES: u64 = 2 * WASM_PAGE_BYTES;
+
+/// The heap (Wasm memory 0) size in bytes.
+fn heap_bytes() -> u64 {
+    #[cfg(target_arch = "wasm32")]
+    {
+        core::arch::wasm32::memory_size(0) as u64 * WASM_PAGE_BYTES
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        0
+    }
+}
+
+/// Allocates up to `mib` more blocks of just under 1 MiB ([`HEAP_BLOCK_BYTES`]) on the heap, kept
+/// until the canister is upgraded or reinstalled, and writes a non-zero byte into every 4 KiB page
+/// of each, so the heap holds that much state. Stops early, without trapping, when the allocator
+/// finds no more memory or the heap would come within [`HEAP_TOP_MARGIN_BYTES`] of 4 GiB. Returns
+/// the heap size in bytes afterwards (`memory_size` × 64 KiB; `grow_heap(0)` only reports it).
+#[ic_cdk::update]
+fn grow_heap(mib: u64) -> u64 {
+    HEAP_BLOCKS.with(|blocks| {
+        let mut blocks = blocks.borrow_mut();
+        for _ in 0..mib {
+            if heap_bytes() + HEAP_BLOCK_BYTES as u64 + HEAP_TOP_MARGIN_BYTES
+                > WASM32_HEAP_BYTES_MAX
+            {
+                break;
+            }
+            let mut block = Vec::new();
+            if block.try_reserve_exact(HEAP_BLOCK_BYTES).is_err() {
+                break;
+            }
+            block.resize(HEAP_BLOCK_BYTES, 0);
+            let first_page = blocks.len() * HEAP_BLOCK_BYTES.div_ceil(4096);
+            for (page, byte) in block.iter_mut().step_by(4096).enumerate() {
+                *byte = (first_page + page) as u8 | 1;
+            }
+            blocks.push(block);
+        }
+    });
+    heap_bytes()
+}
+
+/// Runs the shared compute kernel (`compute.rs`: `rounds` chained SHA-256 compressions) and returns
+/// its result, which the benchmark compares with the same kernel run natively.
+#[ic_cdk::update]
+fn compute(rounds: u64) -> u64 {
+    compute::compute(std::hint::black_box(rounds))
+}
+
+/// The instructions `compute(rounds)` executes (its result is discarded): for choosing a number of
+/// rounds that stays below the update instruction limit.
+#[ic_cdk::query]
+fn compute_instructions(rounds: u64) -> u64 {
+    let before = ic_cdk::api::instruction_counter();
+    std::hint::black_box(compute::compute(std::hint::black_box(rounds)));
+    ic_cdk::api::instruction_counter() - before
+}
+
+/// Loops without end: the execution fails when it reaches the instruction limit (and its changes
+/// are rolled back), for measuring how others fare beside canisters that use whole messages.
+#[ic_cdk::update]
+fn spin() {
+    let mut turns: u64 = 0;
+    loop {
+        turns = std::hint::black_box(turns.wrapping_add(1));
+    }
 }
