@@ -877,6 +877,74 @@ mod tests {
     }
 
     #[test]
+    fn an_execution_lets_go_of_the_heap_image_it_mapped() {
+        use crate::api::{ApiType, EntryPoint, SystemStateView, WasmExecutionInput};
+        let embedder = WasmtimeEmbedder::new(EmbedderConfig::default()).unwrap();
+        let wasm = wat::parse_str(
+            r#"(module
+                 (import "ic0" "msg_reply" (func $reply))
+                 (memory (export "memory") 320)
+                 (func (export "canister_update poke")
+                   (i32.store8 (i32.const 70000) (i32.const 9))
+                   (call $reply)))"#,
+        )
+        .unwrap();
+        let (binary, info) = embedder.prepare_module(&wasm).unwrap();
+        let mut state = embedder
+            .initial_execution_state(Arc::new(binary), Arc::new(info))
+            .unwrap();
+        for index in 0..3000u64 {
+            state.wasm_memory.set_page(index, &[1; PAGE_SIZE]);
+        }
+        let canister = openic_types::CanisterId::from_u64(7);
+        let view = SystemStateView {
+            canister_id: canister,
+            controllers: Default::default(),
+            status_code: 1,
+            cycles_balance: openic_types::Cycles(1_000_000),
+            freeze_threshold_cycles: openic_types::Cycles(0),
+            canister_version: 1,
+            time: openic_types::Time(0),
+            subnet_id: openic_types::SubnetId(candid::Principal::management_canister()),
+            subnet_node_count: 1,
+            root_key_der: vec![],
+            global_timer_nanos: 0,
+            environment_variables: Default::default(),
+            can_make_calls: true,
+            call_base_fee: openic_types::Cycles(0),
+            call_fee_per_byte: openic_types::Cycles(0),
+            create_canister_fee: openic_types::Cycles(0),
+            call_context_instructions: 0,
+            remaining_callbacks: 10,
+        };
+        for _ in 0..3 {
+            let output = embedder.execute(WasmExecutionInput {
+                api_type: ApiType::Update {
+                    caller: candid::Principal::anonymous(),
+                    arg: vec![],
+                    cycles_available: openic_types::Cycles(0),
+                    deadline: 0,
+                },
+                entry_point: EntryPoint::Export("canister_update poke".to_string()),
+                execution_state: &state,
+                system_state: view.clone(),
+                instruction_limit: 1_000_000,
+                wasm_memory_limit_bytes: 1 << 30,
+                wasm_memory_limit_traps: false,
+                stable_memory_limit_bytes: 1 << 30,
+                memory_budget: None,
+            });
+            let (new, _, _) = output.result.unwrap();
+            state.wasm_memory = new.wasm_memory;
+            assert_eq!(
+                embedder.images.users(canister),
+                Some(0),
+                "after the execution only the cache holds the image"
+            );
+        }
+    }
+
+    #[test]
     fn cache_evicts_least_recently_used() {
         let embedder = WasmtimeEmbedder::new(EmbedderConfig {
             compiled_module_cache_entries: 2,
