@@ -378,7 +378,8 @@ pub(crate) fn set_ingress_state(
 pub(crate) fn management_response(request: Request, payload: Payload) -> Response {
     Response {
         originator: request.sender,
-        respondent: CanisterId::management(),
+        // `aaaaa-aa`, or the subnet's id if the caller addressed the management canister by it.
+        respondent: request.receiver,
         originator_reply_callback: request.sender_reply_callback,
         refund: request.payment,
         payload,

@@ -1121,7 +1121,9 @@ impl Scheduler {
             payload: Payload::Reject { code, message },
             deadline: request.deadline,
         };
-        if request.receiver.is_management() {
+        // The management canister answers as `aaaaa-aa` and as the subnet's own id (as on the IC,
+        // where a subnet's id routes to its management canister).
+        if request.receiver.is_management() || request.receiver.get() == self.subnet.subnet_id.0 {
             if state.subnet_queue.len() >= self.config.max_subnet_queue_len {
                 let response = reject(
                     &request,

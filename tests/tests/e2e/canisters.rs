@@ -503,3 +503,41 @@ async fn memory_growth_reserves_cycles_on_a_subnet_above_its_threshold() {
     );
     node.shutdown().await;
 }
+
+/// `subnet_info` through ic-cdk from a canister, addressed to `aaaaa-aa` and to the subnet's own id
+/// (which routes to the subnet's management canister, as on the IC).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subnet_info_from_a_canister() {
+    let mut node = TestNode::start().await;
+    let agent = node.agent().await;
+    let caller = deploy(&agent, "caller", args(())).await;
+    let subnet = Principal::self_authenticating(node.root_key_der());
+    for via in [Principal::management_canister(), subnet] {
+        let (info,): (Result<(String, u64), String>,) =
+            update(&agent, caller, "subnet_info", args((via, subnet))).await;
+        let (replica_version, registry_version) =
+            info.unwrap_or_else(|error| panic!("subnet_info via {via}: {error}"));
+        assert!(replica_version.starts_with("openic-"), "{replica_version}");
+        assert_eq!(registry_version, 1);
+    }
+    let other = Principal::self_authenticating([7u8; 32]);
+    let (info,): (Result<(String, u64), String>,) = update(
+        &agent,
+        caller,
+        "subnet_info",
+        args((Principal::management_canister(), other)),
+    )
+    .await;
+    let error = info.expect_err("another subnet is unknown");
+    assert!(error.contains("does not exist"), "{error}");
+    // Users may not call it.
+    let refused = try_update::<(u64,)>(
+        &agent,
+        Principal::management_canister(),
+        "subnet_info",
+        args((subnet,)),
+    )
+    .await;
+    assert!(refused.is_err());
+    node.shutdown().await;
+}

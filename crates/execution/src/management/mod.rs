@@ -144,6 +144,7 @@ enum Method {
     ProvisionalTopUpCanister,
     RawRand,
     CanisterInfo,
+    SubnetInfo,
     FetchCanisterLogs,
     CanisterMetadata,
     EcdsaPublicKey,
@@ -166,7 +167,6 @@ enum Method {
 /// a rejection that names the method and says so, rather than "no such method".
 const UNSUPPORTED_METHODS: &[&str] = &[
     "http_request",
-    "subnet_info",
     "node_metrics_history",
     "list_canisters",
     "canister_metrics",
@@ -180,7 +180,6 @@ const UNSUPPORTED_METHODS: &[&str] = &[
 /// Of [`UNSUPPORTED_METHODS`], those that users may not call through ingress anyway.
 const CANISTER_ONLY_UNSUPPORTED_METHODS: &[&str] = &[
     "http_request",
-    "subnet_info",
     "node_metrics_history",
     "bitcoin_get_balance",
     "bitcoin_get_utxos",
@@ -211,6 +210,7 @@ impl Method {
             "provisional_top_up_canister" => Method::ProvisionalTopUpCanister,
             "raw_rand" => Method::RawRand,
             "canister_info" => Method::CanisterInfo,
+            "subnet_info" => Method::SubnetInfo,
             "fetch_canister_logs" => Method::FetchCanisterLogs,
             "canister_metadata" => Method::CanisterMetadata,
             "ecdsa_public_key" => Method::EcdsaPublicKey,
@@ -239,6 +239,7 @@ impl Method {
                 | Method::DepositCycles
                 | Method::RawRand
                 | Method::CanisterInfo
+                | Method::SubnetInfo
                 | Method::EcdsaPublicKey
                 | Method::SignWithEcdsa
                 | Method::SchnorrPublicKey
@@ -402,6 +403,7 @@ fn dispatch(
         Method::ProvisionalTopUpCanister => lifecycle::provisional_top_up_canister(context, state),
         Method::RawRand => lifecycle::raw_rand(state, stop_context),
         Method::CanisterInfo => status::canister_info(context, state),
+        Method::SubnetInfo => status::subnet_info(context),
         Method::CanisterMetadata => status::canister_metadata(
             &state.canisters,
             context.caller.principal(),

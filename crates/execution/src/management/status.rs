@@ -15,7 +15,7 @@ use openic_replicated_state::{
     CanisterLogs, CanisterState, CanisterStatus, ChangeDetails, ChangeOrigin, GlobalValue,
     LogFilter, ReplicatedState, Visibility, WASM_PAGE_SIZE,
 };
-use openic_types::{CanisterId, UserError};
+use openic_types::{CanisterId, ErrorCode, UserError};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -259,6 +259,39 @@ pub(super) fn canister_info(
         controllers: canister.system_state.controllers.iter().copied().collect(),
     };
     args::encode(&result).map(Handled::reply)
+}
+
+/// The replica version `subnet_info` reports: this build of openic.
+pub const REPLICA_VERSION: &str = concat!("openic-", env!("CARGO_PKG_VERSION"));
+
+/// The registry version `subnet_info` reports. A subnet's configuration is its genesis file and
+/// never changes while it runs (there is no registry canister yet), so there is one version.
+pub const REGISTRY_VERSION: u64 = 1;
+
+/// `subnet_info` (canisters only): the replica and registry versions of this subnet; another
+/// subnet id is refused, as there is only this one.
+pub(super) fn subnet_info(context: &Context<'_>) -> Result<Handled, UserError> {
+    #[derive(candid::CandidType, serde::Deserialize)]
+    struct SubnetInfoArgs {
+        subnet_id: Principal,
+    }
+    #[derive(candid::CandidType, serde::Deserialize)]
+    struct SubnetInfoResult {
+        replica_version: String,
+        registry_version: u64,
+    }
+    let args: SubnetInfoArgs = args::decode(context.method, context.payload)?;
+    if args.subnet_id != context.subnet.subnet_id.0 {
+        return Err(UserError::new(
+            ErrorCode::InvalidManagementPayload,
+            format!("Subnet {} does not exist.", args.subnet_id),
+        ));
+    }
+    args::encode(&SubnetInfoResult {
+        replica_version: REPLICA_VERSION.to_string(),
+        registry_version: REGISTRY_VERSION,
+    })
+    .map(Handled::reply)
 }
 
 pub(super) fn may_view(

@@ -54,6 +54,31 @@ async fn raw_rand() -> Vec<u8> {
     }
 }
 
+/// Calls `subnet_info` on `via` (the management canister's id, or a subnet's id, which routes to
+/// that subnet's management canister) for `subnet`; returns the replica and registry versions, or
+/// the rejection as `Err("<code>: <message>")`.
+#[ic_cdk::update]
+async fn subnet_info(via: Principal, subnet: Principal) -> Result<(String, u64), String> {
+    use ic_cdk_management_canister::{SubnetInfoArgs, SubnetInfoResult};
+    match Call::unbounded_wait(via, "subnet_info")
+        .with_arg(SubnetInfoArgs { subnet_id: subnet })
+        .await
+    {
+        Ok(response) => {
+            let info = response
+                .candid::<SubnetInfoResult>()
+                .unwrap_or_else(|error| ic_cdk::trap(format!("subnet_info: bad reply: {error}")));
+            Ok((info.replica_version, info.registry_version))
+        }
+        Err(ic_cdk::call::CallFailed::CallRejected(rejected)) => Err(format!(
+            "{}: {}",
+            rejected.raw_reject_code(),
+            rejected.reject_message()
+        )),
+        Err(error) => ic_cdk::trap(format!("subnet_info: failed: {error}")),
+    }
+}
+
 mod chain_keys {
     //! Chain keys through `ic-cdk-management-canister`, as canisters use them: the signing calls
     //! attach the fee that `ic0.cost_*` reports, so a disagreement between the two fails here.
