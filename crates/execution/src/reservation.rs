@@ -169,6 +169,33 @@ pub fn reserve_for_growth(
     )
 }
 
+/// The management canister's refusal of an operation on behalf of a controller (a snapshot)
+/// whose `bytes` new bytes could not reserve: the IC's memory-grow errors, without the
+/// execution-error framing.
+pub fn management_grow_error(error: ReservationError, bytes: u64) -> openic_types::UserError {
+    use openic_types::{ErrorCode, UserError};
+    match error {
+        ReservationError::InsufficientCycles {
+            requested,
+            available,
+        } => UserError::new(
+            ErrorCode::InsufficientCyclesInMemoryGrow,
+            format!(
+                "Canister cannot grow memory by {bytes} bytes due to insufficient cycles. At least {} additional cycles are required.",
+                requested.saturating_sub(available).get()
+            ),
+        ),
+        ReservationError::LimitExceeded { requested, limit } => UserError::new(
+            ErrorCode::ReservedCyclesLimitExceededInMemoryGrow,
+            format!(
+                "Canister cannot grow memory by {bytes} bytes due to its reserved cycles limit. The current limit ({}) would be exceeded by {}.",
+                limit.get(),
+                requested.saturating_sub(limit).get()
+            ),
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1198,12 +1198,27 @@ impl Scheduler {
         let used = output.instructions_used;
         counters.instructions = counters.instructions.saturating_add(used);
         let fee = execution_fee(&self.config, used);
+        // Memory the cleanup added reserves cycles as any execution's does; if it cannot, the
+        // cleanup fails like a trap and its changes are dropped.
+        let growth = match (&output.result, state.canister(&id)) {
+            (Ok((new_state, _, _)), Some(canister)) => {
+                memory_growth(canister, new_state, state.snapshots.size_of(&id))
+            }
+            _ => None,
+        };
+        let subnet_usage = growth.map(|_| reservation::subnet_memory_usage(state));
         let Some(canister) = state.canister_mut(&id) else {
             return;
         };
         let charged = fee.min(canister.system_state.cycles_balance);
         canister.system_state.cycles_balance =
             canister.system_state.cycles_balance.saturating_sub(charged);
+        if let (Some((before, after)), Some(subnet_usage)) = (growth, subnet_usage)
+            && let Err(error) =
+                reservation::reserve_for_growth(&self.config, canister, subnet_usage, before, after)
+        {
+            output.result = Err(reservation::memory_grow_error(error, after - before, false));
+        }
         match output.result {
             Ok((new_state, _, changes)) => {
                 if let Some(execution_state) = canister.execution_state.as_mut() {

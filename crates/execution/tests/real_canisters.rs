@@ -862,4 +862,39 @@ fn memory_growth_above_the_subnet_threshold_reserves_cycles() {
         balance_before,
         "and not on the balance while they last"
     );
+    // A snapshot's memory reserves too: refused under the limit, taken once the limit allows it.
+    let take = |harness: &mut Harness| {
+        harness.call(
+            CanisterId::management(),
+            "take_canister_snapshot",
+            Encode!(&ic_management_canister_types::TakeCanisterSnapshotArgs {
+                canister_id: canister.get(),
+                replace_snapshot: None,
+                uninstall_code: None,
+                sender_canister_version: None,
+            })
+            .unwrap(),
+        )
+    };
+    let refused = take(&mut harness);
+    assert!(
+        matches!(&refused, IngressState::Rejected(e) if e.error_code == Some(ErrorCode::ReservedCyclesLimitExceededInMemoryGrow)),
+        "{refused:?}"
+    );
+    let raised = harness.call(
+        CanisterId::management(),
+        "update_settings",
+        settings(ic_management_canister_types::CanisterSettings {
+            reserved_cycles_limit: Some(Nat::from(5_000_000_000_000u64)),
+            ..Default::default()
+        }),
+    );
+    assert!(matches!(raised, IngressState::Replied(_)), "{raised:?}");
+    let before_snapshot = reserved(&harness);
+    let taken = take(&mut harness);
+    assert!(matches!(taken, IngressState::Replied(_)), "{taken:?}");
+    assert!(
+        reserved(&harness) > before_snapshot,
+        "the snapshot reserved"
+    );
 }

@@ -108,6 +108,27 @@ pub(super) fn take(
         }
         .into());
     }
+    // The snapshot's memory pays its storage ahead on a subnet above its memory threshold
+    // (`reservation`), as memory the canister grows does.
+    let added = snapshot
+        .size()
+        .saturating_sub(replaced.as_ref().map_or(0, |old| old.size()));
+    if added > 0 {
+        let subnet_usage = crate::reservation::subnet_memory_usage(state);
+        let snapshot_bytes = state.snapshots.size_of(&id);
+        let Some(canister) = state.canister_mut(&id) else {
+            return Err(crate::common::canister_not_found_error(&id));
+        };
+        let before = crate::common::memory_usage_bytes(canister).saturating_add(snapshot_bytes);
+        crate::reservation::reserve_for_growth(
+            context.config,
+            canister,
+            subnet_usage,
+            before,
+            before.saturating_add(added),
+        )
+        .map_err(|error| crate::reservation::management_grow_error(error, added))?;
+    }
     let reply = snapshot_record(&snapshot);
     let snapshots = Arc::make_mut(&mut state.snapshots);
     if let Some(old) = replaced {
