@@ -47,6 +47,12 @@ struct ResourceArgs {
     /// at least 512).
     #[arg(long, value_parser = clap::value_parser!(u64).range(16..))]
     query_memory_mib: Option<u64>,
+    /// MiB of memory files that hold the images of large canister heaps (16 MiB and more), so an
+    /// update costs the pages it touches rather than the heap's size; the least recently used go
+    /// first, and a heap without an image runs copied in, slower (default: a quarter of the
+    /// machine's memory, at least 1024; 0 turns images off).
+    #[arg(long)]
+    heap_image_memory_mib: Option<u64>,
 }
 
 impl ResourceArgs {
@@ -56,6 +62,9 @@ impl ResourceArgs {
         config.http.connections.max_connections_per_ip = self.max_connections_per_ip.map(to_usize);
         config.query_memory_budget_bytes =
             self.query_memory_mib.map(|mib| mib.saturating_mul(1 << 20));
+        if let Some(mib) = self.heap_image_memory_mib {
+            config.embedder.max_heap_image_bytes = to_usize(mib.saturating_mul(1 << 20));
+        }
     }
 
     /// The same flags, for a child process.
@@ -69,6 +78,9 @@ impl ResourceArgs {
         }
         if let Some(n) = self.query_memory_mib {
             args.extend(["--query-memory-mib".to_string(), n.to_string()]);
+        }
+        if let Some(n) = self.heap_image_memory_mib {
+            args.extend(["--heap-image-memory-mib".to_string(), n.to_string()]);
         }
         args
     }

@@ -51,7 +51,11 @@ impl NodeConfig {
             block_maker: Default::default(),
             http: Default::default(),
             execution: Default::default(),
-            embedder: Default::default(),
+            embedder: openic_embedders::EmbedderConfig {
+                max_heap_image_bytes: usize::try_from(crate::memory::default_heap_image_bytes())
+                    .unwrap_or(usize::MAX),
+                ..Default::default()
+            },
             ingress_pool: Default::default(),
             block_log: Default::default(),
             checkpoints: Default::default(),

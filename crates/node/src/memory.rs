@@ -29,6 +29,18 @@ pub fn default_query_memory_budget() -> u64 {
     (total / 4).max(MIN_DEFAULT_BUDGET_BYTES)
 }
 
+/// The smallest default bound of heap images.
+const MIN_DEFAULT_HEAP_IMAGE_BYTES: u64 = 1024 * MIB;
+
+/// The default bound of the embedder's heap images (the memory files that let updates on large
+/// heaps cost the pages they touch; Note [tracked heaps] in `openic-embedders`): a quarter of the
+/// machine's memory, at least 1 GiB. A heap that does not fit runs without an image, copied in.
+pub fn default_heap_image_bytes() -> u64 {
+    let info = rustix::system::sysinfo();
+    let total = u64::from(info.mem_unit).saturating_mul(info.totalram as u64);
+    (total / 4).max(MIN_DEFAULT_HEAP_IMAGE_BYTES)
+}
+
 /// Metrics of the budget.
 #[derive(Debug, Default)]
 struct BudgetMetrics {
