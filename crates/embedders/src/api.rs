@@ -271,7 +271,7 @@ pub enum ExecutionError {
     /// `reserved_cycles_limit`.
     #[error(
         "Canister cannot grow memory by {bytes} bytes due to its reserved cycles limit. The current limit ({limit}) would be exceeded by {}.",
-        requested - limit
+        requested.saturating_sub(*limit)
     )]
     ReservedCyclesLimitExceededInMemoryGrow {
         /// Bytes the execution added.

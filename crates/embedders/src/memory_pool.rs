@@ -51,6 +51,15 @@ fn round_up_to_os_page(n: usize) -> Option<usize> {
         .map(|n| n & !(OS_PAGE_BYTES - 1))
 }
 
+/// Why a heap image could not be mapped.
+#[derive(Debug)]
+enum MapError {
+    /// The region is as before (anonymous zeros): copy the heap in instead.
+    NotMapped(String),
+    /// The region may have a hole and must not be used.
+    Broken(String),
+}
+
 /// One anonymous mapping: `capacity` bytes of (partly accessible) memory followed by `guard`
 /// inaccessible bytes.
 #[derive(Debug)]
@@ -105,7 +114,7 @@ impl Region {
 
     /// Maps the first `len` bytes of `image`'s file copy-on-write over the region's start
     /// (`len <= accessible`, within the file, a multiple of the OS page size).
-    fn map_file(&mut self, image: &HeapImage, len: usize) -> Result<(), String> {
+    fn map_file(&mut self, image: &HeapImage, len: usize) -> Result<(), MapError> {
         debug_assert!(len <= self.accessible && len <= image.len());
         // SAFETY: `0..len` lies in the accessible part of this region's mapping, which only this
         // value owns and no instance runs on yet; MAP_FIXED replaces those pages with a private
@@ -131,9 +140,11 @@ impl Region {
                 // A failed MAP_FIXED may have unmapped the range: make it anonymous again.
                 self.file_mapped = len;
                 if !self.unmap_file() {
-                    return Err(format!("the region could not be restored: {e}"));
+                    return Err(MapError::Broken(format!(
+                        "cannot map a heap image ({e}) and the memory could not be restored"
+                    )));
                 }
-                Err(format!("cannot map a heap image: {e}"))
+                Err(MapError::NotMapped(format!("cannot map a heap image: {e}")))
             }
         }
     }
@@ -426,12 +437,60 @@ pub(crate) fn create_tracked<R>(
     (result, MAPPED_BYTES.with(|m| m.replace(0)))
 }
 
-/// `/proc/self/pagemap`, opened once; `None` where there is no procfs.
+/// `/proc/self/pagemap`, opened once, if it passes a self-test; `None` where there is no procfs or
+/// where it does not report written pages faithfully (every page is then compared).
 fn pagemap() -> Option<&'static std::fs::File> {
     static PAGEMAP: OnceLock<Option<std::fs::File>> = OnceLock::new();
     PAGEMAP
-        .get_or_init(|| std::fs::File::open("/proc/self/pagemap").ok())
+        .get_or_init(|| {
+            let file = std::fs::File::open("/proc/self/pagemap").ok()?;
+            if pagemap_reports_writes(&file) {
+                Some(file)
+            } else {
+                tracing::warn!(
+                    "/proc/self/pagemap does not report written pages faithfully; large heaps are compared whole"
+                );
+                None
+            }
+        })
         .as_ref()
+}
+
+/// Whether `file` names exactly the page written in a private mapping of a memory file, after
+/// another was only read: the property Note [tracked heaps] relies on.
+fn pagemap_reports_writes(file: &std::fs::File) -> bool {
+    let check = || -> Option<bool> {
+        let memfd =
+            rustix::fs::memfd_create("openic-pagemap-check", rustix::fs::MemfdFlags::CLOEXEC)
+                .ok()?;
+        rustix::fs::ftruncate(&memfd, 4 * OS_PAGE_BYTES as u64).ok()?;
+        rustix::io::pwrite(&memfd, &[1u8; OS_PAGE_BYTES], 0).ok()?;
+        // SAFETY: a fresh private mapping of the file at an address the kernel chooses aliases
+        // nothing; it is unmapped before returning and the file is as long as the mapping.
+        let base = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                4 * OS_PAGE_BYTES,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE,
+                &memfd,
+                0,
+            )
+        }
+        .ok()?;
+        // SAFETY: the mapping is 4 pages long, readable and writable, and only used here.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(base.cast::<u8>(), 4 * OS_PAGE_BYTES) };
+        let read = std::hint::black_box(bytes[0]);
+        bytes[2 * OS_PAGE_BYTES] = read.wrapping_add(1);
+        let scanned = match touched_pages_by_scan(file, bytes) {
+            Ok(pages) => Some(pages),
+            Err(_) => touched_pages_by_reading(file, bytes),
+        };
+        // SAFETY: the mapping made above, of this length, no longer used.
+        let _ = unsafe { rustix::mm::munmap(base, 4 * OS_PAGE_BYTES) };
+        Some(scanned? == vec![2])
+    };
+    check().unwrap_or(false)
 }
 
 /// `struct pm_scan_arg` of `<linux/fs.h>` (Linux 6.7+).
@@ -569,7 +628,8 @@ fn touched_pages_by_reading(file: &std::fs::File, memory: &[u8]) -> Option<Vec<u
 
 // SAFETY: memories read as zeros (fresh mappings, or pooled ones zeroed over their dirty prefix)
 // except for a memory requested through `create_unzeroed`, whose caller overwrites the stale
-// prefix before wasm runs; the first `byte_size` bytes are accessible, and at least
+// prefix before wasm runs, and one requested through `create_tracked` with an image, which reads
+// as the image's bytes that its caller then brings up to the canister's heap before wasm runs; the first `byte_size` bytes are accessible, and at least
 // `reserved_size_in_bytes + guard_size_in_bytes` bytes are reserved, with everything past the
 // accessible part inaccessible, as wasmtime's compiled code assumes when it elides bounds checks.
 unsafe impl MemoryCreator for RecyclingMemoryCreator {
@@ -615,9 +675,19 @@ unsafe impl MemoryCreator for RecyclingMemoryCreator {
                 }
                 if let Some(wanted) = wanted {
                     let mapped = (wanted.len() / OS_PAGE_BYTES * OS_PAGE_BYTES).min(len);
-                    if mapped > 0 && region.map_file(&wanted, mapped).is_ok() {
-                        MAPPED_BYTES.with(|m| m.set(mapped));
-                        image = Some(wanted);
+                    if mapped > 0 {
+                        match region.map_file(&wanted, mapped) {
+                            Ok(()) => {
+                                MAPPED_BYTES.with(|m| m.set(mapped));
+                                image = Some(wanted);
+                            }
+                            // Not mapped, the region intact: the caller copies the heap in.
+                            Err(MapError::NotMapped(why)) => {
+                                tracing::warn!(%why, "a heap image was not mapped; copying the heap in");
+                            }
+                            // The region has a hole: it must not be used.
+                            Err(MapError::Broken(why)) => return Err(why),
+                        }
                     }
                 }
             }

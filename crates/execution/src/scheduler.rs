@@ -967,13 +967,43 @@ impl Scheduler {
             };
             caller.is_some_and(|caller| canister.system_state.controllers.contains(&caller))
         });
+        // Checked against what the message leaves spendable (accepted cycles in, burned cycles
+        // and its calls' payments and fees out), so a reservation never starves its own calls;
+        // the cycles move once accepted and burned cycles are applied, below.
+        let mut reservation_cycles = Cycles::ZERO;
         if let Some((before, after)) = growth {
-            let subnet_usage = reservation::subnet_memory_usage(state);
-            let canister = state.canister_mut(&id).expect("checked above");
-            reservation::reserve_for_growth(&self.config, canister, subnet_usage, before, after)
-                .map_err(|error| {
-                    reservation::memory_grow_error(error, after - before, reveal_top_up)
-                })?;
+            let allocated = reservation::allocated_bytes(
+                before,
+                after,
+                canister.system_state.settings.memory_allocation,
+            );
+            reservation_cycles = reservation::storage_reservation_cycles(
+                &self.config,
+                allocated,
+                reservation::subnet_memory_usage(state),
+            );
+            let outgoing = changes.calls.iter().fold(Cycles::ZERO, |sum, call| {
+                sum.saturating_add(call.cycles).saturating_add(call_fee(
+                    &self.config,
+                    &call.method_name,
+                    call.payload.len(),
+                ))
+            });
+            let spendable = canister
+                .system_state
+                .cycles_balance
+                .saturating_add(changes.cycles_accepted)
+                .saturating_sub(changes.cycles_burned)
+                .saturating_sub(outgoing);
+            reservation::check_reserve(
+                spendable,
+                canister.system_state.reserved_balance,
+                canister.system_state.settings.reserved_cycles_limit,
+                reservation_cycles,
+            )
+            .map_err(|error| {
+                reservation::memory_grow_error(error, after - before, reveal_top_up)
+            })?;
         }
 
         let canister = state.canister_mut(&id).expect("checked above");
@@ -1007,6 +1037,10 @@ impl Scheduler {
         system_state.cycles_balance = system_state.cycles_balance.saturating_add(cycles_accepted);
         let burned = cycles_burned.min(system_state.cycles_balance);
         system_state.cycles_balance = system_state.cycles_balance.saturating_sub(burned);
+        // Checked above: the balance holds it and the calls' payments after it.
+        let reserved = reservation_cycles.min(system_state.cycles_balance);
+        system_state.cycles_balance = system_state.cycles_balance.saturating_sub(reserved);
+        system_state.reserved_balance = system_state.reserved_balance.saturating_add(reserved);
         if let Some(data) = certified_data {
             system_state.certified_data = data;
         }
@@ -1618,8 +1652,6 @@ fn answer_stop_context(state: &mut ReplicatedState, stop_context: StopContext) {
     }
 }
 
-/// Appends what an execution printed (and its trap message) to the canister's log, and to the
-/// node's debug trace.
 /// The charged memory of `canister` (`snapshot_bytes` included) before and after `new_state`
 /// replaces its memories, if it grew.
 fn memory_growth(
@@ -1642,6 +1674,8 @@ fn memory_growth(
     Some((before, after))
 }
 
+/// Appends what an execution printed (and its trap message) to the canister's log, and to the
+/// node's debug trace.
 fn record_logs(state: &mut ReplicatedState, id: CanisterId, lines: Vec<Vec<u8>>) {
     for line in &lines {
         tracing::debug!(canister = %id.get(), "{}", String::from_utf8_lossy(line));

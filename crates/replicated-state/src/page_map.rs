@@ -74,9 +74,10 @@ impl PageMap {
 
     /// Removes every page at or beyond `first_index` (used when memory shrinks on reinstall).
     pub fn truncate(&mut self, first_index: PageIndex) {
-        if self.pages.range(first_index..).next().is_some() {
-            let (below, _) = self.pages.split(&first_index);
-            self.pages = below;
+        // Key by key: keeps the rest shared with other versions (imbl's `split` rebuilds it).
+        let beyond: Vec<PageIndex> = self.pages.range(first_index..).map(|(i, _)| *i).collect();
+        for index in beyond {
+            self.pages.remove(&index);
         }
     }
 

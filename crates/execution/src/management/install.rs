@@ -345,13 +345,25 @@ fn run_install(
             .system_state
             .controllers
             .contains(&context.caller.principal());
-        crate::reservation::reserve_for_growth(
+        // The installation's execution fee is taken from the balance afterwards (`install`):
+        // the reservation may only use what that fee leaves.
+        let fee = execution_fee(context.config, meter.instructions.unwrap_or(0));
+        let amount = crate::reservation::storage_reservation_cycles(
             context.config,
-            &mut canister,
+            crate::reservation::allocated_bytes(
+                before,
+                after,
+                canister.system_state.settings.memory_allocation,
+            ),
             subnet_usage,
-            before,
-            after,
+        );
+        crate::reservation::check_reserve(
+            canister.system_state.cycles_balance.saturating_sub(fee),
+            canister.system_state.reserved_balance,
+            canister.system_state.settings.reserved_cycles_limit,
+            amount,
         )
+        .and_then(|()| crate::reservation::reserve(&mut canister, amount))
         .map_err(|error| {
             crate::common::execution_error_to_user(
                 &id,
