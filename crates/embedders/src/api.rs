@@ -4,10 +4,11 @@ use openic_replicated_state::{
     ExecutionState, GlobalValue, ModuleInfo, PageMap, WasmBinary, WasmClosure,
 };
 use openic_types::{CanisterId, Cycles, RejectCode, SubnetId, Time, UserId};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The function to run.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EntryPoint {
     /// An exported function, by its full export name (`canister_update inc`, `canister_init`, ...).
     Export(String),
@@ -20,7 +21,7 @@ pub enum EntryPoint {
 
 /// The execution context and its inputs (spec: "execution contexts"). Which ic0 imports may be
 /// called follows from the variant.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ApiType {
     /// `canister_init` or `canister_post_upgrade` (context `I`).
     Init {
@@ -127,7 +128,7 @@ pub enum ApiType {
 
 /// What the System API may read about the canister and its environment. A snapshot: changes are
 /// reported in [`SystemStateChanges`], never written here.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SystemStateView {
     /// The canister's own id.
     pub canister_id: CanisterId,
@@ -469,10 +470,38 @@ pub trait Embedder: Send + Sync {
     /// Runs one entry point. Deterministic; never panics on anything the canister does.
     fn execute(&self, input: WasmExecutionInput<'_>) -> WasmExecutionOutput;
 
+    /// Starts one entry point of a replicated execution that runs in slices of
+    /// `slice_instructions` (see Note [sliced executions] in `sliced`): the result is the one
+    /// [`Embedder::execute`] gives, handed out by [`SlicedExecution::wait`] for the slice its
+    /// instruction count says it completes in. This default runs it to the end at once; the
+    /// wasmtime embedder runs it on a worker thread that stops at the end of what was granted.
+    fn start_sliced(
+        self: std::sync::Arc<Self>,
+        input: WasmExecutionInput<'_>,
+        slice_instructions: u64,
+    ) -> Box<dyn SlicedExecution> {
+        Box::new(crate::sliced::FinishedExecution::new(
+            self.execute(input),
+            slice_instructions,
+        ))
+    }
+
     /// Gives back to the kernel the memory kept warm for executions that has stayed unused since
     /// the previous call; returns the bytes given back. The node calls it periodically. An
     /// embedder that keeps no memory between executions has nothing to give back.
     fn release_idle_memory(&self) -> u64 {
         0
     }
+}
+
+/// A replicated execution in slices ([`Embedder::start_sliced`]). Deterministic: what
+/// [`SlicedExecution::wait`] answers depends only on the execution, never on thread timing.
+/// Dropping it abandons the execution.
+pub trait SlicedExecution: Send + std::fmt::Debug {
+    /// Lets the execution run through `slices` slices (1-based) without waiting for it.
+    fn grant(&mut self, slices: u64);
+
+    /// Lets the execution run through `slices` slices and waits until it is known whether it
+    /// completes within them: then `Some` with its output (once), else `None`.
+    fn wait(&mut self, slices: u64) -> Option<WasmExecutionOutput>;
 }

@@ -109,6 +109,12 @@ pub(crate) fn build_engine_with(
             "max_wasm_stack_bytes must be at least 64 KiB".to_string(),
         ));
     }
+    if config.max_wasm_stack_bytes > crate::sliced::WORKER_STACK_BYTES / 2 {
+        return Err(EmbedderError::Config(format!(
+            "max_wasm_stack_bytes must be at most {} (half an execution thread's stack)",
+            crate::sliced::WORKER_STACK_BYTES / 2
+        )));
+    }
     let mut wasm = Config::new();
     wasm.wasm_features(WasmFeatures::all(), false)
         .wasm_features(allowed_wasm_features(), true)
@@ -119,7 +125,9 @@ pub(crate) fn build_engine_with(
         .wasm_tail_call(false)
         .cranelift_nan_canonicalization(true)
         .consume_fuel(true)
-        .epoch_interruption(false)
+        // Epoch checks let a sliced execution notice where it is (Note [sliced executions] in
+        // `sliced`); they never change what an execution computes.
+        .epoch_interruption(true)
         .wasm_backtrace_max_frames(None)
         .max_wasm_stack(config.max_wasm_stack_bytes)
         // Linear memories come from a pool of recycled reservations instead of a fresh mapping

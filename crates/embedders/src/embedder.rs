@@ -9,8 +9,8 @@
 //! [tracked heaps] in `heap_image`).
 
 use crate::api::{
-    Embedder, EntryPoint, ExecutionError, InvalidWasm, NewExecutionState, WasmExecutionInput,
-    WasmExecutionOutput,
+    Embedder, EntryPoint, ExecutionError, InvalidWasm, NewExecutionState, SlicedExecution,
+    WasmExecutionInput, WasmExecutionOutput,
 };
 use crate::config::{
     DATA_SEGMENT_INSTRUCTION_LIMIT, EmbedderConfig, EmbedderError, MAX_WASM32_MEMORY_BYTES,
@@ -19,12 +19,14 @@ use crate::config::{
 use crate::heap_image::{HeapImage, HeapImages, TRACKED_HEAP_MIN_BYTES};
 use crate::imports::Context;
 use crate::instrumentation::{
-    INIT_DATA_EXPORT, MEMORY_EXPORT, START_EXPORT, TABLE_EXPORT, global_export, instrument,
+    INIT_DATA_EXPORT, MEMORY_EXPORT, PROBE_EXPORT, START_EXPORT, TABLE_EXPORT, global_export,
+    instrument,
 };
 use crate::linker::{GrowthLimits, HostError, MemoryLease, StoreData, build_linker};
 use crate::memory_pool::{
     RecyclingMemoryCreator, create_tracked, create_unzeroed, touched_pages, zero_heap_range,
 };
+use crate::sliced::{EpochTicker, SliceControl, WorkerExecution, Workers};
 use crate::system_api::SystemApi;
 use crate::validation::{decode, validate};
 use openic_replicated_state::{
@@ -34,7 +36,8 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use wasmtime::{
-    Engine, Extern, InstancePre, Linker, Module, ModuleExport, Ref, Store, Trap, V128, Val, ValType,
+    Engine, Extern, InstancePre, Linker, Module, ModuleExport, Ref, Store, Trap, UpdateDeadline,
+    V128, Val, ValType,
 };
 
 /// A compiled, linked module and the handles of its reserved exports.
@@ -44,6 +47,8 @@ struct CompiledModule {
     memory: Option<ModuleExport>,
     table: Option<ModuleExport>,
     start: Option<ModuleExport>,
+    /// The slice probe global (Note [slice probes] in `instrumentation`).
+    probe: Option<ModuleExport>,
     init_data: ModuleExport,
     globals: Vec<(ModuleExport, ValType)>,
 }
@@ -101,7 +106,14 @@ pub struct WasmtimeEmbedder {
     memories: RecyclingMemoryCreator,
     /// File images of the largest heaps (Note [tracked heaps]).
     images: HeapImages,
+    /// Threads that run sliced executions, and the epoch ticker that lets them notice where they
+    /// are (Note [sliced executions] in `sliced`).
+    workers: Workers,
+    ticker: EpochTicker,
 }
+
+/// The epoch deadline of a store whose execution is not sliced: never reached.
+const NO_EPOCH_DEADLINE: u64 = u64::MAX / 2;
 
 impl std::fmt::Debug for WasmtimeEmbedder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -252,6 +264,8 @@ impl WasmtimeEmbedder {
             capacity: config.compiled_module_cache_entries,
         });
         let images = HeapImages::new(config.max_heap_image_bytes);
+        let ticker = EpochTicker::new(engine.clone())
+            .map_err(|e| EmbedderError::Engine(format!("cannot start the epoch ticker: {e}")))?;
         Ok(WasmtimeEmbedder {
             config,
             engine,
@@ -260,6 +274,8 @@ impl WasmtimeEmbedder {
             cache,
             memories,
             images,
+            workers: Workers::new(),
+            ticker,
         })
     }
 
@@ -304,6 +320,7 @@ impl WasmtimeEmbedder {
             memory: export(MEMORY_EXPORT).filter(|_| instrumented.has_memory),
             table: export(TABLE_EXPORT).filter(|_| instrumented.has_table),
             start: export(START_EXPORT).filter(|_| instrumented.has_start),
+            probe: export(PROBE_EXPORT),
             init_data,
             globals,
             instance_pre,
@@ -351,6 +368,8 @@ impl WasmtimeEmbedder {
         );
         store.limiter(|data| &mut data.limits);
         store.set_fuel(instruction_limit).map_err(wasm_error)?;
+        // A sliced execution replaces this with its callback (`execute_inner`).
+        store.set_epoch_deadline(NO_EPOCH_DEADLINE);
         let instantiate = |store: &mut Store<StoreData>| compiled.instance_pre.instantiate(store);
         let (instance, bytes) = match memory {
             MemoryStart::Unzeroed(size) => create_unzeroed(size, || instantiate(&mut store)),
@@ -604,6 +623,7 @@ impl WasmtimeEmbedder {
     fn execute_inner(
         &self,
         input: WasmExecutionInput<'_>,
+        slicing: Option<&Arc<SliceControl>>,
         instructions_used: &mut u64,
         debug_prints: &mut Vec<Vec<u8>>,
     ) -> Result<
@@ -672,6 +692,30 @@ impl WasmtimeEmbedder {
         // The setting traps where it applies (and where it, not the platform, is the bound).
         if input.wasm_memory_limit_traps && memory_limit == input.wasm_memory_limit_bytes {
             store.data_mut().limits.trap_at_setting = Some(input.wasm_memory_limit_bytes);
+        }
+        if let Some(control) = slicing {
+            // At an epoch check: report the instructions used (a lower bound where wasmtime has
+            // not stored its count yet), and wait while past the grant. Then set the slice probe,
+            // so the next loop header stores the exact count and calls back at once with it, and
+            // clear it on that call (Note [slice probes] in `instrumentation`).
+            let control = Arc::clone(control);
+            let probe = compiled
+                .probe
+                .as_ref()
+                .and_then(|export| instance.get_module_export(&mut store, export))
+                .and_then(Extern::into_global);
+            let mut probing = false;
+            store.epoch_deadline_callback(move |mut context| {
+                let consumed = limit.saturating_sub(context.get_fuel()?);
+                control.checkpoint(consumed)?;
+                let Some(probe) = probe else {
+                    return Ok(UpdateDeadline::Continue(1));
+                };
+                probing = !probing;
+                probe.set(&mut context, Val::I32(i32::from(probing)))?;
+                Ok(UpdateDeadline::Continue(if probing { 0 } else { 1 }))
+            });
+            store.set_epoch_deadline(1);
         }
         if tracked {
             Self::restore_tracked(
@@ -842,12 +886,70 @@ impl Embedder for WasmtimeEmbedder {
     fn execute(&self, input: WasmExecutionInput<'_>) -> WasmExecutionOutput {
         let mut instructions_used = 0;
         let mut debug_prints = Vec::new();
-        let result = self.execute_inner(input, &mut instructions_used, &mut debug_prints);
+        let result = self.execute_inner(input, None, &mut instructions_used, &mut debug_prints);
         WasmExecutionOutput {
             instructions_used,
             result,
             debug_prints,
         }
+    }
+
+    fn start_sliced(
+        self: Arc<Self>,
+        input: WasmExecutionInput<'_>,
+        slice_instructions: u64,
+    ) -> Box<dyn SlicedExecution> {
+        let control = SliceControl::new(slice_instructions);
+        let WasmExecutionInput {
+            api_type,
+            entry_point,
+            execution_state,
+            system_state,
+            instruction_limit,
+            wasm_memory_limit_bytes,
+            wasm_memory_limit_traps,
+            stable_memory_limit_bytes,
+            memory_budget,
+        } = input;
+        // Cheap: the memories are persistent maps, the module an `Arc`.
+        let execution_state = execution_state.clone();
+        let worker_control = Arc::clone(&control);
+        let embedder = Arc::clone(&self);
+        let job = Box::new(move || {
+            let _ticking = embedder.ticker.running();
+            let input = WasmExecutionInput {
+                api_type,
+                entry_point,
+                execution_state: &execution_state,
+                system_state,
+                instruction_limit,
+                wasm_memory_limit_bytes,
+                wasm_memory_limit_traps,
+                stable_memory_limit_bytes,
+                memory_budget,
+            };
+            let mut instructions_used = 0;
+            let mut debug_prints = Vec::new();
+            let result = embedder.execute_inner(
+                input,
+                Some(&worker_control),
+                &mut instructions_used,
+                &mut debug_prints,
+            );
+            worker_control.finish(WasmExecutionOutput {
+                instructions_used,
+                result,
+                debug_prints,
+            });
+        });
+        if let Err((job, error)) = self.workers.run(job) {
+            // No thread to run it on (the machine is out of threads): run it here, to the end,
+            // which changes when this node gets to the next block but not what any block does.
+            tracing::error!(%error, "cannot start an execution thread; running the execution inline");
+            control.grant(u64::MAX);
+            job();
+        }
+        Box::new(WorkerExecution { control })
     }
 }
 

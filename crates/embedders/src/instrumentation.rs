@@ -10,13 +10,25 @@
 //!   heap image in the state replaces them after install (an instantiation must not write the
 //!   original data over pages the canister changed or zeroed). The only observable difference: a
 //!   `memory.init` naming a formerly active segment would not trap; compilers never emit one.
-//! - drops custom sections, which the compiled code does not need.
+//! - drops custom sections, which the compiled code does not need;
+//! - adds a slice probe at every loop header (see Note [slice probes]).
+//!
+//! Note [slice probes]: a sliced execution learns where it is at wasmtime's epoch checks, but in a
+//! loop that calls no function wasmtime keeps the fuel count in a register and the store's count
+//! stays stale until the loop ends, so the worker could not tell that it ran past its grant (Note
+//! [sliced executions] in `sliced`). So every loop header gets
+//! `global.get $probe; if; call $save; else; (i32.const 0; drop) x2; end`, where `$probe` is an
+//! added global the epoch callback sets, and `$save` an added empty function: calling it makes
+//! wasmtime store the exact count, and the epoch check at its entry calls back with it. Both
+//! branches cost the same fuel (4: the call and the return from `$save` cost 2, as two constants
+//! do; a test checks it), so the instruction count never depends on when the epoch ticked;
+//! `$probe` is not a persisted global, so its value never reaches the state.
 
 use crate::api::InvalidWasm;
 use wasm_encoder::reencode::{Reencode, RoundtripReencoder};
 use wasm_encoder::{
-    CodeSection, DataCountSection, DataSection, ExportKind, ExportSection, Function,
-    FunctionSection, Instruction, RawSection, TypeSection,
+    CodeSection, ConstExpr, DataCountSection, DataSection, ExportKind, ExportSection, Function,
+    FunctionSection, GlobalSection, GlobalType, Instruction, RawSection, TypeSection,
 };
 use wasmparser::{DataKind, Operator, Parser, Payload, ValType};
 
@@ -28,6 +40,8 @@ pub(crate) const TABLE_EXPORT: &str = "__openic_table";
 pub(crate) const START_EXPORT: &str = "__openic_start";
 /// Export name of the function that applies the data segments.
 pub(crate) const INIT_DATA_EXPORT: &str = "__openic_init_data";
+/// Export name of the slice probe global (Note [slice probes]).
+pub(crate) const PROBE_EXPORT: &str = "__openic_probe";
 
 /// Export name of mutable global `index`.
 pub(crate) fn global_export(index: u32) -> String {
@@ -58,6 +72,8 @@ fn error(e: impl std::fmt::Display) -> InvalidWasm {
 struct Facts {
     type_count: u32,
     imported_functions: u32,
+    imported_globals: u32,
+    defined_globals: u32,
     defined_functions: u32,
     data_segments: u32,
     has_data_count: bool,
@@ -79,8 +95,10 @@ fn gather(wasm: &[u8]) -> Result<Facts, InvalidWasm> {
             }
             Payload::ImportSection(reader) => {
                 for import in reader.into_imports() {
-                    if let wasmparser::TypeRef::Func(_) = import.map_err(error)?.ty {
-                        facts.imported_functions += 1;
+                    match import.map_err(error)?.ty {
+                        wasmparser::TypeRef::Func(_) => facts.imported_functions += 1,
+                        wasmparser::TypeRef::Global(_) => facts.imported_globals += 1,
+                        _ => {}
                     }
                 }
             }
@@ -97,6 +115,7 @@ fn gather(wasm: &[u8]) -> Result<Facts, InvalidWasm> {
                     }
                     global_index += 1;
                 }
+                facts.defined_globals = global_index;
             }
             Payload::StartSection { func, .. } => facts.start = Some(func),
             Payload::DataCountSection { .. } => facts.has_data_count = true,
@@ -111,6 +130,7 @@ fn gather(wasm: &[u8]) -> Result<Facts, InvalidWasm> {
 mod id {
     pub const TYPE: u8 = 1;
     pub const FUNCTION: u8 = 3;
+    pub const GLOBAL: u8 = 6;
     pub const EXPORT: u8 = 7;
     pub const CODE: u8 = 10;
     pub const DATA: u8 = 11;
@@ -154,10 +174,81 @@ impl Writer<'_> {
         self.facts.imported_functions + self.facts.defined_functions
     }
 
+    /// The added empty function the slice probes call.
+    fn save_function_index(&self) -> u32 {
+        self.init_function_index() + 1
+    }
+
+    /// The added slice probe global.
+    fn probe_global_index(&self) -> u32 {
+        self.facts.imported_globals + self.facts.defined_globals
+    }
+
+    /// The added functions' entries of the function section.
+    fn add_functions(&self, functions: &mut FunctionSection) {
+        functions.function(self.init_type_index());
+        functions.function(self.init_type_index());
+    }
+
+    /// The added functions' bodies.
+    fn add_bodies(&self, code: &mut CodeSection) {
+        code.function(&self.init_body);
+        let mut save = Function::new([]);
+        save.instruction(&Instruction::End);
+        code.function(&save);
+    }
+
+    /// The probe global: a mutable `i32`, 0.
+    fn add_globals(globals: &mut GlobalSection) {
+        globals.global(
+            GlobalType {
+                val_type: wasm_encoder::ValType::I32,
+                mutable: true,
+                shared: false,
+            },
+            &ConstExpr::i32_const(0),
+        );
+    }
+
+    /// A function body with a slice probe after every `loop` (Note [slice probes]).
+    fn probed_body(&self, body: &wasmparser::FunctionBody<'_>) -> Result<Vec<u8>, InvalidWasm> {
+        let range = body.range();
+        let bytes = &self.wasm[range.clone()];
+        let mut probe = Vec::new();
+        probe.push(0x23); // global.get
+        leb128_u32(&mut probe, self.probe_global_index());
+        probe.extend_from_slice(&[0x04, 0x40]); // if (empty block type)
+        probe.push(0x10); // call
+        leb128_u32(&mut probe, self.save_function_index());
+        // else (i32.const 0 drop) twice end: the call and the return from `$save` cost 2.
+        probe.extend_from_slice(&[0x05, 0x41, 0x00, 0x1a, 0x41, 0x00, 0x1a, 0x0b]);
+        let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 8);
+        let mut copied = range.start;
+        let mut reader = body.get_operators_reader().map_err(error)?;
+        while !reader.eof() {
+            let op = reader.read().map_err(error)?;
+            if matches!(op, Operator::Loop { .. }) {
+                let after = reader.original_position();
+                out.extend_from_slice(&self.wasm[copied..after]);
+                out.extend_from_slice(&probe);
+                copied = after;
+            }
+        }
+        out.extend_from_slice(&self.wasm[copied..range.end]);
+        Ok(out)
+    }
+
     /// Emits the synthetic sections that must come before a section of rank `before` and that
     /// the original module lacks.
     fn emit_missing(&mut self, before: u8) {
-        for section in [id::TYPE, id::FUNCTION, id::EXPORT, id::DATA_COUNT, id::CODE] {
+        for section in [
+            id::TYPE,
+            id::FUNCTION,
+            id::GLOBAL,
+            id::EXPORT,
+            id::DATA_COUNT,
+            id::CODE,
+        ] {
             if rank(section) >= before || self.emitted.contains(&section) {
                 continue;
             }
@@ -169,8 +260,13 @@ impl Writer<'_> {
                 }
                 id::FUNCTION => {
                     let mut functions = FunctionSection::new();
-                    functions.function(self.init_type_index());
+                    self.add_functions(&mut functions);
                     self.module.section(&functions);
+                }
+                id::GLOBAL => {
+                    let mut globals = GlobalSection::new();
+                    Self::add_globals(&mut globals);
+                    self.module.section(&globals);
                 }
                 id::EXPORT => {
                     let mut exports = ExportSection::new();
@@ -186,7 +282,7 @@ impl Writer<'_> {
                 }
                 _ => {
                     let mut code = CodeSection::new();
-                    code.function(&self.init_body);
+                    self.add_bodies(&mut code);
                     self.module.section(&code);
                 }
             }
@@ -212,6 +308,20 @@ impl Writer<'_> {
         for (index, _) in &self.facts.mutable_globals {
             exports.export(&global_export(*index), ExportKind::Global, *index);
         }
+        exports.export(PROBE_EXPORT, ExportKind::Global, self.probe_global_index());
+    }
+}
+
+/// Appends `value` in unsigned LEB128.
+fn leb128_u32(out: &mut Vec<u8>, mut value: u32) {
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
     }
 }
 
@@ -269,13 +379,14 @@ pub(crate) fn instrument(wasm: &[u8]) -> Result<Instrumented, InvalidWasm> {
     for payload in Parser::new(0).parse_all(wasm) {
         let payload = payload.map_err(error)?;
         if let Payload::CodeSectionEntry(body) = &payload {
+            let probed = writer.probed_body(body)?;
             if let Some(code) = code.as_mut() {
-                code.raw(&writer.wasm[body.range()]);
+                code.raw(&probed);
             }
             continue;
         }
         if let Some(mut finished) = code.take() {
-            finished.function(&writer.init_body);
+            writer.add_bodies(&mut finished);
             writer.module.section(&finished);
             writer.emitted.push(id::CODE);
         }
@@ -301,9 +412,18 @@ pub(crate) fn instrument(wasm: &[u8]) -> Result<Instrumented, InvalidWasm> {
                 RoundtripReencoder
                     .parse_function_section(&mut functions, reader)
                     .map_err(error)?;
-                functions.function(writer.init_type_index());
+                writer.add_functions(&mut functions);
                 writer.module.section(&functions);
                 writer.emitted.push(id::FUNCTION);
+            }
+            Payload::GlobalSection(reader) => {
+                let mut globals = GlobalSection::new();
+                RoundtripReencoder
+                    .parse_global_section(&mut globals, reader)
+                    .map_err(error)?;
+                Writer::add_globals(&mut globals);
+                writer.module.section(&globals);
+                writer.emitted.push(id::GLOBAL);
             }
             Payload::ExportSection(reader) => {
                 let mut exports = ExportSection::new();
@@ -340,7 +460,7 @@ pub(crate) fn instrument(wasm: &[u8]) -> Result<Instrumented, InvalidWasm> {
         }
     }
     if let Some(mut finished) = code.take() {
-        finished.function(&writer.init_body);
+        writer.add_bodies(&mut finished);
         writer.module.section(&finished);
         writer.emitted.push(id::CODE);
     }
@@ -416,6 +536,46 @@ mod tests {
         wasmparser::Validator::new()
             .validate_all(&out.bytes)
             .expect("valid");
-        assert_eq!(exports_of(&out.bytes), vec![INIT_DATA_EXPORT.to_string()]);
+        assert_eq!(
+            exports_of(&out.bytes),
+            vec![INIT_DATA_EXPORT.to_string(), PROBE_EXPORT.to_string()]
+        );
+    }
+
+    #[test]
+    fn a_slice_probe_costs_the_same_fuel_whether_it_fires_or_not() {
+        let wasm = wat::parse_str(
+            r#"(module
+                (global $n (mut i32) (i32.const 0))
+                (func $inner (loop $l
+                    (global.set $n (i32.add (global.get $n) (i32.const 1)))
+                    (br_if $l (i32.lt_u (global.get $n) (i32.const 1000)))))
+                (func (export "run") (call $inner)))"#,
+        )
+        .unwrap();
+        let out = instrument(&wasm).unwrap();
+        wasmparser::Validator::new_with_features(crate::config::allowed_wasm_features())
+            .validate_all(&out.bytes)
+            .expect("probed module validates");
+        let mut config = wasmtime::Config::new();
+        config.consume_fuel(true);
+        let engine = wasmtime::Engine::new(&config).unwrap();
+        let module = wasmtime::Module::new(&engine, &out.bytes).unwrap();
+        let used = |probe: i32| {
+            let mut store = wasmtime::Store::new(&engine, ());
+            store.set_fuel(1_000_000).unwrap();
+            let instance = wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
+            instance
+                .get_global(&mut store, PROBE_EXPORT)
+                .unwrap()
+                .set(&mut store, wasmtime::Val::I32(probe))
+                .unwrap();
+            let run = instance
+                .get_typed_func::<(), ()>(&mut store, "run")
+                .unwrap();
+            run.call(&mut store, ()).unwrap();
+            1_000_000 - store.get_fuel().unwrap()
+        };
+        assert_eq!(used(0), used(1));
     }
 }

@@ -27,9 +27,11 @@ mod imports;
 mod instrumentation;
 mod linker;
 mod memory_pool;
+mod sliced;
 pub mod system_api;
 mod validation;
 
 pub use api::*;
 pub use config::{EmbedderConfig, EmbedderError};
 pub use embedder::{HEAP_PAGE_WRITE_INSTRUCTIONS, WasmtimeEmbedder};
+pub use sliced::{FinishedExecution, completion_slice};

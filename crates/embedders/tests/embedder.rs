@@ -1232,3 +1232,104 @@ fn a_module_with_gigabytes_of_initial_memory_stores_only_its_data() {
         "page 0, the data, the poke"
     );
 }
+
+/// A loop that calls the System API in every iteration (so wasmtime's fuel is reset often) and
+/// writes memory; replies with the sum.
+const SLICED_LOOP: &str = r#"
+(module
+  (import "ic0" "msg_reply" (func $reply))
+  (import "ic0" "msg_reply_data_append" (func $append (param i32 i32)))
+  (import "ic0" "msg_arg_data_size" (func $arg_size (result i32)))
+  (memory (export "memory") 1)
+  (func (export "canister_update work")
+    (local $i i32)
+    (loop $again
+      (i32.store (i32.const 0) (i32.add (i32.load (i32.const 0)) (call $arg_size)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $again (i32.lt_u (local.get $i) (i32.const 100000))))
+    (call $append (i32.const 0) (i32.const 4))
+    (call $reply)))
+"#;
+
+fn sliced_input<'a>(state: &'a ExecutionState, limit: u64) -> WasmExecutionInput<'a> {
+    WasmExecutionInput {
+        api_type: update_with(&[1, 2, 3], 0),
+        entry_point: EntryPoint::Export("canister_update work".into()),
+        execution_state: state,
+        system_state: view(),
+        instruction_limit: limit,
+        wasm_memory_limit_bytes: 1 << 30,
+        wasm_memory_limit_traps: false,
+        stable_memory_limit_bytes: 1 << 30,
+        memory_budget: None,
+    }
+}
+
+#[test]
+fn a_sliced_execution_completes_in_the_slice_its_instructions_say_with_the_same_result() {
+    let e = Arc::new(embedder());
+    let state = install(&e, &wat::parse_str(SLICED_LOOP).unwrap());
+    let whole = e.execute(sliced_input(&state, 1 << 40));
+    let used = whole.instructions_used;
+    let (_, response, _) = whole.result.clone().expect("runs");
+    assert_eq!(
+        response,
+        Some(WasmResponse::Reply(300_000u32.to_le_bytes().to_vec()))
+    );
+    // Four slices, and two such executions at once: each answers by its instruction count only.
+    let slice = used / 4 + 1;
+    let mut first = e.clone().start_sliced(sliced_input(&state, 1 << 40), slice);
+    let mut second = e.clone().start_sliced(sliced_input(&state, 1 << 40), slice);
+    for k in 1..4 {
+        assert!(first.wait(k).is_none(), "not complete within {k} slices");
+        assert!(second.wait(k).is_none(), "not complete within {k} slices");
+    }
+    for execution in [&mut first, &mut second] {
+        let output = execution.wait(4).expect("complete within 4 slices");
+        assert_eq!(output.instructions_used, used);
+        assert_eq!(output.result, whole.result);
+        assert!(execution.wait(5).is_none(), "the output is handed out once");
+    }
+    // Past the instruction limit, in slices as in one go.
+    let limit = used / 2;
+    let whole = e.execute(sliced_input(&state, limit));
+    let mut sliced = e
+        .clone()
+        .start_sliced(sliced_input(&state, limit), limit.div_ceil(3));
+    assert!(sliced.wait(2).is_none());
+    let output = sliced.wait(3).expect("at the limit in the third slice");
+    assert_eq!(output.result, whole.result);
+    assert_eq!(
+        output.result.unwrap_err(),
+        ExecutionError::InstructionLimitExceeded { limit }
+    );
+    // An abandoned execution lets go of its thread; a new one still runs.
+    let mut abandoned = e.clone().start_sliced(sliced_input(&state, 1 << 40), slice);
+    assert!(abandoned.wait(1).is_none());
+    drop(abandoned);
+    let mut again = e.clone().start_sliced(sliced_input(&state, 1 << 40), used);
+    assert_eq!(again.wait(1).expect("one slice").instructions_used, used);
+}
+
+/// A loop that calls nothing (wasmtime keeps its fuel count in a register) still stops at its
+/// grant (Note [slice probes]): the first slice of a 20 billion instruction loop is known not to
+/// be the last long before the loop could end (about half a minute in this build).
+#[test]
+fn a_call_free_loop_stops_at_its_grant() {
+    let e = Arc::new(embedder());
+    let wat = r#"(module (memory (export "memory") 1)
+      (func (export "canister_update work") (loop $again (br $again))))"#;
+    let state = install(&e, &wat::parse_str(wat).unwrap());
+    let started = std::time::Instant::now();
+    let mut sliced = e
+        .clone()
+        .start_sliced(sliced_input(&state, 20_000_000_000), 20_000_000);
+    assert!(sliced.wait(1).is_none());
+    assert!(sliced.wait(2).is_none());
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < std::time::Duration::from_secs(5),
+        "two slices took {elapsed:?}"
+    );
+    drop(sliced);
+}

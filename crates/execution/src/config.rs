@@ -21,6 +21,20 @@ pub struct ExecutionConfig {
     pub max_instructions_per_round: u64,
     /// Messages after which a block stops taking further messages.
     pub max_messages_per_round: u64,
+    /// Instructions of one slice of a long execution (the IC's deterministic time slicing): an
+    /// update, callback or system task that runs past it pauses and goes on in the next blocks,
+    /// one slice per block, so it never holds a block for longer than a slice takes. 0 runs
+    /// every execution in one go. Part of the replicated state machine: every replica of a
+    /// subnet must use the same value.
+    pub max_instructions_per_slice: u64,
+    /// Most executions paused at once; a further execution runs in one go (replicated too).
+    pub max_paused_executions: usize,
+    /// Most paused executions granted a slice per block (they run in parallel on their threads,
+    /// alongside the block's other messages); those that waited longest go first (replicated).
+    pub max_paused_slices_per_round: usize,
+    /// Slices a block grants the only paused execution when no message waits anywhere (fewer
+    /// blocks for the same work; a message that arrives meanwhile waits at most these slices).
+    pub slices_per_round_when_alone: u64,
     /// Maximum number of messages (ingress and requests) waiting in one canister's input queue;
     /// responses are always accepted, since every request has a reserved place for its response.
     pub max_canister_input_queue_len: usize,
@@ -101,8 +115,12 @@ impl Default for ExecutionConfig {
             max_instructions_per_query: 5_000_000_000,
             max_instructions_per_install: 300_000_000_000,
             max_instructions_per_inspect: 200_000_000,
-            max_instructions_per_round: 100_000_000_000,
+            max_instructions_per_round: 1_000_000_000,
             max_messages_per_round: 10_000,
+            max_instructions_per_slice: 100_000_000,
+            max_paused_executions: 32,
+            max_paused_slices_per_round: 1,
+            slices_per_round_when_alone: 4,
             max_canister_input_queue_len: 500,
             max_subnet_queue_len: 10_000,
             max_ingress_history_len: 100_000,

@@ -22,22 +22,29 @@ use crate::management::{
 };
 use crate::reservation;
 use openic_embedders::{
-    ApiType, Embedder, EntryPoint, ExecutionError, SystemStateChanges, WasmExecutionOutput,
-    WasmResponse,
+    ApiType, Embedder, EntryPoint, ExecutionError, FinishedExecution, SlicedExecution,
+    SystemStateChanges, SystemStateView, WasmExecutionOutput, WasmResponse,
 };
 use openic_interfaces::{BlockExecutionSummary, BlockExecutor};
 use openic_replicated_state::{
     CallContext, CallContextId, CallOrigin, Callback, CallbackId, CanisterMessage, CanisterState,
-    CanisterStatus, MethodKind, Payload, ReplicatedState, Request, Response, StopContext,
-    WASM_PAGE_SIZE, WasmClosure,
+    CanisterStatus, MethodKind, PausedExecution, Payload, ReplicatedState, Request, Response,
+    StopContext, WASM_PAGE_SIZE, WasmClosure,
 };
 use openic_types::{
-    Block, CanisterId, Cycles, ErrorCode, IngressState, IngressStatus, Principal, RejectCode,
-    RequestId, SignedIngress, Time, UserError, UserId,
+    Block, CanisterId, Cycles, ErrorCode, Height, IngressState, IngressStatus, Principal,
+    RejectCode, RequestId, SignedIngress, Time, UserError, UserId,
 };
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
+
+/// Slices a paused execution may run ahead of those granted to it (see
+/// [`Scheduler::grant_paused_slices`]): what it runs ahead is ready when the next block grants it,
+/// so the block does not wait for it and the time between blocks is not lost. Only when the
+/// scheduler learns about it follows from the grants (Note [sliced executions] in the embedder).
+const SLICES_AHEAD: u64 = 1;
 
 /// The export run for the global timer.
 const GLOBAL_TIMER_EXPORT: &str = "canister_global_timer";
@@ -66,6 +73,7 @@ impl CallOutcome {
 }
 
 /// What an execution was, for applying its result.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 enum ExecutionKind {
     /// A new call (ingress or request) or a system task.
     Call,
@@ -74,6 +82,32 @@ enum ExecutionKind {
         cleanup: Option<WasmClosure>,
         cleanup_api: ApiType,
     },
+}
+
+/// An execution's input and what applying its result needs: kept, encoded, in the state's record
+/// of an execution that runs in slices ([`PausedExecution::input`]), to run it again after a
+/// restart.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ExecutionPlan {
+    call_context_id: CallContextId,
+    api_type: ApiType,
+    entry_point: EntryPoint,
+    view: SystemStateView,
+    instruction_limit: u64,
+    /// Cycles taken from the balance for the instructions before it ran.
+    prepaid: Cycles,
+    kind: ExecutionKind,
+    /// A query run replicated: only its system-state effects are kept.
+    is_query: bool,
+}
+
+/// A sliced execution this node is running, for the state's record of it started at `started_at`.
+#[derive(Debug)]
+struct RunningExecution {
+    started_at: Height,
+    /// Slices granted to it so far.
+    granted: u64,
+    execution: Box<dyn SlicedExecution>,
 }
 
 /// Counters of one block, turned into the [`BlockExecutionSummary`].
@@ -88,6 +122,10 @@ pub struct Scheduler {
     embedder: Arc<dyn Embedder>,
     config: ExecutionConfig,
     subnet: SubnetContext,
+    /// The sliced executions running on this node, by canister: one for each of the state's
+    /// `paused_executions` (made again from the record when missing, see
+    /// [`Scheduler::reconcile_paused`]).
+    running: std::sync::Mutex<BTreeMap<CanisterId, RunningExecution>>,
 }
 
 impl Scheduler {
@@ -101,6 +139,7 @@ impl Scheduler {
             embedder,
             config,
             subnet,
+            running: std::sync::Mutex::default(),
         }
     }
 
@@ -252,7 +291,9 @@ impl Scheduler {
             let Some(canister) = state.canister(&id) else {
                 continue;
             };
-            if canister.system_state.status != CanisterStatus::Running {
+            if canister.system_state.status != CanisterStatus::Running
+                || state.paused_executions.contains_key(&id)
+            {
                 continue;
             }
             let Some(execution_state) = &canister.execution_state else {
@@ -341,13 +382,22 @@ impl Scheduler {
         self.time_out_stops(state);
         loop {
             let mut progressed = false;
+            // Messages about a canister with a paused execution wait, in order, at the front.
+            let mut waiting = VecDeque::new();
             while !self.round_limit_reached(counters) {
                 let Some(message) = state.subnet_queue.pop_front() else {
                     break;
                 };
+                if self.waits_for_paused(state, &message) {
+                    waiting.push_back(message);
+                    continue;
+                }
                 self.execute_subnet_message(state, message);
                 counters.messages += 1;
                 progressed = true;
+            }
+            while let Some(message) = waiting.pop_back() {
+                state.subnet_queue.push_front(message);
             }
             self.complete_stops(state);
             for id in round_robin_order(state) {
@@ -356,9 +406,10 @@ impl Scheduler {
                     state.round_robin_cursor = Some(id);
                     break;
                 }
-                let has_message = state
-                    .canister(&id)
-                    .is_some_and(|c| !c.system_state.input_queue.is_empty());
+                let has_message = !state.paused_executions.contains_key(&id)
+                    && state
+                        .canister(&id)
+                        .is_some_and(|c| !c.system_state.input_queue.is_empty());
                 if !has_message {
                     continue;
                 }
@@ -775,7 +826,9 @@ impl Scheduler {
 
     /// Runs one entry point of canister `id` for call context `call_context_id`, charges for it,
     /// applies its effects (or, on failure, runs the cleanup callback and records the error), and
-    /// closes the call context when it is done.
+    /// closes the call context when it is done. An execution that runs past one slice pauses: it
+    /// goes on in later blocks, and its result is applied when it completes
+    /// ([`Scheduler::finish_paused_slices`]).
     #[allow(clippy::too_many_arguments)]
     fn execute_and_apply(
         &self,
@@ -819,9 +872,6 @@ impl Scheduler {
             instruction_limit
         };
         let canister: &CanisterState = canister;
-        let Some(execution_state) = canister.execution_state.as_ref() else {
-            return;
-        };
         let mut view = system_state_view(
             &self.config,
             &self.subnet,
@@ -836,19 +886,126 @@ impl Scheduler {
             .call_contexts
             .get(&call_context_id)
             .map_or(0, |context| context.instructions_executed);
-        let mut output = self.embedder.execute(crate::common::execution_input(
-            &self.config,
-            canister,
-            execution_state,
+        let plan = ExecutionPlan {
+            call_context_id,
             api_type,
             entry_point,
             view,
             instruction_limit,
-        ));
+            prepaid,
+            kind,
+            is_query,
+        };
+        let slice = self.config.max_instructions_per_slice;
+        let sliced = slice > 0
+            && instruction_limit > slice
+            && state.paused_executions.len() < self.config.max_paused_executions;
+        // Most messages end within a slice: run it here, within one slice, which costs no thread
+        // hand-off. Only one that runs past it starts again on a worker, in slices, and is known
+        // (from the instruction count alone) not to end in its first.
+        let first = if sliced { Some(slice) } else { None };
+        let Some(Ok(output)) = self.start_execution(state, id, &plan, first, false) else {
+            return;
+        };
+        let ran_past = sliced
+            && matches!(
+                output.result,
+                Err(ExecutionError::InstructionLimitExceeded { .. })
+            );
+        if !ran_past {
+            self.finish_execution(state, id, plan, output, 0, counters);
+            return;
+        }
+        let Some(Err(mut execution)) = self.start_execution(state, id, &plan, None, true) else {
+            return;
+        };
+        // It goes on in the next blocks, and nothing else runs on this canister until it
+        // completes.
+        execution.grant(1 + SLICES_AHEAD);
+        counters.instructions = counters.instructions.saturating_add(slice);
+        let started_at = state.metadata.height;
+        let input = postcard::to_allocvec(&plan)
+            .expect("an execution plan always encodes (plain data, no maps with non-string keys)");
+        state.paused_executions.insert(
+            id,
+            PausedExecution {
+                started_at,
+                slices_granted: 1,
+                last_granted_at: started_at,
+                input,
+            },
+        );
+        self.running().insert(
+            id,
+            RunningExecution {
+                started_at,
+                granted: 1,
+                execution,
+            },
+        );
+    }
+
+    /// Runs `plan` on canister `id`'s wasm state: to the end (`Ok`; within `limit` instructions
+    /// instead of the plan's if given), or started in slices (`Err`, when `sliced`). `None` if
+    /// the canister has no code.
+    #[allow(clippy::type_complexity)]
+    fn start_execution(
+        &self,
+        state: &ReplicatedState,
+        id: CanisterId,
+        plan: &ExecutionPlan,
+        limit: Option<u64>,
+        sliced: bool,
+    ) -> Option<Result<WasmExecutionOutput, Box<dyn SlicedExecution>>> {
+        let canister = state.canister(&id)?;
+        let execution_state = canister.execution_state.as_ref()?;
+        let input = crate::common::execution_input(
+            &self.config,
+            canister,
+            execution_state,
+            plan.api_type.clone(),
+            plan.entry_point.clone(),
+            plan.view.clone(),
+            limit.unwrap_or(plan.instruction_limit),
+        );
+        Some(if sliced {
+            Err(Arc::clone(&self.embedder)
+                .start_sliced(input, self.config.max_instructions_per_slice))
+        } else {
+            Ok(self.embedder.execute(input))
+        })
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<CanisterId, RunningExecution>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Charges for a finished execution and applies its result (see
+    /// [`Scheduler::execute_and_apply`]). `counted` instructions of it were already counted
+    /// against earlier rounds.
+    fn finish_execution(
+        &self,
+        state: &mut ReplicatedState,
+        id: CanisterId,
+        plan: ExecutionPlan,
+        mut output: WasmExecutionOutput,
+        counted: u64,
+        counters: &mut RoundCounters,
+    ) {
+        let ExecutionPlan {
+            call_context_id,
+            instruction_limit,
+            prepaid,
+            kind,
+            is_query,
+            ..
+        } = plan;
         // Every replicated execution logs, also one that traps (spec: `canister_logs`).
         record_logs(state, id, std::mem::take(&mut output.debug_prints));
         let used = output.instructions_used.min(instruction_limit);
-        counters.instructions = counters.instructions.saturating_add(used);
+        counters.instructions = counters
+            .instructions
+            .saturating_add(used.saturating_sub(counted));
         let fee = execution_fee(&self.config, used).min(prepaid);
         if let Some(canister) = state.canister_mut(&id) {
             canister.system_state.cycles_balance = canister
@@ -880,6 +1037,178 @@ impl Scheduler {
             }
         };
         close_call_context_if_done(state, id, call_context_id, failure);
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Sliced executions (see Note [sliced executions] in the embedder).
+
+    /// Makes the running executions match the state's records: drops those the state does not
+    /// have (or has at an earlier point), and starts those it has and this node does not run
+    /// (after a restart from a checkpoint taken while they ran), running each again from its
+    /// start through the slices it was granted, which reaches the same point as before.
+    fn reconcile_paused(&self, state: &ReplicatedState) {
+        let mut running = self.running();
+        running.retain(|id, execution| {
+            state.paused_executions.get(id).is_some_and(|record| {
+                record.started_at == execution.started_at
+                    && record.slices_granted == execution.granted
+            })
+        });
+        for (id, record) in &state.paused_executions {
+            if running.contains_key(id) {
+                continue;
+            }
+            let plan: ExecutionPlan = match postcard::from_bytes(&record.input) {
+                Ok(plan) => plan,
+                Err(error) => {
+                    // Only this crate writes records; one that does not decode is a bug, and
+                    // guessing would fork the subnet, so the node stops.
+                    panic!(
+                        "the paused execution of canister {} does not decode: {error}",
+                        id.get()
+                    );
+                }
+            };
+            let Some(started) = self.start_execution(state, *id, &plan, None, true) else {
+                panic!(
+                    "the paused execution of canister {} has no code to run on",
+                    id.get()
+                );
+            };
+            let mut execution = match started {
+                Ok(output) => Box::new(FinishedExecution::new(
+                    output,
+                    self.config.max_instructions_per_slice,
+                )) as Box<dyn SlicedExecution>,
+                Err(execution) => execution,
+            };
+            tracing::info!(canister = %id.get(), slices = record.slices_granted, "resuming a paused execution: running it again through the slices it had");
+            if let Some(output) = execution.wait(record.slices_granted) {
+                // It ends within the slices granted: it used exactly one slice, so its first
+                // try ran out of instructions at the last one (see `execute_and_apply`). It
+                // completes when the next slice is granted, as it does on every replica.
+                execution = Box::new(FinishedExecution::new(
+                    output,
+                    self.config.max_instructions_per_slice,
+                ));
+            }
+            execution.grant(record.slices_granted + SLICES_AHEAD);
+            running.insert(
+                *id,
+                RunningExecution {
+                    started_at: record.started_at,
+                    granted: record.slices_granted,
+                    execution,
+                },
+            );
+        }
+    }
+
+    /// Grants the next slice to the paused executions that waited longest for one (at most
+    /// `max_paused_slices_per_round`), which run on their worker threads while this block's
+    /// other messages execute. Returns the canisters granted, for
+    /// [`Scheduler::finish_paused_slices`].
+    fn grant_paused_slices(
+        &self,
+        state: &mut ReplicatedState,
+        counters: &mut RoundCounters,
+    ) -> Vec<CanisterId> {
+        self.reconcile_paused(state);
+        if state.paused_executions.is_empty() {
+            return Vec::new();
+        }
+        let mut waiting: Vec<(Height, CanisterId)> = state
+            .paused_executions
+            .iter()
+            .map(|(id, record)| (record.last_granted_at, *id))
+            .collect();
+        waiting.sort();
+        waiting.truncate(self.config.max_paused_slices_per_round.max(1));
+        // A paused execution that nothing else waits for gets several slices in one block: the
+        // same work in fewer blocks, each of which costs a log write and a signature.
+        let step = if state.paused_executions.len() == 1 && !has_queued_messages(state) {
+            self.config.slices_per_round_when_alone.max(1)
+        } else {
+            1
+        };
+        let height = state.metadata.height;
+        let mut running = self.running();
+        let mut granted = Vec::with_capacity(waiting.len());
+        for (_, id) in waiting {
+            let (Some(record), Some(execution)) =
+                (state.paused_executions.get_mut(&id), running.get_mut(&id))
+            else {
+                continue;
+            };
+            record.slices_granted += step;
+            record.last_granted_at = height;
+            execution.granted = record.slices_granted;
+            execution
+                .execution
+                .grant(record.slices_granted + SLICES_AHEAD);
+            counters.instructions = counters
+                .instructions
+                .saturating_add(step.saturating_mul(self.config.max_instructions_per_slice));
+            granted.push(id);
+        }
+        granted
+    }
+
+    /// Waits for the slices [`Scheduler::grant_paused_slices`] granted, and applies the
+    /// executions that complete in them, in canister order.
+    fn finish_paused_slices(
+        &self,
+        state: &mut ReplicatedState,
+        granted: Vec<CanisterId>,
+        counters: &mut RoundCounters,
+    ) {
+        let slice = self.config.max_instructions_per_slice;
+        for id in granted {
+            let Some(slices) = state.paused_executions.get(&id).map(|r| r.slices_granted) else {
+                continue;
+            };
+            let output = match self.running().get_mut(&id) {
+                Some(execution) => execution.execution.wait(slices),
+                None => continue,
+            };
+            let Some(output) = output else {
+                continue;
+            };
+            self.running().remove(&id);
+            let Some(record) = state.paused_executions.remove(&id) else {
+                continue;
+            };
+            let plan: ExecutionPlan = postcard::from_bytes(&record.input)
+                .expect("checked when the execution was resumed");
+            // Every granted slice was counted when it was granted.
+            let counted = slices.saturating_mul(slice);
+            self.finish_execution(state, id, plan, output, counted, counters);
+        }
+    }
+
+    /// Whether a management message must wait because the canister it is about has a paused
+    /// execution (which assumes nothing else changes the canister's code, memory, settings or
+    /// status until it completes). Reading its status and adding cycles do not wait.
+    fn waits_for_paused(&self, state: &ReplicatedState, message: &CanisterMessage) -> bool {
+        const NEVER_WAIT: [&str; 4] = [
+            "canister_status",
+            "canister_info",
+            "deposit_cycles",
+            "provisional_top_up_canister",
+        ];
+        if state.paused_executions.is_empty() {
+            return false;
+        }
+        let (method, payload) = match message {
+            CanisterMessage::Ingress(ingress) => (&ingress.method_name, &ingress.arg),
+            CanisterMessage::Request(request) => (&request.method_name, &request.method_payload),
+            CanisterMessage::Response(_) => return false,
+        };
+        if NEVER_WAIT.contains(&method.as_str()) {
+            return false;
+        }
+        crate::management::management_target(method, payload)
+            .is_some_and(|target| state.paused_executions.contains_key(&target))
     }
 
     /// Applies a successful execution's effects. Returns the error (and applies nothing) if the
@@ -1310,14 +1639,19 @@ impl BlockExecutor for Scheduler {
         expire_callbacks(state, now);
         let ingress_inducted = self.induct_ingress(state, block);
         let mut counters = RoundCounters::default();
+        // Paused executions run their next slice on their threads while this block's other
+        // messages execute, and complete (if they do) at its end.
+        let granted = self.grant_paused_slices(state, &mut counters);
         self.run_system_tasks(state, previous_time, &mut counters);
         self.run_messages(state, &mut counters);
+        self.finish_paused_slices(state, granted, &mut counters);
+        self.complete_stops(state);
 
         BlockExecutionSummary {
             ingress_inducted,
             messages_executed: counters.messages,
             instructions_executed: counters.instructions,
-            work_pending: has_queued_messages(state),
+            work_pending: has_queued_messages(state) || !state.paused_executions.is_empty(),
         }
     }
 
@@ -1331,6 +1665,7 @@ impl BlockExecutor for Scheduler {
         let now = state.metadata.time.as_nanos_since_unix_epoch();
         let prepay = execution_fee(&self.config, self.config.max_instructions_per_update);
         has_queued_messages(state)
+            || !state.paused_executions.is_empty()
             || !state.raw_rand_requests.is_empty()
             || state.canisters.values().any(|c| {
                 c.system_state.status == CanisterStatus::Running

@@ -898,3 +898,123 @@ fn memory_growth_above_the_subnet_threshold_reserves_cycles() {
         "the snapshot reserved"
     );
 }
+
+/// A canister whose `spin` counts to two million before it bumps a counter and replies with it.
+const SPINNER_WAT: &str = r#"
+(module
+  (import "ic0" "msg_reply" (func $msg_reply))
+  (import "ic0" "msg_reply_data_append" (func $append (param i32 i32)))
+  (memory 1)
+  (global $spins (mut i32) (i32.const 0))
+  (func (export "canister_update spin")
+    (local $i i32)
+    (loop $again
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $again (i32.lt_u (local.get $i) (i32.const 2000000))))
+    (global.set $spins (i32.add (global.get $spins) (i32.const 1)))
+    (i32.store (i32.const 0) (global.get $spins))
+    (call $append (i32.const 0) (i32.const 4))
+    (call $msg_reply))
+)
+"#;
+
+/// Slices of a million instructions: `spin` takes several.
+fn sliced_config() -> ExecutionConfig {
+    ExecutionConfig {
+        max_instructions_per_slice: 1_000_000,
+        ..ExecutionConfig::default()
+    }
+}
+
+/// Submits `spin` to a new spinner next to a counter, then runs empty blocks until it replies;
+/// returns the harness, the spinner, and the blocks it took. `restart_after` replaces the
+/// scheduler (as a node restarting from a checkpoint does) after that many blocks.
+fn spin_in_slices(
+    config: ExecutionConfig,
+    restart_after: Option<u64>,
+) -> (Harness, CanisterId, u64) {
+    let mut harness = Harness::with_config(config.clone());
+    let counter = harness.install_counter();
+    let spinner = harness.install(SPINNER_WAT);
+    let spin = harness.submit(spinner, "spin", vec![]);
+    let mut blocks = 1;
+    while !matches!(harness.status(spin), IngressState::Replied(_)) {
+        assert!(
+            matches!(harness.status(spin), IngressState::Processing),
+            "{:?}",
+            harness.status(spin)
+        );
+        if restart_after == Some(blocks) {
+            let restarted = Harness::with_config(config.clone());
+            harness.scheduler = restarted.scheduler;
+        }
+        // Other canisters go on meanwhile.
+        let before = counter_reply(&harness.call(counter, "read", vec![]));
+        assert_eq!(
+            counter_reply(&harness.call(counter, "inc", vec![])),
+            before + 1
+        );
+        blocks += 2;
+        assert!(blocks < 1_000, "spin never completes");
+    }
+    assert_eq!(counter_reply(&harness.status(spin)), 1);
+    (harness, spinner, blocks)
+}
+
+#[test]
+fn a_long_message_runs_in_slices_while_other_canisters_go_on() {
+    let (sliced, spinner, blocks) = spin_in_slices(sliced_config(), None);
+    assert!(blocks > 4, "spin took {blocks} blocks");
+    assert!(sliced.state.paused_executions.is_empty());
+
+    // In one go (no slicing) it leaves the same canister behind (the balance differs by the
+    // storage of the extra blocks' seconds).
+    let whole_config = ExecutionConfig {
+        max_instructions_per_slice: 0,
+        ..ExecutionConfig::default()
+    };
+    let (whole, _, whole_blocks) = spin_in_slices(whole_config, None);
+    assert_eq!(whole_blocks, 1);
+    let sliced_canister = sliced.state.canister(&spinner).unwrap();
+    let whole_canister = whole.state.canister(&spinner).unwrap();
+    assert_eq!(
+        sliced_canister.execution_state,
+        whole_canister.execution_state
+    );
+
+    // A replica that restarts in the middle runs it again through its slices and stays in step.
+    let (restarted, _, restarted_blocks) = spin_in_slices(sliced_config(), Some(3));
+    assert_eq!(restarted_blocks, blocks);
+    assert_eq!(restarted.state.canisters, sliced.state.canisters);
+    assert_eq!(
+        restarted.state.ingress_history,
+        sliced.state.ingress_history
+    );
+}
+
+#[test]
+fn management_calls_about_a_canister_wait_for_its_paused_execution() {
+    let mut harness = Harness::with_config(sliced_config());
+    let spinner = harness.install(SPINNER_WAT);
+    let spin = harness.submit(spinner, "spin", vec![]);
+    assert!(harness.state.paused_executions.contains_key(&spinner));
+    let record = Encode!(&CanisterIdRecord {
+        canister_id: spinner.get()
+    })
+    .unwrap();
+    let stop = harness.submit(CanisterId::management(), "stop_canister", record);
+    assert_eq!(harness.status(stop), IngressState::Received);
+    let mut blocks = 0;
+    while harness.state.paused_executions.contains_key(&spinner) {
+        assert_eq!(harness.status(stop), IngressState::Received);
+        harness.block(vec![]);
+        blocks += 1;
+        assert!(blocks < 1_000, "spin never completes");
+    }
+    assert_eq!(counter_reply(&harness.status(spin)), 1);
+    harness.block(vec![]);
+    assert_eq!(
+        harness.status(stop),
+        IngressState::Replied(b"DIDL\x00\x00".to_vec())
+    );
+}

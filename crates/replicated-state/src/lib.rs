@@ -84,6 +84,25 @@ pub struct ReplicatedState {
     /// Where the next round starts visiting canisters: the canister whose turn the last round's
     /// limit cut off (round-robin scheduling; `None` = from the lowest id).
     pub round_robin_cursor: Option<CanisterId>,
+    /// Executions that run in slices across blocks and have not finished, by canister (at most
+    /// one per canister; see Note [sliced executions] in the embedder). While a canister has one,
+    /// nothing else runs on it and no management call touches it.
+    pub paused_executions: BTreeMap<CanisterId, PausedExecution>,
+}
+
+/// An execution running in slices across blocks: what a replica needs to run it again from its
+/// start and reach the same point (after a restart from a checkpoint taken while it ran).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PausedExecution {
+    /// The height of the block it started in.
+    pub started_at: Height,
+    /// Slices granted so far (the first in the block it started in).
+    pub slices_granted: u64,
+    /// The height of the block that granted the last slice (the longest waiting go first).
+    pub last_granted_at: Height,
+    /// The execution's input and how to apply its result, encoded by the execution crate.
+    #[serde(with = "serde_bytes")]
+    pub input: Vec<u8>,
 }
 
 /// A `raw_rand` call waiting for its randomness.
@@ -120,6 +139,7 @@ impl ReplicatedState {
             canister_logs: BTreeMap::new(),
             snapshots: Arc::default(),
             round_robin_cursor: None,
+            paused_executions: BTreeMap::new(),
         }
     }
 

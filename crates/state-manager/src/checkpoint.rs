@@ -60,9 +60,9 @@ pub const PAGE_FILE_MAGIC: [u8; 8] = *b"OICPAG01";
 /// Version of the manifest and state file formats written.
 ///
 /// Version 2 added `raw_rand_requests` at the end of the state, version 3 `canister_logs` after
-/// it, version 4 `snapshots` and `round_robin_cursor`; checkpoints of versions 1 to 3 still load
-/// (see [`decode_state`]).
-const FORMAT_VERSION: u32 = 4;
+/// it, version 4 `snapshots` and `round_robin_cursor`, version 5 `paused_executions`; checkpoints
+/// of versions 1 to 4 still load (see [`decode_state`]).
+const FORMAT_VERSION: u32 = 5;
 
 /// The oldest format version that still loads.
 const FORMAT_VERSION_MIN: u32 = 1;
@@ -858,6 +858,20 @@ struct StateV3 {
     canister_logs: openic_replicated_state::CanisterLogs,
 }
 
+/// The state file of format version 4: the state before `paused_executions` existed.
+#[derive(Deserialize)]
+struct StateV4 {
+    metadata: SystemMetadata,
+    canisters: BTreeMap<CanisterId, Arc<CanisterState>>,
+    ingress_history: IngressHistory,
+    subnet_queue: VecDeque<CanisterMessage>,
+    deleted_canisters: BTreeSet<CanisterId>,
+    raw_rand_requests: VecDeque<PendingRawRand>,
+    canister_logs: openic_replicated_state::CanisterLogs,
+    snapshots: Arc<openic_replicated_state::CanisterSnapshots>,
+    round_robin_cursor: Option<CanisterId>,
+}
+
 /// Decodes a state file of a supported format version (the caller checked the version). Older
 /// versions load with the fields they did not have empty.
 fn decode_state(format_version: u32, bytes: &[u8]) -> Result<ReplicatedState, postcard::Error> {
@@ -883,6 +897,21 @@ fn decode_state(format_version: u32, bytes: &[u8]) -> Result<ReplicatedState, po
         1 => v3(v2(postcard::from_bytes(bytes)?)),
         2 => v3(postcard::from_bytes(bytes)?),
         3 => postcard::from_bytes(bytes)?,
+        4 => {
+            let v4: StateV4 = postcard::from_bytes(bytes)?;
+            return Ok(ReplicatedState {
+                metadata: v4.metadata,
+                canisters: v4.canisters,
+                ingress_history: v4.ingress_history,
+                subnet_queue: v4.subnet_queue,
+                deleted_canisters: v4.deleted_canisters,
+                raw_rand_requests: v4.raw_rand_requests,
+                canister_logs: v4.canister_logs,
+                snapshots: v4.snapshots,
+                round_robin_cursor: v4.round_robin_cursor,
+                paused_executions: BTreeMap::new(),
+            });
+        }
         _ => return postcard::from_bytes(bytes),
     };
     Ok(ReplicatedState {
@@ -895,6 +924,7 @@ fn decode_state(format_version: u32, bytes: &[u8]) -> Result<ReplicatedState, po
         canister_logs: old.canister_logs,
         snapshots: Arc::default(),
         round_robin_cursor: None,
+        paused_executions: BTreeMap::new(),
     })
 }
 
@@ -1350,6 +1380,15 @@ mod tests {
             low_wasm_memory_hook_pending: false,
             wasm_chunk_store: Default::default(),
         });
+        state.paused_executions.insert(
+            CanisterId::from_u64(2),
+            openic_replicated_state::PausedExecution {
+                started_at: Height(height.saturating_sub(1)),
+                slices_granted: 3,
+                last_granted_at: Height(height),
+                input: b"encoded input".to_vec(),
+            },
+        );
         state
     }
 
@@ -1391,13 +1430,16 @@ mod tests {
     }
 
     #[test]
-    fn version_1_to_3_state_files_decode_with_the_newer_fields_empty() {
+    fn version_1_to_4_state_files_decode_with_the_newer_fields_empty() {
         let current = state(3);
         assert!(!current.raw_rand_requests.is_empty());
         assert!(!current.canister_logs.is_empty());
         assert_eq!(current.snapshots.count(&CanisterId::from_u64(3)), 1);
+        assert!(!current.paused_executions.is_empty());
         let full = state_without_pages(&current);
-        let mut without_snapshots = full.clone();
+        let mut without_paused = full.clone();
+        without_paused.paused_executions.clear();
+        let mut without_snapshots = without_paused.clone();
         without_snapshots.snapshots = Arc::default();
         let mut without_logs = without_snapshots.clone();
         without_logs.canister_logs.clear();
@@ -1434,12 +1476,25 @@ mod tests {
         .unwrap();
         assert_same(&decode_state(1, &v1).unwrap(), &without_rand);
         assert_same(&decode_state(2, &v2).unwrap(), &without_logs);
+        let v4 = postcard::to_allocvec(&(
+            &full.metadata,
+            &full.canisters,
+            &full.ingress_history,
+            &full.subnet_queue,
+            &full.deleted_canisters,
+            &full.raw_rand_requests,
+            &full.canister_logs,
+            &full.snapshots,
+            &full.round_robin_cursor,
+        ))
+        .unwrap();
         assert_same(&decode_state(3, &v3).unwrap(), &without_snapshots);
-        for older in [&v1, &v2, &v3] {
+        assert_same(&decode_state(4, &v4).unwrap(), &without_paused);
+        for older in [&v1, &v2, &v3, &v4] {
             assert!(decode_state(FORMAT_VERSION, older).is_err());
         }
-        let v4 = postcard::to_allocvec(&full).unwrap();
-        assert_same(&decode_state(FORMAT_VERSION, &v4).unwrap(), &full);
+        let v5 = postcard::to_allocvec(&full).unwrap();
+        assert_same(&decode_state(FORMAT_VERSION, &v5).unwrap(), &full);
     }
 
     #[test]

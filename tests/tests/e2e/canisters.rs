@@ -541,3 +541,51 @@ async fn subnet_info_from_a_canister() {
     assert!(refused.is_err());
     node.shutdown().await;
 }
+
+/// An update that loops to the instruction limit runs in slices across blocks (the IC's
+/// deterministic time slicing): its call is seen `processing` (in one go it would start and end in
+/// one block), other canisters' updates are answered meanwhile, and it then fails with the IC's
+/// instruction-limit error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_running_to_the_instruction_limit_does_not_hold_other_canisters() {
+    use ic_agent::agent::{CallResponse, RequestStatusResponse};
+    let mut node = TestNode::start().await;
+    let agent = node.agent().await;
+    let spinner = deploy(&agent, "counter", args(())).await;
+    let counter = deploy(&agent, "counter", args(())).await;
+    let signed = agent
+        .update(&spinner, "spin")
+        .with_arg(args(()))
+        .sign()
+        .expect("signing an update");
+    let request_id = signed.request_id;
+    let spin = {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            match agent.update_signed(spinner, signed.signed_update).await? {
+                CallResponse::Response(reply) => Ok(reply),
+                CallResponse::Poll(_) => agent.wait(&request_id, spinner).await.map(|(r, _)| r),
+            }
+        })
+    };
+    let status = || async { agent.request_status_raw(&request_id, spinner).await };
+    wait_until("spin to be processing", || async {
+        matches!(status().await, Ok((RequestStatusResponse::Processing, _)))
+    })
+    .await;
+    for expected in 1..=3u64 {
+        let (value,): (u64,) = update(&agent, counter, "inc", args(())).await;
+        assert_eq!(value, expected);
+    }
+    assert!(
+        matches!(status().await, Ok((RequestStatusResponse::Processing, _))),
+        "the other canister's updates were answered while spin ran"
+    );
+    let error = spin
+        .await
+        .expect("the spin task")
+        .expect_err("spin fails at the instruction limit");
+    let reject = reject_of(&error).unwrap_or_else(|| panic!("expected a reject, got {error:?}"));
+    assert_eq!(reject.error_code.as_deref(), Some("IC0522"), "{reject:?}");
+    node.shutdown().await;
+}

@@ -55,6 +55,8 @@ pub fn uninstall_out_of_cycles(state: &mut ReplicatedState) -> usize {
         .iter()
         .filter(|(_, canister)| {
             canister.execution_state.is_some()
+                // A paused execution's prepayment is out of the balance until it completes.
+                && !state.paused_executions.contains_key(&canister.canister_id())
                 && canister.system_state.cycles_balance == Cycles::ZERO
                 && canister.system_state.reserved_balance == Cycles::ZERO
         })
@@ -466,6 +468,24 @@ pub fn execute_management_query(
         Some(_) => Err(errors::not_a_query(method)),
         None => Err(errors::unknown_method(method)),
     }
+}
+
+/// The canister a management call is about (its `canister_id`, or `target_canister` of
+/// `install_chunked_code`), if it names one.
+pub(crate) fn management_target(method: &str, payload: &[u8]) -> Option<CanisterId> {
+    let target = match Method::parse(method)? {
+        Method::InstallChunkedCode => {
+            args::decode::<args::ChunkedTarget>(method, payload)
+                .ok()?
+                .target_canister
+        }
+        _ => {
+            args::decode::<args::CanisterIdOnly>(method, payload)
+                .ok()?
+                .canister_id
+        }
+    };
+    Some(CanisterId::unchecked_from_principal(target))
 }
 
 /// Decides whether a user's update call to the management canister may enter a block.
