@@ -25,6 +25,7 @@
 //! `$probe` is not a persisted global, so its value never reaches the state.
 
 use crate::api::InvalidWasm;
+use wasm_encoder::Encode;
 use wasm_encoder::reencode::{Reencode, RoundtripReencoder};
 use wasm_encoder::{
     CodeSection, ConstExpr, DataCountSection, DataSection, ExportKind, ExportSection, Function,
@@ -215,13 +216,20 @@ impl Writer<'_> {
         let range = body.range();
         let bytes = &self.wasm[range.clone()];
         let mut probe = Vec::new();
-        probe.push(0x23); // global.get
-        leb128_u32(&mut probe, self.probe_global_index());
-        probe.extend_from_slice(&[0x04, 0x40]); // if (empty block type)
-        probe.push(0x10); // call
-        leb128_u32(&mut probe, self.save_function_index());
-        // else (i32.const 0 drop) twice end: the call and the return from `$save` cost 2.
-        probe.extend_from_slice(&[0x05, 0x41, 0x00, 0x1a, 0x41, 0x00, 0x1a, 0x0b]);
+        // In the else branch, two constants cost what the call and the return from `$save` do.
+        for instruction in [
+            Instruction::GlobalGet(self.probe_global_index()),
+            Instruction::If(wasm_encoder::BlockType::Empty),
+            Instruction::Call(self.save_function_index()),
+            Instruction::Else,
+            Instruction::I32Const(0),
+            Instruction::Drop,
+            Instruction::I32Const(0),
+            Instruction::Drop,
+            Instruction::End,
+        ] {
+            instruction.encode(&mut probe);
+        }
         let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 8);
         let mut copied = range.start;
         let mut reader = body.get_operators_reader().map_err(error)?;
@@ -309,19 +317,6 @@ impl Writer<'_> {
             exports.export(&global_export(*index), ExportKind::Global, *index);
         }
         exports.export(PROBE_EXPORT, ExportKind::Global, self.probe_global_index());
-    }
-}
-
-/// Appends `value` in unsigned LEB128.
-fn leb128_u32(out: &mut Vec<u8>, mut value: u32) {
-    loop {
-        let byte = (value & 0x7f) as u8;
-        value >>= 7;
-        if value == 0 {
-            out.push(byte);
-            return;
-        }
-        out.push(byte | 0x80);
     }
 }
 

@@ -903,10 +903,11 @@ impl Scheduler {
         // Most messages end within a slice: run it here, within one slice, which costs no thread
         // hand-off. Only one that runs past it starts again on a worker, in slices, and is known
         // (from the instruction count alone) not to end in its first.
-        let first = if sliced { Some(slice) } else { None };
-        let Some(Ok(output)) = self.start_execution(state, id, &plan, first, false) else {
+        let first = if sliced { slice } else { instruction_limit };
+        let Some(input) = self.plan_input(state, id, &plan, first) else {
             return;
         };
+        let output = self.embedder.execute(input);
         let ran_past = sliced
             && matches!(
                 output.result,
@@ -916,7 +917,7 @@ impl Scheduler {
             self.finish_execution(state, id, plan, output, 0, counters);
             return;
         }
-        let Some(Err(mut execution)) = self.start_execution(state, id, &plan, None, true) else {
+        let Some(mut execution) = self.start_sliced(state, id, &plan) else {
             return;
         };
         // It goes on in the next blocks, and nothing else runs on this canister until it
@@ -945,35 +946,37 @@ impl Scheduler {
         );
     }
 
-    /// Runs `plan` on canister `id`'s wasm state: to the end (`Ok`; within `limit` instructions
-    /// instead of the plan's if given), or started in slices (`Err`, when `sliced`). `None` if
-    /// the canister has no code.
-    #[allow(clippy::type_complexity)]
-    fn start_execution(
+    /// The embedder's input for `plan` on canister `id`'s wasm state, within `limit`
+    /// instructions. `None` if the canister has no code.
+    fn plan_input<'s>(
         &self,
-        state: &ReplicatedState,
+        state: &'s ReplicatedState,
         id: CanisterId,
         plan: &ExecutionPlan,
-        limit: Option<u64>,
-        sliced: bool,
-    ) -> Option<Result<WasmExecutionOutput, Box<dyn SlicedExecution>>> {
+        limit: u64,
+    ) -> Option<openic_embedders::WasmExecutionInput<'s>> {
         let canister = state.canister(&id)?;
         let execution_state = canister.execution_state.as_ref()?;
-        let input = crate::common::execution_input(
+        Some(crate::common::execution_input(
             &self.config,
             canister,
             execution_state,
             plan.api_type.clone(),
             plan.entry_point.clone(),
             plan.view.clone(),
-            limit.unwrap_or(plan.instruction_limit),
-        );
-        Some(if sliced {
-            Err(Arc::clone(&self.embedder)
-                .start_sliced(input, self.config.max_instructions_per_slice))
-        } else {
-            Ok(self.embedder.execute(input))
-        })
+            limit,
+        ))
+    }
+
+    /// Starts `plan` on a worker, in slices. `None` if the canister has no code.
+    fn start_sliced(
+        &self,
+        state: &ReplicatedState,
+        id: CanisterId,
+        plan: &ExecutionPlan,
+    ) -> Option<Box<dyn SlicedExecution>> {
+        let input = self.plan_input(state, id, plan, plan.instruction_limit)?;
+        Some(Arc::clone(&self.embedder).start_sliced(input, self.config.max_instructions_per_slice))
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<CanisterId, RunningExecution>> {
@@ -1069,18 +1072,11 @@ impl Scheduler {
                     );
                 }
             };
-            let Some(started) = self.start_execution(state, *id, &plan, None, true) else {
+            let Some(mut execution) = self.start_sliced(state, *id, &plan) else {
                 panic!(
                     "the paused execution of canister {} has no code to run on",
                     id.get()
                 );
-            };
-            let mut execution = match started {
-                Ok(output) => Box::new(FinishedExecution::new(
-                    output,
-                    self.config.max_instructions_per_slice,
-                )) as Box<dyn SlicedExecution>,
-                Err(execution) => execution,
             };
             tracing::info!(canister = %id.get(), slices = record.slices_granted, "resuming a paused execution: running it again through the slices it had");
             if let Some(output) = execution.wait(record.slices_granted) {
